@@ -1,0 +1,56 @@
+"""prunekit: make trained PyTorch models smaller and faster by pruning, and prove it with measurements.
+
+The public API::
+
+    import prunekit
+    loaded = prunekit.load_model()                       # bundled SmolLM2-135M-Instruct
+    calib = prunekit.calibration_windows(loaded.tokenizer, "valid.txt", nsamples=32, seqlen=512)
+    result = prunekit.prune(loaded.model, prunekit.PruneConfig(method="wanda", sparsity=0.5), calib)
+    prunekit.perplexity(result.model, loaded.tokenizer, "test.txt")
+"""
+
+from prunekit.api import calibration_windows, run_recipe
+from prunekit.config import CalibrationConfig, EvalConfig, ModelConfig, OutputConfig, PruneConfig, Recipe
+from prunekit.errors import (
+    CalibrationError,
+    ConfigError,
+    ModelLoadError,
+    NonFiniteError,
+    OutputError,
+    PrunekitError,
+    TargetError,
+)
+from prunekit.eval.perplexity import PerplexityResult, perplexity
+from prunekit.masks import Mask
+from prunekit.models.loading import LoadedModel, load_model
+from prunekit.oneshot import LayerResult, PruneResult, prune
+from prunekit.patterns import NM, Unstructured, parse_pattern
+
+__all__ = [
+    "NM",
+    "CalibrationConfig",
+    "CalibrationError",
+    "ConfigError",
+    "EvalConfig",
+    "LayerResult",
+    "LoadedModel",
+    "Mask",
+    "ModelConfig",
+    "ModelLoadError",
+    "NonFiniteError",
+    "OutputConfig",
+    "OutputError",
+    "PerplexityResult",
+    "PruneConfig",
+    "PruneResult",
+    "PrunekitError",
+    "Recipe",
+    "TargetError",
+    "Unstructured",
+    "calibration_windows",
+    "load_model",
+    "parse_pattern",
+    "perplexity",
+    "prune",
+    "run_recipe",
+]

@@ -1,0 +1,154 @@
+"""The whole job behind ``prunekit prune`` and YAML recipes: load -> calibrate -> (eval) -> prune -> (eval)
+-> save -> report. Every input is validated before the slow work starts, and nothing is written unless
+the run succeeds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prunekit.calibration.data import (
+    check_window_args,
+    load_dataset_tokens,
+    load_text_tokens,
+    model_max_context,
+    read_text,
+    sample_windows,
+)
+from prunekit.config import CalibrationConfig, Recipe
+from prunekit.errors import CalibrationError
+from prunekit.eval.perplexity import PerplexityResult, perplexity
+from prunekit.export import check_output_dir, save_pretrained
+from prunekit.measure import current_peak_rss_bytes
+from prunekit.models.loading import load_model
+from prunekit.oneshot import PruneResult, prune
+from prunekit.report import build_report, write_report
+from prunekit.scoring import method_info
+
+log = logging.getLogger(__name__)
+
+
+def calibration_windows(
+    tokenizer: Any,
+    path: str | Path,
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 0,
+    max_context: int | None = None,
+) -> torch.Tensor:
+    """``(nsamples, seqlen)`` token windows drawn with ``seed`` from a text file."""
+    check_window_args(nsamples, seqlen, max_context)
+    return sample_windows(load_text_tokens(tokenizer, path), nsamples, seqlen, seed)
+
+
+def _calibration_from_config(tokenizer: Any, cfg: CalibrationConfig, max_context: int | None) -> torch.Tensor:
+    check_window_args(cfg.nsamples, cfg.seqlen, max_context)
+    if cfg.dataset:
+        tokens = load_dataset_tokens(tokenizer, cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_field)
+    else:
+        assert cfg.path is not None
+        tokens = load_text_tokens(tokenizer, cfg.path)
+    return sample_windows(tokens, cfg.nsamples, cfg.seqlen, cfg.seed)
+
+
+@dataclass
+class RunResult:
+    """Everything a recipe run produced."""
+
+    prune: PruneResult
+    ppl_before: PerplexityResult | None
+    ppl_after: PerplexityResult | None
+    output_dir: Path | None
+    report_dir: Path | None
+    report: dict[str, Any]
+
+
+def run_recipe(recipe: Recipe, command: str | None = None, progress: bool = True) -> RunResult:
+    """Run a whole pruning job described by ``recipe``; see the module docstring."""
+    started = time.perf_counter()
+    out_dir = check_output_dir(recipe.output.dir, recipe.output.overwrite) if recipe.output.dir else None
+    report_dir = None
+    if recipe.output.report_dir:
+        report_dir = check_output_dir(recipe.output.report_dir, recipe.output.overwrite)
+    needs_data = method_info(recipe.prune.method).needs_activations
+    has_calibration = bool(recipe.calibration.path or recipe.calibration.dataset)
+    if needs_data and not has_calibration:
+        raise CalibrationError(
+            f"method {recipe.prune.method!r} needs calibration text: pass --calib FILE (e.g. a validation split)"
+        )
+    if recipe.calibration.path:
+        read_text(recipe.calibration.path)  # fail on a missing/empty file before loading the model
+    if recipe.eval.ppl:
+        read_text(recipe.eval.ppl, what="evaluation")
+
+    load_started = time.perf_counter()
+    loaded = load_model(recipe.model.source, dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code)
+    load_seconds = time.perf_counter() - load_started
+    context = model_max_context(loaded.model.config)
+    calibration = _calibration_from_config(loaded.tokenizer, recipe.calibration, context) if has_calibration else None
+    if recipe.eval.ppl and context is not None and recipe.eval.seqlen > context:
+        raise CalibrationError(
+            f"perplexity seqlen {recipe.eval.seqlen} is longer than the model's context of {context}: "
+            f"use --ppl-seqlen {context} or less"
+        )
+
+    ppl_before = None
+    if recipe.eval.ppl and recipe.eval.before:
+        ppl_before = perplexity(
+            loaded.model,
+            loaded.tokenizer,
+            recipe.eval.ppl,
+            recipe.eval.seqlen,
+            recipe.eval.max_windows,
+            progress,
+        )
+        log.info(
+            "dense perplexity %.3f (%d windows x %d)",
+            ppl_before.perplexity,
+            ppl_before.windows,
+            ppl_before.seqlen,
+        )
+    result = prune(loaded.model, recipe.prune, calibration, inplace=True, progress=progress)
+    ppl_after = None
+    if recipe.eval.ppl:
+        ppl_after = perplexity(
+            result.model,
+            loaded.tokenizer,
+            recipe.eval.ppl,
+            recipe.eval.seqlen,
+            recipe.eval.max_windows,
+            progress,
+        )
+        log.info("pruned perplexity %.3f", ppl_after.perplexity)
+
+    report = build_report(
+        recipe,
+        result,
+        ppl_before=ppl_before,
+        ppl_after=ppl_after,
+        command=command,
+        model_source=loaded.source,
+        load_seconds=load_seconds,
+        total_seconds=time.perf_counter() - started,
+        process_peak_rss_bytes=current_peak_rss_bytes(),
+    )
+    if out_dir is not None:
+        inside = report_dir is None
+
+        def add_report(tmp: Path) -> None:
+            if inside:
+                write_report(report, tmp / "prunekit-report")
+
+        save_pretrained(result.model, loaded.tokenizer, out_dir, recipe.output.overwrite, extra=add_report)
+        if inside:
+            report_dir = out_dir / "prunekit-report"
+    if recipe.output.report_dir:
+        report_dir = Path(recipe.output.report_dir).expanduser().resolve()
+        write_report(report, report_dir, overwrite=recipe.output.overwrite)
+    return RunResult(result, ppl_before, ppl_after, out_dir, report_dir, report)

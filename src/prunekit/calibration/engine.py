@@ -1,0 +1,191 @@
+"""The sequential engine: calibration streams through the decoder blocks one at a time.
+
+For each block: move it to the compute device, hook its target layers, run every calibration batch
+through it once (see :mod:`prunekit.calibration.lockstep`), let the caller prune each layer when its
+statistics are complete, keep the block's outputs (computed with the pruned weights) as the next block's
+inputs, move it back. Peak memory: the weights (which may stay on the CPU), one block on the device, and
+one block's calibration activations.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from prunekit.calibration.capture import BlockCall, CapturedInputs, capture_block_inputs, hidden_from_output
+from prunekit.calibration.lockstep import LockstepRunner
+from prunekit.errors import NonFiniteError
+from prunekit.models.targets import Target
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerInputs:
+    """What the engine gathered about one layer's input over all calibration batches.
+
+    ``sq_norms`` is ``sum_tokens x_j^2`` per input feature (float32); ``sample`` holds a few input rows,
+    evenly spaced over the batches, for measuring reconstruction error; ``None`` values mean no batch
+    reached the layer.
+    """
+
+    sq_norms: torch.Tensor | None
+    n_tokens: int
+    sample: torch.Tensor | None
+
+
+PruneLayer = Callable[[Target, LayerInputs], None]
+
+
+@dataclass
+class BlockTiming:
+    index: int
+    seconds: float
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to_device(v, device) for v in value)
+    if isinstance(value, list):
+        return [_to_device(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def move_outside_blocks(model: nn.Module, blocks_name: str, device: torch.device) -> None:
+    """Move every parameter and buffer that is not inside the blocks to ``device`` (in place)."""
+    prefix = blocks_name + "."
+    for module_name, module in model.named_modules():
+        if module_name == blocks_name or module_name.startswith(prefix):
+            continue
+        for param in module.parameters(recurse=False):
+            if param.device != device:
+                param.data = param.data.to(device)
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None and buf.device != device:
+                module._buffers[name] = buf.to(device)
+
+
+def module_device(module: nn.Module) -> torch.device:
+    for tensor in module.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _collector(
+    sample_rows_per_batch: int,
+) -> Callable[[nn.Module, tuple[Any, ...]], tuple[torch.Tensor, int, Any]]:
+    def collect(module: nn.Module, args: tuple[Any, ...]) -> tuple[torch.Tensor, int, Any]:
+        x = args[0].detach()
+        flat = x.reshape(-1, x.shape[-1])
+        sq = flat.float().pow(2).sum(dim=0)
+        sample = None
+        if sample_rows_per_batch > 0:
+            rows = torch.linspace(0, flat.shape[0] - 1, min(sample_rows_per_batch, flat.shape[0]))
+            sample = flat[rows.round().long().to(flat.device)].clone()
+        return sq, flat.shape[0], sample
+
+    return collect
+
+
+def run_sequential(
+    model: nn.Module,
+    blocks_name: str,
+    blocks: nn.ModuleList,
+    targets: Sequence[Target],
+    input_ids: torch.Tensor,
+    prune_layer: PruneLayer,
+    *,
+    device: torch.device,
+    batch_size: int = 4,
+    sample_tokens: int = 1024,
+    offload_activations: bool = False,
+    progress: bool = True,
+) -> list[BlockTiming]:
+    """Prune ``targets`` block by block with one calibration pass per block.
+
+    ``prune_layer(target, inputs)`` is called exactly once per target, after all batches' inputs to that
+    layer are known and before any batch uses the layer's output. Targets that no batch reached get
+    ``LayerInputs(None, 0, None)`` after their block. Returns the time spent per block.
+    """
+    home = module_device(model)
+    by_block: dict[int, list[Target]] = {}
+    for target in targets:
+        if target.block_index is None:
+            raise ValueError(f"{target.name} is outside the decoder blocks; the engine prunes block layers only")
+        by_block.setdefault(target.block_index, []).append(target)
+
+    move_outside_blocks(model, blocks_name, device)
+    try:
+        captured: CapturedInputs = capture_block_inputs(model, blocks, input_ids, batch_size, device)
+    finally:
+        move_outside_blocks(model, blocks_name, home)
+
+    n_batches = len(captured.hidden)
+    per_batch_rows = math.ceil(sample_tokens / n_batches) if sample_tokens > 0 else 0
+    collect = _collector(per_batch_rows)
+    hidden = captured.hidden
+    timings: list[BlockTiming] = []
+    bar = tqdm(range(len(blocks)), desc="pruning blocks", unit="block", disable=not progress)
+    for index in bar:
+        started = time.perf_counter()
+        block = blocks[index]
+        block_home = module_device(block)
+        block.to(device)
+        layer_targets = by_block.get(index, [])
+        by_module = {id(t.module): t for t in layer_targets}
+
+        def finalize(module: nn.Module, payloads: dict[int, Any], by_module: dict[int, Target] = by_module) -> None:
+            target = by_module[id(module)]
+            sq = torch.stack([p[0] for p in payloads.values()]).sum(dim=0)
+            if not torch.isfinite(sq).all():
+                raise NonFiniteError(
+                    f"NaN or Inf in the inputs of layer {target.name!r}: the model (or an earlier pruned "
+                    "layer) produces non-finite activations; check the weights and use float32 or bfloat16"
+                )
+            samples = [p[2] for p in payloads.values() if p[2] is not None]
+            prune_layer(
+                target,
+                LayerInputs(sq, sum(p[1] for p in payloads.values()), torch.cat(samples) if samples else None),
+            )
+
+        runner: LockstepRunner[torch.Tensor] = LockstepRunner([t.module for t in layer_targets], collect, finalize)
+        calls = captured.calls[index]
+
+        def make_job(
+            b: int, block: nn.Module = block, calls: list[BlockCall] = calls, hidden: list[torch.Tensor] = hidden
+        ) -> Callable[[], torch.Tensor]:
+            def job() -> torch.Tensor:
+                call = calls[b]
+                with torch.no_grad():
+                    out = block(
+                        _to_device(hidden[b], device),
+                        *_to_device(call.args, device),
+                        **_to_device(call.kwargs, device),
+                    )
+                result = hidden_from_output(out)
+                return result.to("cpu") if offload_activations else result
+
+            return job
+
+        hidden = runner.run([make_job(b) for b in range(n_batches)])
+        reached = {id(m) for m in runner.finalized}
+        for target in layer_targets:
+            if id(target.module) not in reached:
+                prune_layer(target, LayerInputs(None, 0, None))
+        block.to(block_home)
+        timings.append(BlockTiming(index, time.perf_counter() - started))
+        if progress:
+            bar.set_postfix(last=f"{timings[-1].seconds:.1f}s")
+    return timings

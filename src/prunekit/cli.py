@@ -1,0 +1,168 @@
+"""Command line: ``prunekit prune``, ``prunekit eval``, ``prunekit recipe``.
+
+Every flag maps onto one field of :class:`prunekit.config.Recipe`; a YAML recipe (``--recipe``) gives the
+starting values and flags given on the command line override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from prunekit.config import Recipe
+from prunekit.errors import PrunekitError
+from prunekit.scoring import METHODS
+
+log = logging.getLogger("prunekit")
+
+# flag destination -> (recipe section, field)
+_PRUNE_FLAGS = {
+    "method": ("prune", "method"),
+    "sparsity": ("prune", "sparsity"),
+    "pattern": ("prune", "pattern"),
+    "scope": ("prune", "scope"),
+    "include": ("prune", "include"),
+    "exclude": ("prune", "exclude"),
+    "batch_size": ("prune", "batch_size"),
+    "device": ("prune", "device"),
+    "sample_tokens": ("prune", "sample_tokens"),
+    "offload_activations": ("prune", "offload_activations"),
+    "dtype": ("model", "dtype"),
+    "trust_remote_code": ("model", "trust_remote_code"),
+    "calib": ("calibration", "path"),
+    "calib_dataset": ("calibration", "dataset"),
+    "nsamples": ("calibration", "nsamples"),
+    "seqlen": ("calibration", "seqlen"),
+    "seed": ("calibration", "seed"),
+    "ppl": ("eval", "ppl"),
+    "ppl_seqlen": ("eval", "seqlen"),
+    "ppl_windows": ("eval", "max_windows"),
+    "out": ("output", "dir"),
+    "overwrite": ("output", "overwrite"),
+    "report": ("output", "report_dir"),
+}
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="HF model directory, .gguf file or hub id; omit for the bundled SmolLM2-135M-Instruct",
+    )
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None)
+    parser.add_argument("--trust-remote-code", action="store_true", default=None, help="run model code from the hub")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prunekit", description="Prune PyTorch models and measure the result.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="one-shot prune a causal LM and save it")
+    _add_model_flags(p)
+    p.add_argument("--recipe", help="YAML recipe; flags override its values")
+    p.add_argument("--method", choices=sorted(METHODS), default=None, help="default: wanda")
+    p.add_argument("--sparsity", type=float, default=None, help="fraction removed, in [0, 1); default 0.5")
+    p.add_argument("--pattern", default=None, help="'unstructured' (default) or N:M such as 2:4")
+    p.add_argument("--scope", choices=["row", "layer"], default=None, help="unstructured comparison group")
+    p.add_argument("--include", action="append", default=None, help="regex of layer names to prune (repeatable)")
+    p.add_argument("--exclude", action="append", default=None, help="regex of layer names to skip (repeatable)")
+    p.add_argument("--calib", default=None, help="calibration text file (e.g. a validation split)")
+    p.add_argument("--calib-dataset", default=None, help="Hugging Face dataset name instead of --calib")
+    p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per calibration window (default 2048)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the calibration draw (default 0)")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per forward batch (default 4)")
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--sample-tokens", type=int, default=None, help="tokens per layer for the error report")
+    p.add_argument("--offload-activations", action="store_true", default=None, help="keep activations on CPU")
+    p.add_argument("--ppl", default=None, help="text file to measure perplexity on, before and after")
+    p.add_argument("--ppl-seqlen", type=int, default=None, help="perplexity window length (default 2048)")
+    p.add_argument("--ppl-windows", type=int, default=None, help="use only the first N perplexity windows")
+    p.add_argument("--out", default=None, help="output directory for the pruned checkpoint")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty --out")
+    p.add_argument("--report", default=None, help="report directory (default: <out>/prunekit-report)")
+    p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe as YAML and exit")
+
+    e = sub.add_parser("eval", help="measure a model's perplexity on a text file")
+    _add_model_flags(e)
+    e.add_argument("--ppl", required=True, help="text file (e.g. wikitext2_test.txt)")
+    e.add_argument("--seqlen", type=int, default=2048, help="window length (default 2048)")
+    e.add_argument("--windows", type=int, default=None, help="use only the first N windows")
+    e.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    return parser
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """Start from ``--recipe`` (or defaults) and apply every flag that was given."""
+    data: dict[str, Any] = Recipe.from_yaml(args.recipe).model_dump() if args.recipe else {}
+    if args.model is not None:
+        data.setdefault("model", {})["source"] = args.model
+    for flag, (section, key) in _PRUNE_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            data.setdefault(section, {})[key] = value
+    return Recipe.from_dict(data)
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    recipe = recipe_from_args(args)
+    if args.print_recipe:
+        print(recipe.to_yaml(), end="")
+        return 0
+    from prunekit.api import run_recipe
+
+    command = shlex.join(["prunekit", *sys.argv[1:]])
+    run = run_recipe(recipe, command=command, progress=not args.quiet)
+    s = run.report["summary"]
+    print(f"pruned {s['layers']} layers: sparsity {s['overall_sparsity']:.2%} in {s['prune_seconds']:.1f} s")
+    if run.ppl_before:
+        print(
+            f"perplexity before: {run.ppl_before.perplexity:.3f} ({run.ppl_before.windows} x {run.ppl_before.seqlen})"
+        )
+    if run.ppl_after:
+        print(f"perplexity after:  {run.ppl_after.perplexity:.3f} ({run.ppl_after.windows} x {run.ppl_after.seqlen})")
+    if run.output_dir:
+        print(f"checkpoint: {run.output_dir}")
+    if run.report_dir:
+        print(f"report: {run.report_dir}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from prunekit.eval.perplexity import perplexity
+    from prunekit.models.loading import load_model
+
+    loaded = load_model(
+        args.model, dtype=args.dtype or "auto", device=args.device, trust_remote_code=bool(args.trust_remote_code)
+    )
+    result = perplexity(loaded.model, loaded.tokenizer, args.ppl, args.seqlen, args.windows, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(result.__dict__))
+    else:
+        print(f"perplexity {result.perplexity:.3f} on {result.windows} windows x {result.seqlen} tokens of {args.ppl}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``prunekit`` command; returns the exit status (2 on bad input)."""
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _cmd_prune(args) if args.command == "prune" else _cmd_eval(args)
+    except PrunekitError as exc:
+        print(f"prunekit: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

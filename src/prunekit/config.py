@@ -1,0 +1,163 @@
+"""Typed, strict configuration: one recipe behind the Python API, the CLI and YAML files.
+
+Unknown keys are rejected everywhere (``extra="forbid"``), so a typo in a recipe fails loudly instead
+of being ignored. Strings such as ``"2:4"`` are parsed once, here, into pattern objects.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from prunekit.errors import ConfigError
+from prunekit.patterns import Pattern, parse_pattern
+from prunekit.scoring import METHODS
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc)) from None
+
+
+class PruneConfig(_Strict):
+    """What to prune and how."""
+
+    method: str = Field("wanda", description=f"scoring method: {', '.join(METHODS)}")
+    sparsity: float | None = Field(
+        None, description="fraction of weights to remove, in [0, 1); default 0.5; implied by an N:M pattern"
+    )
+    pattern: str = Field("unstructured", description="'unstructured' or 'N:M' such as '2:4'")
+    scope: Literal["row", "layer"] = Field(
+        "row", description="unstructured comparison group: each output row (Wanda) or the whole layer"
+    )
+    include: list[str] = Field(
+        default_factory=list,
+        description="regexes of layer names to prune (default: all decoder-block linears)",
+    )
+    exclude: list[str] = Field(default_factory=list, description="regexes of layer names to leave alone")
+    seed: int = Field(0, description="seed of the random method")
+    batch_size: int = Field(4, gt=0, description="calibration windows per forward batch")
+    device: str = Field("auto", description="compute device: auto, cpu, cuda, cuda:N")
+    sample_tokens: int = Field(
+        1024, ge=0, description="calibration tokens per layer used to report reconstruction error (0: off)"
+    )
+    offload_activations: bool = Field(False, description="keep calibration activations on the CPU")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in METHODS:
+            raise ValueError(f"unknown method {value!r}: choose one of {', '.join(METHODS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _valid_pattern(self) -> PruneConfig:
+        self.parsed_pattern()
+        return self
+
+    def parsed_pattern(self) -> Pattern:
+        """The pattern as an object (:class:`~prunekit.patterns.Unstructured` or :class:`~prunekit.patterns.NM`)."""
+        return parse_pattern(self.pattern, self.sparsity, self.scope)
+
+
+class ModelConfig(_Strict):
+    """Which model to load."""
+
+    source: str | None = Field(None, description="HF directory, .gguf file, hub id; empty: bundled SmolLM2")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+
+
+class CalibrationConfig(_Strict):
+    """Where calibration windows come from."""
+
+    path: str | None = Field(None, description="a text file (e.g. a validation split)")
+    dataset: str | None = Field(None, description="a Hugging Face dataset name, instead of path")
+    dataset_config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    nsamples: int = Field(128, description="number of windows")
+    seqlen: int = Field(2048, description="tokens per window")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CalibrationConfig:
+        if self.path and self.dataset:
+            raise ValueError("give calibration path or dataset, not both")
+        return self
+
+
+class EvalConfig(_Strict):
+    """Perplexity evaluation (non-overlapping windows of a text file)."""
+
+    ppl: str | None = Field(None, description="text file to report perplexity on")
+    seqlen: int = Field(2048, gt=0)
+    max_windows: int | None = Field(None, gt=0, description="use only the first N windows")
+    before: bool = Field(True, description="also measure the dense model before pruning")
+
+
+class OutputConfig(_Strict):
+    """Where the pruned checkpoint and the report go."""
+
+    dir: str | None = None
+    overwrite: bool = False
+    report_dir: str | None = Field(None, description="default: <dir>/prunekit-report")
+
+
+class Recipe(_Strict):
+    """A whole run: model, pruning, calibration, evaluation, output."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        """Validate a plain dict, turning pydantic's error into a :class:`ConfigError` that names the key."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc)) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Recipe:
+        """Load a YAML recipe file."""
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"recipe file {str(file)!r} not found")
+        try:
+            data = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"recipe {str(file)!r} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"recipe {str(file)!r} must be a mapping of sections (model, prune, ...)")
+        return cls.from_dict(data)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+_PREFIX = "invalid configuration: "
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per problem: ``location: message``, with unknown keys called out as such."""
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            message = "unknown key; check the spelling (the README lists every key)"
+        else:
+            message = err["msg"].removeprefix("Value error, ").removeprefix(_PREFIX)
+        lines.append(f"{where}: {message}" if where else message)
+    return _PREFIX + "; ".join(lines)

@@ -1,0 +1,35 @@
+"""Errors that prunekit raises for bad input.
+
+Every error names the problem and the fix. They subclass ``ValueError`` (or ``FileNotFoundError`` /
+``FileExistsError`` where that is what happened) so that callers can catch them broadly.
+"""
+
+from __future__ import annotations
+
+
+class PrunekitError(Exception):
+    """Base class of every error prunekit raises on purpose."""
+
+
+class ConfigError(PrunekitError, ValueError):
+    """A setting is invalid (sparsity, pattern, method, recipe key...)."""
+
+
+class CalibrationError(PrunekitError, ValueError):
+    """Calibration or evaluation data is missing, empty or too short."""
+
+
+class ModelLoadError(PrunekitError, ValueError):
+    """A model could not be found or read."""
+
+
+class TargetError(PrunekitError, ValueError):
+    """No layer to prune, or a name pattern that matches nothing."""
+
+
+class NonFiniteError(PrunekitError, ValueError):
+    """NaN or Inf found in a layer's weights or inputs."""
+
+
+class OutputError(PrunekitError, OSError):
+    """The output location exists, is not empty, or cannot be written."""

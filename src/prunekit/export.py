@@ -1,0 +1,72 @@
+"""Writing outputs safely: check the destination first, write into a temporary sibling, then rename.
+
+The result is an ordinary ``save_pretrained`` directory (with the tokenizer) that plain
+``transformers.AutoModelForCausalLM.from_pretrained`` loads; prunekit is not needed to use it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from prunekit.errors import OutputError
+
+
+def check_output_dir(path: str | Path, overwrite: bool = False) -> Path:
+    """Refuse an existing non-empty directory (unless ``overwrite``) or an unwritable parent, before any work."""
+    out = Path(path).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {str(out)!r} exists and is a file: choose a directory path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputError(f"output directory {str(out)!r} exists and is not empty: choose another or pass --overwrite")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write under {str(parent)!r} (permission denied): choose a writable location")
+    return out
+
+
+def write_atomically(path: str | Path, write: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Call ``write(tmp_dir)`` then move ``tmp_dir`` to ``path``; nothing is left behind on failure."""
+    out = check_output_dir(path, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write(tmp)
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, trash / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def save_pretrained(
+    model: nn.Module,
+    tokenizer: Any,
+    path: str | Path,
+    overwrite: bool = False,
+    extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Save a model (safetensors) and its tokenizer atomically; ``extra(dir)`` may add files (a report)."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
+
+    return write_atomically(path, write, overwrite)

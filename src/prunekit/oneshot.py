@@ -1,0 +1,201 @@
+"""One-shot pruning of a causal LM: select targets -> gather statistics -> score -> pattern -> apply.
+
+:func:`prune` is the public entry point. Methods whose scores need activations (Wanda) run the sequential
+engine; weight-only methods (magnitude, random) prune directly, and still use the engine when calibration
+data is given, to report each layer's reconstruction error on real inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from prunekit.calibration.engine import BlockTiming, LayerInputs, run_sequential
+from prunekit.config import PruneConfig
+from prunekit.errors import ConfigError, NonFiniteError
+from prunekit.masks import Mask
+from prunekit.measure import MemoryMeter
+from prunekit.models.blocks import find_decoder_blocks
+from prunekit.models.loading import resolve_device
+from prunekit.models.targets import Target, find_targets, weight_matrix
+from prunekit.patterns import Pattern, check_pattern_fits, select_keep_mask
+from prunekit.scoring import LayerStats, method_info, score_weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerResult:
+    """What happened to one layer."""
+
+    name: str
+    block: int | None
+    shape: tuple[int, int]
+    method: str
+    sparsity: float
+    relative_error: float | None
+    error_tokens: int
+    seconds: float
+
+
+@dataclass
+class PruneResult:
+    """The pruned model and a record of the run."""
+
+    model: nn.Module
+    layers: list[LayerResult] = field(default_factory=list)
+    blocks: list[BlockTiming] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_rss_bytes: int = 0
+    peak_device_bytes: int | None = None
+    calibration_shape: tuple[int, int] | None = None
+
+    @property
+    def overall_sparsity(self) -> float:
+        total = sum(r.shape[0] * r.shape[1] for r in self.layers)
+        zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.layers)
+        return zeros / max(1, total)
+
+
+def relative_reconstruction_error(weight: torch.Tensor, keep: torch.Tensor, inputs: torch.Tensor) -> float:
+    """``||W X - W' X||^2 / ||W X||^2`` on sample input rows ``X`` (tokens x in), with ``W' = W * keep``."""
+    w = weight.float()
+    x = inputs.to(w.device).float()
+    dense = x @ w.t()
+    removed = x @ (w * ~keep).t()
+    denominator = dense.pow(2).sum()
+    return float(removed.pow(2).sum() / denominator) if denominator > 0 else 0.0
+
+
+def prune_weight(
+    weight: torch.Tensor,
+    method: str,
+    pattern: Pattern,
+    stats: LayerStats | None,
+    generator: torch.Generator,
+) -> Mask:
+    """Score one ``(out, in)`` weight and choose its keep-mask (does not change ``weight``)."""
+    scores = score_weights(method, weight, stats, generator)
+    return Mask(select_keep_mask(scores, pattern))
+
+
+def _check_finite_weight(target: Target, weight: torch.Tensor) -> None:
+    if not torch.isfinite(weight).all():
+        raise NonFiniteError(
+            f"NaN or Inf in the weights of layer {target.name!r}: the checkpoint is damaged or was saved in "
+            "a dtype that overflowed; reload it in float32"
+        )
+
+
+def prune(
+    model: nn.Module,
+    config: PruneConfig | None = None,
+    calibration: torch.Tensor | None = None,
+    *,
+    inplace: bool = False,
+    progress: bool = True,
+) -> PruneResult:
+    """Prune a Hugging Face causal LM one-shot.
+
+    Args:
+        model: a decoder-only transformers model (any family: the block stack is discovered).
+        config: method, sparsity/pattern, targets...; defaults to Wanda at 50% unstructured.
+        calibration: ``(nsamples, seqlen)`` token ids (see :func:`prunekit.calibration.sample_windows`);
+            required by Wanda, optional for magnitude and random (used then to measure errors).
+        inplace: prune ``model`` itself; by default a deep copy is pruned and ``model`` is untouched.
+        progress: show a progress bar per block.
+    """
+    config = config or PruneConfig()
+    pattern = config.parsed_pattern()
+    info = method_info(config.method)
+    if info.needs_activations and calibration is None:
+        raise ConfigError(f"method {config.method!r} needs calibration data: pass calibration token ids")
+    if calibration is not None and (calibration.dim() != 2 or calibration.numel() == 0):
+        raise ConfigError(f"calibration must be a non-empty (nsamples, seqlen) tensor, got {tuple(calibration.shape)}")
+
+    blocks_name, _ = find_decoder_blocks(model)
+    targets = find_targets(model, blocks_name, config.include, config.exclude)
+    for target in targets:
+        check_pattern_fits(pattern, target.shape[1], target.name)
+        if calibration is not None and target.block_index is None:
+            raise ConfigError(
+                f"layer {target.name!r} is outside the decoder blocks, where calibration cannot reach it: "
+                "prune it with --method magnitude and no calibration, or exclude it"
+            )
+        _check_finite_weight(target, weight_matrix(target.module))
+
+    if not inplace:
+        model = copy.deepcopy(model)
+        blocks_name, _ = find_decoder_blocks(model)
+        targets = find_targets(model, blocks_name, config.include, config.exclude)
+    blocks = find_decoder_blocks(model)[1]
+    device = resolve_device(config.device)
+    generator = torch.Generator().manual_seed(config.seed)
+    result = PruneResult(model=model)
+    meter = MemoryMeter(device)
+    started = time.perf_counter()
+
+    def prune_layer(target: Target, inputs: LayerInputs) -> None:
+        t0 = time.perf_counter()
+        weight = weight_matrix(target.module)
+        method = config.method
+        stats = None
+        if inputs.sq_norms is not None:
+            stats = LayerStats(inputs.sq_norms, inputs.n_tokens)
+        elif method_info(method).needs_activations:
+            log.warning("no calibration batch reached %s; pruning it by magnitude", target.name)
+            method = "magnitude"
+        mask = prune_weight(weight, method, pattern, stats, generator)
+        error = None
+        if inputs.sample is not None and inputs.sample.numel():
+            error = relative_reconstruction_error(weight, mask.keep.to(weight.device), inputs.sample)
+        mask.apply_(weight)
+        result.layers.append(
+            LayerResult(
+                target.name,
+                target.block_index,
+                target.shape,
+                method,
+                mask.sparsity,
+                error,
+                0 if inputs.sample is None else int(inputs.sample.shape[0]),
+                time.perf_counter() - t0,
+            )
+        )
+
+    with meter:
+        if calibration is None:
+            for target in targets:
+                prune_layer(target, LayerInputs(None, 0, None))
+        else:
+            result.calibration_shape = (int(calibration.shape[0]), int(calibration.shape[1]))
+            result.blocks = run_sequential(
+                model,
+                blocks_name,
+                blocks,
+                targets,
+                calibration,
+                prune_layer,
+                device=device,
+                batch_size=config.batch_size,
+                sample_tokens=config.sample_tokens,
+                offload_activations=config.offload_activations,
+                progress=progress,
+            )
+    result.seconds = time.perf_counter() - started
+    result.peak_rss_bytes = meter.peak_rss_bytes
+    result.peak_device_bytes = meter.peak_device_bytes
+    order = {t.name: i for i, t in enumerate(targets)}
+    result.layers.sort(key=lambda r: order[r.name])
+    log.info(
+        "pruned %d layers to %.2f%% sparsity in %.1f s",
+        len(result.layers),
+        100 * result.overall_sparsity,
+        result.seconds,
+    )
+    return result

@@ -1,0 +1,156 @@
+"""Run reports: one dict, written as JSON (for machines), Markdown (for people) and a PNG plot.
+
+The plot shows, per target layer, the sparsity reached and the relative reconstruction error
+``||WX - W'X||^2 / ||WX||^2`` on calibration inputs, and the time spent per block.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from prunekit.config import Recipe
+from prunekit.eval.perplexity import PerplexityResult
+from prunekit.export import write_atomically
+from prunekit.measure import versions
+from prunekit.oneshot import PruneResult
+
+log = logging.getLogger(__name__)
+
+GIB = 1024**3
+
+
+def build_report(
+    recipe: Recipe,
+    result: PruneResult,
+    *,
+    ppl_before: PerplexityResult | None = None,
+    ppl_after: PerplexityResult | None = None,
+    command: str | None = None,
+    model_source: str = "",
+    load_seconds: float | None = None,
+    total_seconds: float | None = None,
+    process_peak_rss_bytes: int | None = None,
+) -> dict[str, Any]:
+    """Collect everything about a run into a JSON-ready dict."""
+    errors = [r.relative_error for r in result.layers if r.relative_error is not None]
+    return {
+        "command": command if command is not None else shlex.join(sys.argv),
+        "recipe": recipe.model_dump(mode="json"),
+        "versions": versions(),
+        "model": model_source,
+        "pattern": str(recipe.prune.parsed_pattern()),
+        "method": recipe.prune.method,
+        "calibration": {
+            "windows": result.calibration_shape[0] if result.calibration_shape else 0,
+            "seqlen": result.calibration_shape[1] if result.calibration_shape else 0,
+        },
+        "summary": {
+            "layers": len(result.layers),
+            "overall_sparsity": result.overall_sparsity,
+            "mean_relative_error": sum(errors) / len(errors) if errors else None,
+            "prune_seconds": result.seconds,
+            "load_seconds": load_seconds,
+            "total_seconds": total_seconds,
+            "prune_peak_rss_gib": result.peak_rss_bytes / GIB,
+            "process_peak_rss_gib": None if process_peak_rss_bytes is None else process_peak_rss_bytes / GIB,
+            "peak_device_gib": None if result.peak_device_bytes is None else result.peak_device_bytes / GIB,
+        },
+        "perplexity": {
+            "before": None if ppl_before is None else asdict(ppl_before),
+            "after": None if ppl_after is None else asdict(ppl_after),
+        },
+        "blocks": [asdict(b) for b in result.blocks],
+        "layers": [asdict(layer) for layer in result.layers],
+    }
+
+
+def _fmt(value: float | None, spec: str = ".4f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """A human summary of a report dict."""
+    s = report["summary"]
+    lines = [
+        "# prunekit report",
+        "",
+        f"- model: `{report['model']}`",
+        f"- method: **{report['method']}**, pattern: **{report['pattern']}**",
+        f"- calibration: {report['calibration']['windows']} windows x {report['calibration']['seqlen']} tokens",
+        f"- overall sparsity of {s['layers']} target layers: {s['overall_sparsity']:.4%}",
+        f"- mean relative reconstruction error: {_fmt(s['mean_relative_error'])}",
+        f"- prune time: {s['prune_seconds']:.1f} s; peak RSS while pruning: {s['prune_peak_rss_gib']:.2f} GiB"
+        + (f"; peak device memory: {s['peak_device_gib']:.2f} GiB" if s["peak_device_gib"] is not None else ""),
+    ]
+    ppl = report["perplexity"]
+    for when in ("before", "after"):
+        if ppl[when]:
+            p = ppl[when]
+            lines.append(
+                f"- perplexity {when}: **{p['perplexity']:.3f}** ({p['windows']} non-overlapping windows x "
+                f"{p['seqlen']} tokens of `{p['source']}`)"
+            )
+    lines += ["", f"Command: `{report['command']}`", "", "## Layers", ""]
+    lines += [
+        "| layer | shape | method | sparsity | rel. error | tokens | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for layer in report["layers"]:
+        lines.append(
+            f"| {layer['name']} | {layer['shape'][0]}x{layer['shape'][1]} | {layer['method']} | "
+            f"{layer['sparsity']:.4f} | {_fmt(layer['relative_error'])} | {layer['error_tokens']} | "
+            f"{layer['seconds']:.3f} |"
+        )
+    if report["blocks"]:
+        lines += ["", "## Time per block", "", "| block | seconds |", "|---|---|"]
+        lines += [f"| {b['index']} | {b['seconds']:.2f} |" for b in report["blocks"]]
+    lines += ["", "## Versions", ""] + [f"- {k}: {v}" for k, v in report["versions"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(report: dict[str, Any], path: Path) -> bool:
+    """Per-layer sparsity and reconstruction error, and time per block, as a PNG. False if no matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed; skipping the plot (pip install 'prunekit[plots]')")
+        return False
+    layers = report["layers"]
+    panels = 3 if report["blocks"] else 2
+    fig, axes = plt.subplots(panels, 1, figsize=(max(8, len(layers) * 0.08), 3 * panels), constrained_layout=True)
+    x = range(len(layers))
+    axes[0].bar(x, [layer["sparsity"] for layer in layers], color="tab:blue")
+    axes[0].set_ylabel("sparsity")
+    axes[0].set_ylim(0, 1)
+    axes[0].set_title(f"{report['method']} {report['pattern']} - {report['model']}")
+    errors = [layer["relative_error"] if layer["relative_error"] is not None else 0.0 for layer in layers]
+    axes[1].bar(x, errors, color="tab:red")
+    axes[1].set_ylabel("rel. error ||WX-W'X||²/||WX||²")
+    axes[1].set_xlabel("target layer (forward order)")
+    if report["blocks"]:
+        axes[2].bar([b["index"] for b in report["blocks"]], [b["seconds"] for b in report["blocks"]], color="tab:gray")
+        axes[2].set_ylabel("seconds")
+        axes[2].set_xlabel("block")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(report: dict[str, Any], directory: str | Path, overwrite: bool = False) -> Path:
+    """Write ``report.json``, ``report.md`` and ``layers.png`` into ``directory`` atomically."""
+
+    def write(tmp: Path) -> None:
+        (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        (tmp / "report.md").write_text(render_markdown(report))
+        plot_report(report, tmp / "layers.png")
+
+    return write_atomically(directory, write, overwrite)
