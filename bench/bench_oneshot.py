@@ -1,0 +1,165 @@
+"""Benchmark: one-shot pruning of SmolLM2-135M-Instruct, prunekit beside llm-compressor, same run.
+
+Setting (issue 3): the bundled SmolLM2-135M-Instruct de-quantized to float32; calibration 32 windows x 512
+tokens drawn with seed 0 from ``wikitext2_valid.txt``; perplexity on the first 40 windows x 2048 tokens of
+``wikitext2_test.txt``; this machine's CPU. Each pruning run is its own process, so its peak RSS (from
+``wait4``) covers loading, calibration, pruning and saving. Prune time is the pruning phase alone for both
+tools (prunekit: ``prune()``; llm-compressor: the ``oneshot`` call). Every checkpoint, both tools', is then
+scored by the same perplexity code.
+
+    python bench/bench_oneshot.py --peer-python .venv-peer/bin/python   # ~25 min here
+
+Writes ``bench/results/oneshot_smollm2.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+import prunekit
+from prunekit.eval.perplexity import perplexity
+from prunekit.measure import versions
+from prunekit.models.loading import prepare_bundled_model
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+log = logging.getLogger("bench_oneshot")
+
+PRUNEKIT_RUNS = [
+    ("magnitude", "unstructured"),
+    ("magnitude", "2:4"),
+    ("wanda", "unstructured"),
+    ("wanda", "2:4"),
+]
+PEER_RUNS = [("wanda", "unstructured"), ("wanda", "2:4")]
+
+
+def run_measured(cmd: list[str], log_file: Path) -> tuple[int, float, float]:
+    """Run a command under ``peak_rss.py``; return (exit code, wall seconds, peak RSS in GiB of the command)."""
+    measured = log_file.with_suffix(".rss.json")
+    wrapper = [sys.executable, str(ROOT / "bench" / "peak_rss.py"), str(measured), "--", *cmd]
+    with log_file.open("w") as out:
+        code = subprocess.run(wrapper, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, check=False).returncode
+    stats = json.loads(measured.read_text())
+    return code, stats["wall_s"], stats["peak_rss_bytes"] / 2**30
+
+
+def pattern_flags(pattern: str) -> list[str]:
+    return ["--sparsity", "0.5"] if pattern == "unstructured" else ["--pattern", pattern]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--peer-python", default=None, help="python of the llm-compressor venv (skip peer if absent)")
+    parser.add_argument("--work", default=str(ROOT / "bench" / "work"), help="scratch directory for checkpoints")
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--ppl-windows", type=int, default=40)
+    parser.add_argument("--ppl-seqlen", type=int, default=2048)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "oneshot_smollm2.json"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    valid, test = DATA / "wikitext2_valid.txt", DATA / "wikitext2_test.txt"
+
+    model_dir = prepare_bundled_model()
+    dense = prunekit.load_model(str(model_dir))
+    calib = prunekit.calibration_windows(dense.tokenizer, valid, args.nsamples, args.seqlen, seed=0)
+    calib_file = work / "calib.safetensors"
+    save_file({"input_ids": calib.contiguous()}, str(calib_file))
+    del dense
+
+    runs = []
+    for method, pattern in PRUNEKIT_RUNS:
+        name = f"prunekit-{method}-{pattern.replace(':', 'of')}"
+        out = work / name
+        cmd = [
+            sys.executable, "-m", "prunekit.cli", "-q", "prune", str(model_dir), "--method", method,
+            *pattern_flags(pattern), "--calib", str(valid), "--nsamples", str(args.nsamples),
+            "--seqlen", str(args.seqlen), "--seed", "0", "--device", "cpu", "--out", str(out), "--overwrite",
+        ]  # fmt: skip
+        code, wall, rss = run_measured(cmd, work / f"{name}.log")
+        if code != 0:
+            raise SystemExit(f"{name} failed; see {work / (name + '.log')}")
+        report = json.loads((out / "prunekit-report" / "report.json").read_text())
+        runs.append(
+            {"tool": "prunekit", "method": method, "pattern": pattern, "dir": str(out), "process_wall_s": wall,
+             "prune_seconds": report["summary"]["prune_seconds"], "peak_rss_gib": rss,
+             "sparsity": report["summary"]["overall_sparsity"], "command": " ".join(cmd)}
+        )  # fmt: skip
+        log.info("%s: prune %.1f s, peak RSS %.2f GiB", name, runs[-1]["prune_seconds"], rss)
+
+    peer_python = args.peer_python
+    if peer_python and Path(peer_python).exists():
+        for method, pattern in PEER_RUNS:
+            name = f"llmcompressor-{method}-{pattern.replace(':', 'of')}"
+            out, result = work / name, work / f"{name}.json"
+            cmd = [
+                peer_python, str(ROOT / "bench" / "peer_llmcompressor.py"), "--model", str(model_dir),
+                "--calib-ids", str(calib_file), "--method", method, *pattern_flags(pattern),
+                "--out", str(out), "--result", str(result),
+            ]  # fmt: skip
+            code, wall, rss = run_measured(cmd, work / f"{name}.log")
+            if code != 0:
+                raise SystemExit(f"{name} failed; see {work / (name + '.log')}")
+            peer = json.loads(result.read_text())
+            runs.append(
+                {"tool": "llm-compressor", "version": peer.get("version"), "method": method, "pattern": pattern,
+                 "dir": str(out), "process_wall_s": wall, "prune_seconds": peer["prune_seconds"],
+                 "peak_rss_gib": rss, "sparsity": peer.get("measured_sparsity_of_targets"), "command": " ".join(cmd)}
+            )  # fmt: skip
+            log.info("%s: prune %.1f s, peak RSS %.2f GiB", name, peer["prune_seconds"], rss)
+    else:
+        log.warning("no --peer-python: llm-compressor is not compared")
+
+    evaluated = [{"tool": "dense", "method": "dense", "pattern": "-", "dir": str(model_dir)}, *runs]
+    for run in evaluated:
+        loaded = prunekit.load_model(run["dir"])
+        ppl = perplexity(loaded.model, loaded.tokenizer, test, args.ppl_seqlen, args.ppl_windows, progress=False)
+        run["perplexity"] = ppl.perplexity
+        run["ppl_windows"], run["ppl_seqlen"] = ppl.windows, ppl.seqlen
+        log.info("%s %s %s: perplexity %.3f", run["tool"], run["method"], run["pattern"], ppl.perplexity)
+        del loaded
+
+    summary = {}
+    for pattern in ("unstructured", "2:4"):
+        ours = next(r for r in runs if r["tool"] == "prunekit" and r["method"] == "wanda" and r["pattern"] == pattern)
+        peer = next((r for r in runs if r["tool"] == "llm-compressor" and r["pattern"] == pattern), None)
+        if peer:
+            summary[f"wanda {pattern}"] = {
+                "ppl_prunekit": ours["perplexity"],
+                "ppl_llmcompressor": peer["perplexity"],
+                "time_ratio_prunekit_over_llmcompressor": ours["prune_seconds"] / peer["prune_seconds"],
+                "peak_rss_gib_prunekit": ours["peak_rss_gib"],
+                "peak_rss_gib_llmcompressor": peer["peak_rss_gib"],
+            }
+    result = {
+        "benchmark": "one-shot pruning, SmolLM2-135M-Instruct float32",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "versions": versions(),
+        "calibration": {"file": valid.name, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 0},
+        "evaluation": {"file": test.name, "windows": args.ppl_windows, "seqlen": args.ppl_seqlen},
+        "runs": evaluated,
+        "summary": summary,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    log.info("wrote %s", args.out)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

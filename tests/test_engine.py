@@ -1,0 +1,150 @@
+"""The sequential engine on tiny models of every supported family, against an independent oracle."""
+
+import pytest
+import torch
+from models import FAMILIES, sample_text, tiny_model, tiny_tokenizer
+from torch import nn
+
+import prunekit
+from prunekit.calibration.data import tokenize_text
+from prunekit.calibration.lockstep import LockstepRunner
+from prunekit.models.blocks import find_decoder_blocks
+from prunekit.models.targets import find_targets, weight_matrix
+from prunekit.patterns import unstructured_mask
+from prunekit.scoring import wanda_scores
+
+
+@pytest.fixture(scope="module")
+def calibration():
+    tokens = tokenize_text(tiny_tokenizer(), sample_text())
+    return prunekit.calibration.sample_windows(tokens, nsamples=6, seqlen=32, seed=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_every_target_reaches_exact_sparsity_and_the_rest_is_untouched(family, pattern, calibration):
+    model = tiny_model(family)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = prunekit.PruneConfig(method="wanda", sparsity=0.5 if pattern == "unstructured" else None, pattern=pattern)
+    result = prunekit.prune(model, config, calibration, progress=False)
+    pruned = result.model
+    blocks_name, blocks = find_decoder_blocks(pruned)
+    targets = find_targets(pruned, blocks_name)
+    assert len(result.layers) == len(targets) > 0
+    target_weights = set()
+    for target in targets:
+        w = weight_matrix(target.module)
+        rows, cols = w.shape
+        if pattern == "2:4":
+            assert ((w.reshape(rows, cols // 4, 4) == 0).sum(-1) == 2).all(), target.name
+        else:
+            assert ((w == 0).sum(1) == cols // 2).all(), target.name
+        target_weights.add(target.name + ".weight")
+    for key, value in pruned.state_dict().items():
+        if key not in target_weights:
+            assert torch.equal(value, before[key]), key
+    for key, value in model.state_dict().items():  # inplace=False: the input model is untouched
+        assert torch.equal(value, before[key]), key
+    assert all(layer.relative_error is not None and 0 < layer.relative_error < 1 for layer in result.layers)
+
+
+def _oracle_true_sequential_wanda(model, calibration, sparsity):
+    """Independent reference: for each target in forward order, run the whole block over all windows
+    (with the layers pruned so far) to collect that layer's inputs, then prune it. O(layers) passes."""
+    blocks_name, blocks = find_decoder_blocks(model)
+    targets = find_targets(model, blocks_name)
+    hidden_inputs = {}
+
+    def grab(module, args, kwargs):
+        hidden_inputs["args"], hidden_inputs["kwargs"] = args, kwargs
+        raise StopIteration
+
+    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    per_window = []
+    for row in calibration:
+        try:
+            model(input_ids=row[None], use_cache=False)
+        except StopIteration:
+            per_window.append((hidden_inputs["args"], hidden_inputs["kwargs"]))
+    handle.remove()
+    hidden = [args[0] for args, _ in per_window]
+    rest = [(args[1:], kwargs) for args, kwargs in per_window]
+    for index, block in enumerate(blocks):
+        for target in [t for t in targets if t.block_index == index]:
+            seen = []
+            h = target.module.register_forward_pre_hook(lambda m, a, seen=seen: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+            with torch.no_grad():
+                for x, (args, kwargs) in zip(hidden, rest, strict=True):
+                    block(x, *args, **kwargs)
+            h.remove()
+            x_all = torch.cat(seen)
+            w = weight_matrix(target.module)
+            w.masked_fill_(~unstructured_mask(wanda_scores(w, x_all.pow(2).sum(0)), sparsity), 0)
+        with torch.no_grad():
+            outs = [block(x, *args, **kwargs) for x, (args, kwargs) in zip(hidden, rest, strict=True)]
+        hidden = [o if isinstance(o, torch.Tensor) else o[0] for o in outs]
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_one_pass_engine_equals_the_many_pass_oracle(family, calibration):
+    model = tiny_model(family)
+    ours = prunekit.prune(model, prunekit.PruneConfig(method="wanda", sparsity=0.5, batch_size=2), calibration, progress=False)
+    oracle = _oracle_true_sequential_wanda(tiny_model(family), calibration, 0.5)
+    for (name, a), (_, b) in zip(ours.model.state_dict().items(), oracle.state_dict().items(), strict=True):
+        assert torch.equal(a == 0, b == 0), f"masks differ at {name}"
+        assert torch.allclose(a, b), name
+
+
+def test_batch_size_does_not_change_the_masks(calibration):
+    model = tiny_model("llama")
+    masks = []
+    for batch_size in (1, 4, 6):
+        result = prunekit.prune(model, prunekit.PruneConfig(batch_size=batch_size), calibration, progress=False)
+        masks.append([(v == 0) for v in result.model.state_dict().values()])
+    for other in masks[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(masks[0], other, strict=True))
+
+
+def test_magnitude_without_calibration_matches_the_pure_function():
+    model = tiny_model("llama")
+    result = prunekit.prune(model, prunekit.PruneConfig(method="magnitude", sparsity=0.25, scope="layer"), progress=False)
+    w = model.model.layers[1].mlp.down_proj.weight
+    keep = unstructured_mask(w.abs(), 0.25, "layer")
+    assert torch.equal(result.model.model.layers[1].mlp.down_proj.weight, w * keep)
+    assert all(layer.relative_error is None for layer in result.layers)
+
+
+class _RoutedBlock(nn.Module):
+    """Batch 1 skips layer ``a`` (data-dependent routing), the others use a then b."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(2, 2), nn.Linear(2, 2)
+
+    def forward(self, x, skip_a):
+        return self.b(x if skip_a else self.a(x))
+
+
+def test_lockstep_pools_in_batch_order_and_survives_skipped_layers():
+    block = _RoutedBlock()
+    seen = []
+    runner = LockstepRunner([block.a, block.b], lambda m, args: float(args[0].sum()), lambda m, p: seen.append((m, dict(p))))
+    xs = [torch.full((1, 2), float(i)) for i in range(3)]
+    outs = runner.run([lambda i=i: block(xs[i], skip_a=(i == 1)) for i in range(3)])
+    assert [m for m, _ in seen] == [block.a, block.b]
+    assert list(seen[0][1]) == [0, 2]  # batch 1 never reached a
+    assert list(seen[1][1]) == [0, 1, 2]
+    assert all(torch.equal(o, block(x, skip_a=(i == 1))) for i, (o, x) in enumerate(zip(outs, xs, strict=True)))
+
+
+def test_lockstep_reraises_a_failure_and_unwinds_the_other_batches():
+    block = _RoutedBlock()
+
+    def finalize(module, payloads):
+        raise RuntimeError("boom in finalize")
+
+    runner = LockstepRunner([block.a], lambda m, a: None, finalize)
+    with pytest.raises(RuntimeError, match="boom in finalize"):
+        runner.run([lambda: block(torch.ones(1, 2), skip_a=False) for _ in range(3)])
+    assert not block.a._forward_pre_hooks  # hooks removed
