@@ -23,7 +23,10 @@ def main() -> int:
     _, status, usage = os.wait4(proc.pid, 0)
     code = os.waitstatus_to_exitcode(status)
     with open(out, "w") as handle:
-        json.dump({"exit_code": code, "wall_s": time.perf_counter() - started, "peak_rss_bytes": usage.ru_maxrss * 1024}, handle)
+        json.dump(
+            {"exit_code": code, "wall_s": time.perf_counter() - started, "peak_rss_bytes": usage.ru_maxrss * 1024},
+            handle,
+        )
     return code
 
 

@@ -55,7 +55,24 @@ def sample_text(chars: int = 60_000) -> str:
     file = SHARED / "tinyshakespeare.txt"
     if file.is_file():
         return file.read_text()[:chars]
-    words = "the quick brown fox jumps over the lazy dog and runs far away into the night".split()
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "the",
+        "lazy",
+        "dog",
+        "and",
+        "runs",
+        "far",
+        "away",
+        "into",
+        "the",
+        "night",
+    ]
     return " ".join(words[i % len(words)] for i in range(chars // 5))
 
 

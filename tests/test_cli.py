@@ -213,13 +213,11 @@ def test_eval_matches_the_report(ws: Workspace, wanda_run: tuple[int, str, Path]
         assert result["perplexity"] == pytest.approx(report["perplexity"][when]["perplexity"], rel=1e-5)
 
 
-@pytest.mark.xfail(reason="src bug: -q/-v are top-level flags only; `prunekit prune ... -q` is rejected by argparse")
 def test_quiet_flag_after_the_subcommand() -> None:
     args = build_parser().parse_args(["prune", "model-dir", "-q"])
     assert args.quiet is True
 
 
-@pytest.mark.xfail(reason="src bug: cli._cmd_prune records sys.argv, not the argv given to main(), as the command")
 def test_report_records_the_command(wanda_run: tuple[int, str, Path]) -> None:
     _, _, out = wanda_run
     report = json.loads((out / "prunekit-report" / "report.json").read_text())

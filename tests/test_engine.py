@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from models import FAMILIES, sample_text, tiny_model, tiny_tokenizer
 from torch import nn
 
 import prunekit
+from models import FAMILIES, sample_text, tiny_model, tiny_tokenizer
 from prunekit.calibration.data import tokenize_text
 from prunekit.calibration.lockstep import LockstepRunner
 from prunekit.models.blocks import find_decoder_blocks
@@ -28,7 +28,7 @@ def test_every_target_reaches_exact_sparsity_and_the_rest_is_untouched(family, p
     config = prunekit.PruneConfig(method="wanda", sparsity=0.5 if pattern == "unstructured" else None, pattern=pattern)
     result = prunekit.prune(model, config, calibration, progress=False)
     pruned = result.model
-    blocks_name, blocks = find_decoder_blocks(pruned)
+    blocks_name, _ = find_decoder_blocks(pruned)
     targets = find_targets(pruned, blocks_name)
     assert len(result.layers) == len(targets) > 0
     target_weights = set()
@@ -72,7 +72,9 @@ def _oracle_true_sequential_wanda(model, calibration, sparsity):
     for index, block in enumerate(blocks):
         for target in [t for t in targets if t.block_index == index]:
             seen = []
-            h = target.module.register_forward_pre_hook(lambda m, a, seen=seen: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+            h = target.module.register_forward_pre_hook(
+                lambda m, a, seen=seen: seen.append(a[0].reshape(-1, a[0].shape[-1]))
+            )
             with torch.no_grad():
                 for x, (args, kwargs) in zip(hidden, rest, strict=True):
                     block(x, *args, **kwargs)
@@ -89,7 +91,9 @@ def _oracle_true_sequential_wanda(model, calibration, sparsity):
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
 def test_one_pass_engine_equals_the_many_pass_oracle(family, calibration):
     model = tiny_model(family)
-    ours = prunekit.prune(model, prunekit.PruneConfig(method="wanda", sparsity=0.5, batch_size=2), calibration, progress=False)
+    ours = prunekit.prune(
+        model, prunekit.PruneConfig(method="wanda", sparsity=0.5, batch_size=2), calibration, progress=False
+    )
     oracle = _oracle_true_sequential_wanda(tiny_model(family), calibration, 0.5)
     for (name, a), (_, b) in zip(ours.model.state_dict().items(), oracle.state_dict().items(), strict=True):
         assert torch.equal(a == 0, b == 0), f"masks differ at {name}"
@@ -108,7 +112,9 @@ def test_batch_size_does_not_change_the_masks(calibration):
 
 def test_magnitude_without_calibration_matches_the_pure_function():
     model = tiny_model("llama")
-    result = prunekit.prune(model, prunekit.PruneConfig(method="magnitude", sparsity=0.25, scope="layer"), progress=False)
+    result = prunekit.prune(
+        model, prunekit.PruneConfig(method="magnitude", sparsity=0.25, scope="layer"), progress=False
+    )
     w = model.model.layers[1].mlp.down_proj.weight
     keep = unstructured_mask(w.abs(), 0.25, "layer")
     assert torch.equal(result.model.model.layers[1].mlp.down_proj.weight, w * keep)
@@ -129,7 +135,9 @@ class _RoutedBlock(nn.Module):
 def test_lockstep_pools_in_batch_order_and_survives_skipped_layers():
     block = _RoutedBlock()
     seen = []
-    runner = LockstepRunner([block.a, block.b], lambda m, args: float(args[0].sum()), lambda m, p: seen.append((m, dict(p))))
+    runner = LockstepRunner(
+        [block.a, block.b], lambda m, args: float(args[0].sum()), lambda m, p: seen.append((m, dict(p)))
+    )
     xs = [torch.full((1, 2), float(i)) for i in range(3)]
     outs = runner.run([lambda i=i: block(xs[i], skip_a=(i == 1)) for i in range(3)])
     assert [m for m, _ in seen] == [block.a, block.b]

@@ -5,9 +5,9 @@ import importlib.util
 import pytest
 import torch
 import transformers
-from models import FAMILIES, tiny_model
 
 import prunekit
+from models import FAMILIES, tiny_model
 from prunekit.models.blocks import find_decoder_blocks
 from prunekit.models.loading import bundled_gguf_path, prepare_bundled_model
 from prunekit.models.targets import find_targets

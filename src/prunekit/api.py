@@ -82,6 +82,8 @@ def run_recipe(recipe: Recipe, command: str | None = None, progress: bool = True
         raise CalibrationError(
             f"method {recipe.prune.method!r} needs calibration text: pass --calib FILE (e.g. a validation split)"
         )
+    if has_calibration:
+        check_window_args(recipe.calibration.nsamples, recipe.calibration.seqlen)
     if recipe.calibration.path:
         read_text(recipe.calibration.path)  # fail on a missing/empty file before loading the model
     if recipe.eval.ppl:

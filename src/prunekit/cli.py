@@ -59,13 +59,18 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-remote-code", action="store_true", default=None, help="run model code from the hub")
 
 
+def _add_verbosity_flags(parser: argparse.ArgumentParser, default: object = False) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default, help="no progress bars, warnings only")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prunekit", description="Prune PyTorch models and measure the result.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    _add_verbosity_flags(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prune", help="one-shot prune a causal LM and save it")
+    _add_verbosity_flags(p, argparse.SUPPRESS)  # accepted after the subcommand too
     _add_model_flags(p)
     p.add_argument("--recipe", help="YAML recipe; flags override its values")
     p.add_argument("--method", choices=sorted(METHODS), default=None, help="default: wanda")
@@ -92,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe as YAML and exit")
 
     e = sub.add_parser("eval", help="measure a model's perplexity on a text file")
+    _add_verbosity_flags(e, argparse.SUPPRESS)
     _add_model_flags(e)
     e.add_argument("--ppl", required=True, help="text file (e.g. wikitext2_test.txt)")
     e.add_argument("--seqlen", type=int, default=2048, help="window length (default 2048)")
@@ -113,14 +119,14 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     return Recipe.from_dict(data)
 
 
-def _cmd_prune(args: argparse.Namespace) -> int:
+def _cmd_prune(args: argparse.Namespace, argv: Sequence[str]) -> int:
     recipe = recipe_from_args(args)
     if args.print_recipe:
         print(recipe.to_yaml(), end="")
         return 0
     from prunekit.api import run_recipe
 
-    command = shlex.join(["prunekit", *sys.argv[1:]])
+    command = shlex.join(["prunekit", *argv])
     run = run_recipe(recipe, command=command, progress=not args.quiet)
     s = run.report["summary"]
     print(f"pruned {s['layers']} layers: sparsity {s['overall_sparsity']:.2%} in {s['prune_seconds']:.1f} s")
@@ -154,11 +160,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``prunekit`` command; returns the exit status (2 on bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
-        return _cmd_prune(args) if args.command == "prune" else _cmd_eval(args)
+        return _cmd_prune(args, argv) if args.command == "prune" else _cmd_eval(args)
     except PrunekitError as exc:
         print(f"prunekit: error: {exc}", file=sys.stderr)
         return 2

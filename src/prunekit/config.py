@@ -159,5 +159,9 @@ def format_validation_error(exc: ValidationError) -> str:
             message = "unknown key; check the spelling (the README lists every key)"
         else:
             message = err["msg"].removeprefix("Value error, ").removeprefix(_PREFIX)
+            if where and ": " in message and message.split(": ", 1)[0].replace(".", "").isidentifier():
+                # a nested section already formatted its own location: join the paths (prune.sparsty)
+                inner, rest = message.split(": ", 1)
+                where, message = f"{where}.{inner}", rest
         lines.append(f"{where}: {message}" if where else message)
     return _PREFIX + "; ".join(lines)

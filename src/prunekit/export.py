@@ -28,6 +28,10 @@ def check_output_dir(path: str | Path, overwrite: bool = False) -> Path:
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(
+            f"cannot create {str(out)!r}: {str(parent)!r} is a file, not a directory: choose another output path"
+        )
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write under {str(parent)!r} (permission denied): choose a writable location")
     return out

@@ -55,6 +55,12 @@ def perplexity_of_tokens(
     source: str = "",
 ) -> PerplexityResult:
     """Perplexity of ``model`` on a 1-D token tensor, over ``floor(len / seqlen)`` windows (or fewer)."""
+    if not isinstance(seqlen, int) or seqlen < 2:
+        raise CalibrationError(
+            f"perplexity seqlen must be a whole number of at least 2 tokens, got {seqlen!r}: use e.g. --ppl-seqlen 2048"
+        )
+    if max_windows is not None and max_windows < 1:
+        raise CalibrationError(f"max_windows must be positive, got {max_windows!r}: omit it to use every window")
     windows = tokens.numel() // seqlen
     if max_windows is not None:
         windows = min(windows, max_windows)
