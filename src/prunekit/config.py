@@ -44,7 +44,9 @@ class PruneConfig(_Strict):
     )
     exclude: list[str] = Field(default_factory=list, description="regexes of layer names to leave alone")
     seed: int = Field(0, description="seed of the random method")
-    batch_size: int = Field(4, gt=0, description="calibration windows per forward batch")
+    batch_size: int = Field(
+        1, gt=0, description="calibration windows per forward batch (all batches are in flight at once)"
+    )
     device: str = Field("auto", description="compute device: auto, cpu, cuda, cuda:N")
     sample_tokens: int = Field(
         1024, ge=0, description="calibration tokens per layer used to report reconstruction error (0: off)"

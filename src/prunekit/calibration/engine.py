@@ -108,7 +108,7 @@ def run_sequential(
     prune_layer: PruneLayer,
     *,
     device: torch.device,
-    batch_size: int = 4,
+    batch_size: int = 1,
     sample_tokens: int = 1024,
     offload_activations: bool = False,
     progress: bool = True,
