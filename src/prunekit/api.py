@@ -26,7 +26,7 @@ from prunekit.errors import CalibrationError
 from prunekit.eval.perplexity import PerplexityResult, perplexity
 from prunekit.export import check_output_dir, save_pretrained
 from prunekit.measure import current_peak_rss_bytes
-from prunekit.models.loading import load_model
+from prunekit.models.loading import load_model, resolve_device
 from prunekit.oneshot import PruneResult, prune
 from prunekit.report import build_report, write_report
 from prunekit.scoring import method_info
@@ -100,6 +100,12 @@ def run_recipe(recipe: Recipe, command: str | None = None, progress: bool = True
             f"use --ppl-seqlen {context} or less"
         )
 
+    eval_args: dict[str, Any] = {
+        "seqlen": recipe.eval.seqlen,
+        "max_windows": recipe.eval.max_windows,
+        "progress": progress,
+        "device": resolve_device(recipe.eval.device),
+    }
     ppl_before = None
     if recipe.eval.ppl and recipe.eval.before:
         ppl_before = perplexity(

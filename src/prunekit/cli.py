@@ -32,6 +32,7 @@ _PRUNE_FLAGS = {
     "device": ("prune", "device"),
     "sample_tokens": ("prune", "sample_tokens"),
     "offload_activations": ("prune", "offload_activations"),
+    "propagation": ("prune", "propagation"),
     "dtype": ("model", "dtype"),
     "trust_remote_code": ("model", "trust_remote_code"),
     "calib": ("calibration", "path"),
@@ -88,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--sample-tokens", type=int, default=None, help="tokens per layer for the error report")
     p.add_argument("--offload-activations", action="store_true", default=None, help="keep activations on CPU")
+    p.add_argument(
+        "--propagation",
+        choices=["sequential", "block", "dense"],
+        default=None,
+        help="inputs behind the statistics: sequential (default, 1 pass), block (2 passes), dense (1 pass)",
+    )
     p.add_argument("--ppl", default=None, help="text file to measure perplexity on, before and after")
     p.add_argument("--ppl-seqlen", type=int, default=None, help="perplexity window length (default 2048)")
     p.add_argument("--ppl-windows", type=int, default=None, help="use only the first N perplexity windows")

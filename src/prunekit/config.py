@@ -49,9 +49,14 @@ class PruneConfig(_Strict):
     )
     device: str = Field("auto", description="compute device: auto, cpu, cuda, cuda:N")
     sample_tokens: int = Field(
-        1024, ge=0, description="calibration tokens per layer used to report reconstruction error (0: off)"
+        256, ge=0, description="calibration tokens per layer used to report reconstruction error (0: off)"
     )
     offload_activations: bool = Field(False, description="keep calibration activations on the CPU")
+    propagation: Literal["sequential", "block", "dense"] = Field(
+        "sequential",
+        description="inputs behind each layer's statistics: sequential (pruned model, 1 pass per block), "
+        "block (dense within a block, pruned across blocks, 2 passes), dense (dense model, 1 pass)",
+    )
 
     @field_validator("method")
     @classmethod
@@ -104,6 +109,7 @@ class EvalConfig(_Strict):
     seqlen: int = Field(2048, gt=0)
     max_windows: int | None = Field(None, gt=0, description="use only the first N windows")
     before: bool = Field(True, description="also measure the dense model before pruning")
+    device: str = Field("auto", description="where to run the evaluation: auto, cpu, cuda (whole model)")
 
 
 class OutputConfig(_Strict):

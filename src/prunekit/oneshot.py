@@ -185,6 +185,7 @@ def prune(
                 batch_size=config.batch_size,
                 sample_tokens=config.sample_tokens,
                 offload_activations=config.offload_activations,
+                propagation=config.propagation,
                 progress=progress,
             )
     result.seconds = time.perf_counter() - started

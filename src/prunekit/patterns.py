@@ -107,14 +107,35 @@ def count_to_prune(sparsity: float, n: int) -> int:
 def _lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask over the last dim that is ``False`` at the ``k`` lowest scores of each row.
 
-    Stable sort in descending order keeps the lower index among ties.
+    Among equal scores the lower index is kept (the result of a stable descending sort), computed without
+    sorting: short rows (N:M groups) by pairwise ranking, long rows by a k-th-value threshold whose ties
+    are resolved from the highest index down.
     """
+    n = scores.shape[-1]
+    if k <= 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if k >= n:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if n <= 16:
+        index = torch.arange(n, device=scores.device)
+        mine, other = scores.unsqueeze(-1), scores.unsqueeze(-2)  # (..., n, 1) and (..., 1, n)
+        ahead = (other > mine) | ((other == mine) & (index < index.unsqueeze(-1)))  # who outranks i
+        return ahead.sum(-1) < n - k
+    threshold = torch.kthvalue(scores, k, dim=-1, keepdim=True).values
+    below = scores < threshold
+    tied = scores == threshold
+    ties_to_drop = k - below.sum(-1, keepdim=True)
+    tied_from_end = tied.flip(-1).cumsum(-1).flip(-1)  # tied entries at or after each position
+    return ~(below | (tied & (tied_from_end <= ties_to_drop)))
+
+
+def _lowest_k_mask_by_sort(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Reference implementation of :func:`_lowest_k_mask` by stable sort (used in tests)."""
     keep = torch.ones_like(scores, dtype=torch.bool)
     if k <= 0:
         return keep
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    drop = order[..., scores.shape[-1] - k :]
-    keep.scatter_(-1, drop, False)
+    keep.scatter_(-1, order[..., scores.shape[-1] - k :], False)
     return keep
 
 

@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -43,6 +43,7 @@ class LayerInputs:
 
 
 PruneLayer = Callable[[Target, LayerInputs], None]
+Propagation = Literal["sequential", "block", "dense"]
 
 
 @dataclass
@@ -109,15 +110,26 @@ def run_sequential(
     *,
     device: torch.device,
     batch_size: int = 1,
-    sample_tokens: int = 1024,
+    sample_tokens: int = 256,
     offload_activations: bool = False,
+    propagation: Propagation = "sequential",
     progress: bool = True,
 ) -> list[BlockTiming]:
-    """Prune ``targets`` block by block with one calibration pass per block.
+    """Prune ``targets`` block by block.
 
     ``prune_layer(target, inputs)`` is called exactly once per target, after all batches' inputs to that
-    layer are known and before any batch uses the layer's output. Targets that no batch reached get
-    ``LayerInputs(None, 0, None)`` after their block. Returns the time spent per block.
+    layer are known. Targets that no batch reached get ``LayerInputs(None, 0, None)`` after their block.
+
+    ``propagation`` says which inputs a layer's statistics come from:
+
+    * ``"sequential"`` (one pass per block): the actual inputs of the pruned model, every earlier layer
+      (of this block too) already pruned; each layer is pruned before any batch uses its output.
+    * ``"block"`` (two passes per block, as the Wanda and llm-compressor code): the block runs dense for
+      statistics, is pruned, then runs again to produce the pruned outputs that feed the next block.
+    * ``"dense"`` (one pass per block): statistics of the dense model's own activations; pruning never
+      changes what later blocks see.
+
+    Returns the time spent per block.
     """
     home = module_device(model)
     by_block: dict[int, list[Target]] = {}
@@ -160,7 +172,9 @@ def run_sequential(
                 LayerInputs(sq, sum(p[1] for p in payloads.values()), torch.cat(samples) if samples else None),
             )
 
-        runner: LockstepRunner[torch.Tensor] = LockstepRunner([t.module for t in layer_targets], collect, finalize)
+        runner: LockstepRunner[torch.Tensor] = LockstepRunner(
+            [t.module for t in layer_targets], collect, finalize, park=propagation == "sequential"
+        )
         calls = captured.calls[index]
 
         def make_job(
@@ -179,7 +193,10 @@ def run_sequential(
 
             return job
 
-        hidden = runner.run([make_job(b) for b in range(n_batches)])
+        outputs = runner.run([make_job(b) for b in range(n_batches)])
+        if propagation == "block":  # second pass: outputs of the pruned block
+            outputs = [make_job(b)() for b in range(n_batches)]
+        hidden = outputs
         reached = {id(m) for m in runner.finalized}
         for target in layer_targets:
             if id(target.module) not in reached:

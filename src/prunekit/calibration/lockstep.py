@@ -37,6 +37,8 @@ class LockstepRunner(Generic[T]):
             (e.g. the input's per-feature sum of squares).
         finalize: ``finalize(module, {batch_index: payload})``, run once per module when every batch that
             will reach it has; it may change the module's weights in place.
+        park: ``False`` turns the meeting points off: every batch runs straight through with the weights
+            as they are, and every layer is finalized after the last batch (dense statistics).
     """
 
     def __init__(
@@ -44,7 +46,9 @@ class LockstepRunner(Generic[T]):
         layers: Sequence[nn.Module],
         collect: Callable[[nn.Module, tuple[Any, ...]], Any],
         finalize: Callable[[nn.Module, dict[int, Any]], None],
+        park: bool = True,
     ) -> None:
+        self._park = park
         self._rank = {id(m): i for i, m in enumerate(layers)}
         self._layers = list(layers)
         self._collect = collect
@@ -62,11 +66,11 @@ class LockstepRunner(Generic[T]):
         lets = [greenlet.greenlet(job, parent=self._scheduler) for job in jobs]
         runnable: deque[int] = deque(range(len(jobs)))
 
-        handles = [m.register_forward_pre_hook(self._pre_hook) for m in self._layers]
+        handles = [m.register_forward_pre_hook(self._pre_hook, with_kwargs=True) for m in self._layers]
         try:
             while runnable or self._waiting:
                 if not runnable:
-                    runnable.extend(self._finalize_earliest())
+                    runnable.extend(i for i in self._finalize_earliest() if not lets[i].dead)
                     continue
                 index = runnable.popleft()
                 self._current = index
@@ -94,11 +98,13 @@ class LockstepRunner(Generic[T]):
         self.finalized.append(module)
         return sorted(parked)
 
-    def _pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+    def _pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         index = self._current
         key = id(module)
         if index is None or greenlet.getcurrent() is self._scheduler or key in self._done:
             return  # called outside a batch, or a second call after the layer was pruned
-        self._payloads.setdefault(key, {})[index] = self._collect(module, args)
+        inputs = args if args else tuple(kwargs.values())  # Linear(input=x) passes its input by keyword
+        self._payloads.setdefault(key, {})[index] = self._collect(module, inputs)
         self._waiting.setdefault(key, []).append(index)
-        self._scheduler.switch()  # park; resumed once the layer is pruned
+        if self._park:
+            self._scheduler.switch()  # park; resumed once the layer is pruned

@@ -93,12 +93,23 @@ def perplexity(
     seqlen: int = 2048,
     max_windows: int | None = None,
     progress: bool = True,
+    device: torch.device | str | None = None,
 ) -> PerplexityResult:
-    """Perplexity of ``model`` on a text file (e.g. ``wikitext2_test.txt``)."""
+    """Perplexity of ``model`` on a text file (e.g. ``wikitext2_test.txt``).
+
+    ``device``: where to run; the model is moved there for the measurement and back afterwards
+    (default: where the model is).
+    """
     context = model_max_context(getattr(model, "config", None))
     if context is not None and seqlen > context:
         raise CalibrationError(
             f"perplexity seqlen {seqlen} is longer than the model's context of {context}: use {context} or less"
         )
     tokens = load_text_tokens(tokenizer, path, what="evaluation")
-    return perplexity_of_tokens(model, tokens, seqlen, max_windows, progress=progress, source=str(path))
+    home = next(model.parameters()).device
+    target = torch.device(device) if device is not None else home
+    try:
+        model.to(target)
+        return perplexity_of_tokens(model, tokens, seqlen, max_windows, target, progress, str(path))
+    finally:
+        model.to(home)
