@@ -156,3 +156,66 @@ def test_lockstep_reraises_a_failure_and_unwinds_the_other_batches():
     with pytest.raises(RuntimeError, match="boom in finalize"):
         runner.run([lambda: block(torch.ones(1, 2), skip_a=False) for _ in range(3)])
     assert not block.a._forward_pre_hooks  # hooks removed
+
+
+def _oracle_block_wanda(model, calibration, sparsity, propagate):
+    """Reference of the Wanda code: each block runs dense over all windows for statistics, all its layers
+    are pruned, then (``propagate``) its pruned outputs, or (not) its dense outputs, feed the next block."""
+    blocks_name, blocks = find_decoder_blocks(model)
+    targets = find_targets(model, blocks_name)
+    grabbed = {}
+
+    def grab(module, args, kwargs):
+        grabbed["args"], grabbed["kwargs"] = args, kwargs
+        raise StopIteration
+
+    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    hidden, rest = [], []
+    for row in calibration:
+        try:
+            model(input_ids=row[None], use_cache=False)
+        except StopIteration:
+            hidden.append(grabbed["args"][0])
+            rest.append((grabbed["args"][1:], grabbed["kwargs"]))
+    handle.remove()
+
+    def run(block):
+        with torch.no_grad():
+            outs = [block(x, *args, **kwargs) for x, (args, kwargs) in zip(hidden, rest, strict=True)]
+        return [o if isinstance(o, torch.Tensor) else o[0] for o in outs]
+
+    for index, block in enumerate(blocks):
+        mine = [t for t in targets if t.block_index == index]
+        seen = {t.name: [] for t in mine}
+        handles = [
+            t.module.register_forward_pre_hook(lambda m, a, s=seen[t.name]: s.append(a[0].reshape(-1, a[0].shape[-1])))
+            for t in mine
+        ]
+        dense_out = run(block)
+        for h in handles:
+            h.remove()
+        for t in mine:
+            w = weight_matrix(t.module)
+            x_all = torch.cat(seen[t.name])
+            w.masked_fill_(~unstructured_mask(wanda_scores(w, x_all.pow(2).sum(0)), sparsity), 0)
+        hidden = run(block) if propagate else dense_out
+    return model
+
+
+@pytest.mark.parametrize(("propagation", "propagate"), [("block", True), ("dense", False)])
+def test_block_and_dense_propagation_equal_their_oracles(propagation, propagate, calibration):
+    config = prunekit.PruneConfig(method="wanda", sparsity=0.5, propagation=propagation)
+    ours = prunekit.prune(tiny_model("llama"), config, calibration, progress=False)
+    oracle = _oracle_block_wanda(tiny_model("llama"), calibration, 0.5, propagate)
+    for (name, a), (_, b) in zip(ours.model.state_dict().items(), oracle.state_dict().items(), strict=True):
+        assert torch.equal(a == 0, b == 0), f"masks differ at {name}"
+    sequential = prunekit.prune(tiny_model("llama"), prunekit.PruneConfig(), calibration, progress=False)
+    differs = [
+        name
+        for (name, a), (_, b) in zip(
+            ours.model.state_dict().items(), sequential.model.state_dict().items(), strict=True
+        )
+        if not torch.equal(a == 0, b == 0)
+    ]
+    assert differs  # the modes are really different: o_proj, mlp and block-1 layers see other inputs
+    assert all(".layers.0.self_attn.q_proj" not in n for n in differs)  # block 0's first input is the same
