@@ -48,27 +48,32 @@ def test_every_target_reaches_exact_sparsity_and_the_rest_is_untouched(family, p
     assert all(layer.relative_error is not None and 0 < layer.relative_error < 1 for layer in result.layers)
 
 
+def _first_block_inputs(model, blocks, calibration):
+    """Each window's hidden states entering block 0, and the block's other arguments (one window a call)."""
+    grabbed = {}
+
+    def grab(module, args, kwargs):
+        grabbed["args"], grabbed["kwargs"] = args, kwargs
+        raise StopIteration
+
+    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    hidden, rest = [], []
+    for row in calibration:
+        try:
+            model(input_ids=row[None], use_cache=False)
+        except StopIteration:
+            hidden.append(grabbed["args"][0])
+            rest.append((grabbed["args"][1:], grabbed["kwargs"]))
+    handle.remove()
+    return hidden, rest
+
+
 def _oracle_true_sequential_wanda(model, calibration, sparsity):
     """Independent reference: for each target in forward order, run the whole block over all windows
     (with the layers pruned so far) to collect that layer's inputs, then prune it. O(layers) passes."""
     blocks_name, blocks = find_decoder_blocks(model)
     targets = find_targets(model, blocks_name)
-    hidden_inputs = {}
-
-    def grab(module, args, kwargs):
-        hidden_inputs["args"], hidden_inputs["kwargs"] = args, kwargs
-        raise StopIteration
-
-    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
-    per_window = []
-    for row in calibration:
-        try:
-            model(input_ids=row[None], use_cache=False)
-        except StopIteration:
-            per_window.append((hidden_inputs["args"], hidden_inputs["kwargs"]))
-    handle.remove()
-    hidden = [args[0] for args, _ in per_window]
-    rest = [(args[1:], kwargs) for args, kwargs in per_window]
+    hidden, rest = _first_block_inputs(model, blocks, calibration)
     for index, block in enumerate(blocks):
         for target in [t for t in targets if t.block_index == index]:
             seen = []
@@ -163,21 +168,7 @@ def _oracle_block_wanda(model, calibration, sparsity, propagate):
     are pruned, then (``propagate``) its pruned outputs, or (not) its dense outputs, feed the next block."""
     blocks_name, blocks = find_decoder_blocks(model)
     targets = find_targets(model, blocks_name)
-    grabbed = {}
-
-    def grab(module, args, kwargs):
-        grabbed["args"], grabbed["kwargs"] = args, kwargs
-        raise StopIteration
-
-    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
-    hidden, rest = [], []
-    for row in calibration:
-        try:
-            model(input_ids=row[None], use_cache=False)
-        except StopIteration:
-            hidden.append(grabbed["args"][0])
-            rest.append((grabbed["args"][1:], grabbed["kwargs"]))
-    handle.remove()
+    hidden, rest = _first_block_inputs(model, blocks, calibration)
 
     def run(block):
         with torch.no_grad():
