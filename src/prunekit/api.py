@@ -73,6 +73,8 @@ def run_recipe(recipe: Recipe, command: str | None = None, progress: bool = True
     """Run a whole pruning job described by ``recipe``; see the module docstring."""
     started = time.perf_counter()
     out_dir = check_output_dir(recipe.output.dir, recipe.output.overwrite) if recipe.output.dir else None
+    if out_dir is None:
+        log.warning("no output directory given: the pruned model will not be saved (pass --out DIR)")
     report_dir = None
     if recipe.output.report_dir:
         report_dir = check_output_dir(recipe.output.report_dir, recipe.output.overwrite)
@@ -108,14 +110,7 @@ def run_recipe(recipe: Recipe, command: str | None = None, progress: bool = True
     }
     ppl_before = None
     if recipe.eval.ppl and recipe.eval.before:
-        ppl_before = perplexity(
-            loaded.model,
-            loaded.tokenizer,
-            recipe.eval.ppl,
-            recipe.eval.seqlen,
-            recipe.eval.max_windows,
-            progress,
-        )
+        ppl_before = perplexity(loaded.model, loaded.tokenizer, recipe.eval.ppl, **eval_args)
         log.info(
             "dense perplexity %.3f (%d windows x %d)",
             ppl_before.perplexity,
@@ -125,14 +120,7 @@ def run_recipe(recipe: Recipe, command: str | None = None, progress: bool = True
     result = prune(loaded.model, recipe.prune, calibration, inplace=True, progress=progress)
     ppl_after = None
     if recipe.eval.ppl:
-        ppl_after = perplexity(
-            result.model,
-            loaded.tokenizer,
-            recipe.eval.ppl,
-            recipe.eval.seqlen,
-            recipe.eval.max_windows,
-            progress,
-        )
+        ppl_after = perplexity(result.model, loaded.tokenizer, recipe.eval.ppl, **eval_args)
         log.info("pruned perplexity %.3f", ppl_after.perplexity)
 
     report = build_report(

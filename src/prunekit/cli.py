@@ -85,7 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 128)")
     p.add_argument("--seqlen", type=int, default=None, help="tokens per calibration window (default 2048)")
     p.add_argument("--seed", type=int, default=None, help="seed of the calibration draw (default 0)")
-    p.add_argument("--batch-size", type=int, default=None, help="windows per forward batch (default 1; all batches are in flight together, so larger batches only add transient memory)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="windows per forward batch (default 1; all batches are in flight together, so larger batches only add transient memory)",
+    )
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--sample-tokens", type=int, default=None, help="tokens per layer for the error report")
     p.add_argument("--offload-activations", action="store_true", default=None, help="keep activations on CPU")

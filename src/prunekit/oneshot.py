@@ -118,7 +118,7 @@ def prune(
     if calibration is not None and (calibration.dim() != 2 or calibration.numel() == 0):
         raise ConfigError(f"calibration must be a non-empty (nsamples, seqlen) tensor, got {tuple(calibration.shape)}")
 
-    blocks_name, _ = find_decoder_blocks(model)
+    blocks_name, blocks = find_decoder_blocks(model)
     targets = find_targets(model, blocks_name, config.include, config.exclude)
     for target in targets:
         check_pattern_fits(pattern, target.shape[1], target.name)
@@ -131,9 +131,8 @@ def prune(
 
     if not inplace:
         model = copy.deepcopy(model)
-        blocks_name, _ = find_decoder_blocks(model)
+        blocks_name, blocks = find_decoder_blocks(model)
         targets = find_targets(model, blocks_name, config.include, config.exclude)
-    blocks = find_decoder_blocks(model)[1]
     device = resolve_device(config.device)
     generator = torch.Generator().manual_seed(config.seed)
     result = PruneResult(model=model)
