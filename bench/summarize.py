@@ -1,0 +1,39 @@
+"""Print the one-shot benchmark result JSON as the Markdown table used in BENCHMARKS.md.
+
+    python bench/summarize.py bench/results/oneshot_smollm2.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def main() -> int:
+    result = json.loads(Path(sys.argv[1]).read_text())
+    print("| tool | method | pattern | statistics | perplexity | prune s | peak RSS GiB | sparsity |")
+    print("|---|---|---|---|---|---|---|---|")
+    for run in result["runs"]:
+        prune = run.get("prune_seconds")
+        rss = run.get("peak_rss_gib")
+        sparsity = run.get("sparsity")
+        print(
+            f"| {run['tool']} | {run['method']} | {run['pattern']} | {run.get('propagation', '-')} | "
+            f"{run['perplexity']:.3f} | {'-' if prune is None else f'{prune:.1f}'} | "
+            f"{'-' if rss is None else f'{rss:.2f}'} | {'-' if sparsity is None else f'{sparsity:.4f}'} |"
+        )
+    print()
+    print("| comparison | ppl prunekit | ppl llm-compressor | time ratio | peak RSS GiB (prunekit / llm-compressor) |")
+    print("|---|---|---|---|---|")
+    for name, row in result["summary"].items():
+        print(
+            f"| {name} | {row['ppl_prunekit']:.3f} | {row['ppl_llmcompressor']:.3f} | "
+            f"{row['time_ratio_prunekit_over_llmcompressor']:.2f} | "
+            f"{row['peak_rss_gib_prunekit']:.2f} / {row['peak_rss_gib_llmcompressor']:.2f} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
