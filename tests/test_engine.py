@@ -210,3 +210,12 @@ def test_block_and_dense_propagation_equal_their_oracles(propagation, propagate,
     ]
     assert differs  # the modes are really different: o_proj, mlp and block-1 layers see other inputs
     assert all(".layers.0.self_attn.q_proj" not in n for n in differs)  # block 0's first input is the same
+
+
+def test_offloading_activations_does_not_change_the_result(calibration):
+    plain = prunekit.prune(tiny_model("qwen2"), prunekit.PruneConfig(), calibration, progress=False)
+    offloaded = prunekit.prune(
+        tiny_model("qwen2"), prunekit.PruneConfig(offload_activations=True, batch_size=2), calibration, progress=False
+    )
+    for (name, a), (_, b) in zip(plain.model.state_dict().items(), offloaded.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name

@@ -147,7 +147,7 @@ def run_sequential(
     n_batches = len(captured.hidden)
     per_batch_rows = math.ceil(sample_tokens / n_batches) if sample_tokens > 0 else 0
     collect = _collector(per_batch_rows)
-    hidden = captured.hidden
+    hidden = [h.to("cpu") for h in captured.hidden] if offload_activations else captured.hidden
     timings: list[BlockTiming] = []
     bar = tqdm(range(len(blocks)), desc="pruning blocks", unit="block", disable=not progress)
     for index in bar:
