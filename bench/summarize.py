@@ -1,6 +1,6 @@
 """Print the one-shot benchmark result JSON as the Markdown table used in BENCHMARKS.md.
 
-    python bench/summarize.py bench/results/oneshot_smollm2.json
+python bench/summarize.py bench/results/oneshot_smollm2.json
 """
 
 from __future__ import annotations
