@@ -4,8 +4,8 @@ A pattern says *which* weights may be removed given their scores; it never looks
 Scores are 2-D ``(out_features, in_features)``; higher means more important.
 
 * :class:`Unstructured` removes ``floor(sparsity * n)`` weights with the lowest scores in each
-  comparison group: each output row (``scope="row"``, the per-output comparison of Wanda,
-  Sun et al. 2023, Sec. 3) or the whole matrix (``scope="layer"``, as in magnitude pruning,
+  comparison group: each output row (``scope="row"``, the per-output comparison group of Wanda,
+  Sun et al. 2023) or the whole matrix (``scope="layer"``, as in magnitude pruning,
   Han et al. 2015).
 * :class:`NM` keeps the ``n`` highest scores in every group of ``m`` consecutive input weights of a row
   (N:M fine-grained structured sparsity, Mishra et al. 2021 / Zhou et al. 2021); 2:4 is what sparse

@@ -7,7 +7,7 @@ batch runs in its own greenlet (a coroutine with its own stack, on the same OS t
 on a target layer parks the batch until every batch has arrived at that layer, the layer is pruned once
 with the pooled statistics, and all batches resume with the pruned weights. One pass per block, and later
 layers of a block see the outputs of already-pruned earlier layers (the "true sequential" order of
-SparseGPT, Frantar & Alistarh 2023, Sec. 4).
+the SparseGPT code, Frantar & Alistarh 2023, option ``--true-sequential``).
 
 Greenlets rather than threads: only one batch computes at a time (no oversubscription of the intra-op
 thread pool), results are deterministic (statistics are pooled in batch order), and all allocations stay
