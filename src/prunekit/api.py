@@ -23,7 +23,7 @@ from prunekit.calibration.data import (
 )
 from prunekit.config import CalibrationConfig, Recipe
 from prunekit.errors import CalibrationError
-from prunekit.eval.perplexity import PerplexityResult, perplexity
+from prunekit.eval.perplexity import PerplexityResult, check_eval_seqlen, perplexity_of_tokens
 from prunekit.export import check_output_dir, save_pretrained
 from prunekit.measure import current_peak_rss_bytes
 from prunekit.models.loading import load_model, resolve_device
@@ -32,6 +32,7 @@ from prunekit.report import build_report, write_report
 from prunekit.scoring import method_info
 
 log = logging.getLogger(__name__)
+REPORT_SUBDIR = "prunekit-report"
 
 
 def calibration_windows(
@@ -96,21 +97,21 @@ def run_recipe(recipe: Recipe, command: str | None = None, progress: bool = True
     load_seconds = time.perf_counter() - load_started
     context = model_max_context(loaded.model.config)
     calibration = _calibration_from_config(loaded.tokenizer, recipe.calibration, context) if has_calibration else None
-    if recipe.eval.ppl and context is not None and recipe.eval.seqlen > context:
-        raise CalibrationError(
-            f"perplexity seqlen {recipe.eval.seqlen} is longer than the model's context of {context}: "
-            f"use --ppl-seqlen {context} or less"
+    eval_tokens = None
+    if recipe.eval.ppl:
+        check_eval_seqlen(recipe.eval.seqlen, context)  # before any slow work
+        eval_tokens = load_text_tokens(loaded.tokenizer, recipe.eval.ppl, what="evaluation")  # once, for both
+
+    def evaluate(model: torch.nn.Module) -> PerplexityResult:
+        assert eval_tokens is not None and recipe.eval.ppl is not None
+        device = resolve_device(recipe.eval.device)
+        return perplexity_of_tokens(
+            model, eval_tokens, recipe.eval.seqlen, recipe.eval.max_windows, device, progress, recipe.eval.ppl
         )
 
-    eval_args: dict[str, Any] = {
-        "seqlen": recipe.eval.seqlen,
-        "max_windows": recipe.eval.max_windows,
-        "progress": progress,
-        "device": resolve_device(recipe.eval.device),
-    }
     ppl_before = None
     if recipe.eval.ppl and recipe.eval.before:
-        ppl_before = perplexity(loaded.model, loaded.tokenizer, recipe.eval.ppl, **eval_args)
+        ppl_before = evaluate(loaded.model)
         log.info(
             "dense perplexity %.3f (%d windows x %d)",
             ppl_before.perplexity,
@@ -120,7 +121,7 @@ def run_recipe(recipe: Recipe, command: str | None = None, progress: bool = True
     result = prune(loaded.model, recipe.prune, calibration, inplace=True, progress=progress)
     ppl_after = None
     if recipe.eval.ppl:
-        ppl_after = perplexity(result.model, loaded.tokenizer, recipe.eval.ppl, **eval_args)
+        ppl_after = evaluate(result.model)
         log.info("pruned perplexity %.3f", ppl_after.perplexity)
 
     report = build_report(
@@ -135,16 +136,16 @@ def run_recipe(recipe: Recipe, command: str | None = None, progress: bool = True
         process_peak_rss_bytes=current_peak_rss_bytes(),
     )
     if out_dir is not None:
-        inside = report_dir is None
+        if report_dir is None:  # the report travels inside the checkpoint directory
 
-        def add_report(tmp: Path) -> None:
-            if inside:
-                write_report(report, tmp / "prunekit-report")
+            def add_report(tmp: Path) -> None:
+                write_report(report, tmp / REPORT_SUBDIR)
 
-        save_pretrained(result.model, loaded.tokenizer, out_dir, recipe.output.overwrite, extra=add_report)
-        if inside:
-            report_dir = out_dir / "prunekit-report"
+            save_pretrained(result.model, loaded.tokenizer, out_dir, recipe.output.overwrite, extra=add_report)
+            report_dir = out_dir / REPORT_SUBDIR
+        else:
+            save_pretrained(result.model, loaded.tokenizer, out_dir, recipe.output.overwrite)
     if recipe.output.report_dir:
-        report_dir = Path(recipe.output.report_dir).expanduser().resolve()
+        assert report_dir is not None
         write_report(report, report_dir, overwrite=recipe.output.overwrite)
     return RunResult(result, ppl_before, ppl_after, out_dir, report_dir, report)

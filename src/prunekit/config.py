@@ -24,7 +24,9 @@ class _Strict(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc)) from None
+            error = ConfigError(format_validation_error(exc))
+            error.problems = tuple(_problems(exc))  # read back when this section is nested in another
+            raise error from None
 
 
 class PruneConfig(_Strict):
@@ -158,18 +160,22 @@ class Recipe(_Strict):
 _PREFIX = "invalid configuration: "
 
 
-def format_validation_error(exc: ValidationError) -> str:
-    """One line per problem: ``location: message``, with unknown keys called out as such."""
-    lines = []
+def _problems(exc: ValidationError) -> list[tuple[str, str]]:
+    """``(dotted location, message)`` per problem. pydantic calls a nested section's own ``__init__``,
+    whose :class:`ConfigError` carries its problems: their locations are joined to the section's."""
+    problems = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            message = "unknown key; check the spelling (the README lists every key)"
+        inner = err.get("ctx", {}).get("error")
+        if isinstance(inner, ConfigError) and inner.problems:
+            problems += [(f"{where}.{loc}" if where and loc else where or loc, msg) for loc, msg in inner.problems]
+        elif err["type"] == "extra_forbidden":
+            problems.append((where, "unknown key; check the spelling (the README lists every key)"))
         else:
-            message = err["msg"].removeprefix("Value error, ").removeprefix(_PREFIX)
-            if where and ": " in message and message.split(": ", 1)[0].replace(".", "").isidentifier():
-                # a nested section already formatted its own location: join the paths (prune.sparsty)
-                inner, rest = message.split(": ", 1)
-                where, message = f"{where}.{inner}", rest
-        lines.append(f"{where}: {message}" if where else message)
-    return _PREFIX + "; ".join(lines)
+            problems.append((where, err["msg"].removeprefix("Value error, ")))
+    return problems
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per problem: ``location: message``, with unknown keys called out as such."""
+    return _PREFIX + "; ".join(f"{where}: {msg}" if where else msg for where, msg in _problems(exc))

@@ -12,7 +12,12 @@ class PrunekitError(Exception):
 
 
 class ConfigError(PrunekitError, ValueError):
-    """A setting is invalid (sparsity, pattern, method, recipe key...)."""
+    """A setting is invalid (sparsity, pattern, method, recipe key...).
+
+    ``problems`` lists ``(dotted location, message)`` pairs when the error comes from validating a config.
+    """
+
+    problems: tuple[tuple[str, str], ...] = ()
 
 
 class CalibrationError(PrunekitError, ValueError):

@@ -44,6 +44,15 @@ def _chunked_nll_sum(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 5
     return total
 
 
+def check_eval_seqlen(seqlen: int, context: int | None) -> None:
+    """Refuse evaluation windows longer than the model's context."""
+    if context is not None and seqlen > context:
+        raise CalibrationError(
+            f"perplexity seqlen {seqlen} is longer than the model's context of {context}: "
+            f"use --ppl-seqlen {context} or less"
+        )
+
+
 @torch.no_grad()
 def perplexity_of_tokens(
     model: nn.Module,
@@ -54,7 +63,12 @@ def perplexity_of_tokens(
     progress: bool = True,
     source: str = "",
 ) -> PerplexityResult:
-    """Perplexity of ``model`` on a 1-D token tensor, over ``floor(len / seqlen)`` windows (or fewer)."""
+    """Perplexity of ``model`` on a 1-D token tensor, over ``floor(len / seqlen)`` windows (or fewer).
+
+    ``device``: where to run; the model is moved there for the measurement and back afterwards
+    (default: where the model is).
+    """
+    check_eval_seqlen(seqlen, model_max_context(getattr(model, "config", None)))
     if not isinstance(seqlen, int) or seqlen < 2:
         raise CalibrationError(
             f"perplexity seqlen must be a whole number of at least 2 tokens, got {seqlen!r}: use e.g. --ppl-seqlen 2048"
@@ -69,18 +83,20 @@ def perplexity_of_tokens(
             f"evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}: use a longer "
             "text or a shorter --ppl-seqlen"
         )
-    if device is None:
-        device = next(model.parameters()).device
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
     was_training = model.training
-    model.eval()
+    model.to(device).eval()
     started = time.perf_counter()
     nll = torch.zeros((), dtype=torch.float64)
-    for w in tqdm(range(windows), desc="perplexity", unit="window", disable=not progress):
-        ids = tokens[w * seqlen : (w + 1) * seqlen].unsqueeze(0).to(device)
-        logits = model(input_ids=ids, use_cache=False).logits[0]
-        nll += _chunked_nll_sum(logits[:-1], ids[0, 1:]).cpu()
-        del logits
-    model.train(was_training)
+    try:
+        for w in tqdm(range(windows), desc="perplexity", unit="window", disable=not progress):
+            ids = tokens[w * seqlen : (w + 1) * seqlen].unsqueeze(0).to(device)
+            logits = model(input_ids=ids, use_cache=False).logits[0]
+            nll += _chunked_nll_sum(logits[:-1], ids[0, 1:]).cpu()
+            del logits
+    finally:
+        model.to(home).train(was_training)
     scored = windows * (seqlen - 1)
     value = math.exp(float(nll) / scored)
     return PerplexityResult(value, windows, seqlen, scored, time.perf_counter() - started, source)
@@ -95,21 +111,7 @@ def perplexity(
     progress: bool = True,
     device: torch.device | str | None = None,
 ) -> PerplexityResult:
-    """Perplexity of ``model`` on a text file (e.g. ``wikitext2_test.txt``).
-
-    ``device``: where to run; the model is moved there for the measurement and back afterwards
-    (default: where the model is).
-    """
-    context = model_max_context(getattr(model, "config", None))
-    if context is not None and seqlen > context:
-        raise CalibrationError(
-            f"perplexity seqlen {seqlen} is longer than the model's context of {context}: use {context} or less"
-        )
+    """Perplexity of ``model`` on a text file (e.g. ``wikitext2_test.txt``); see :func:`perplexity_of_tokens`."""
+    check_eval_seqlen(seqlen, model_max_context(getattr(model, "config", None)))
     tokens = load_text_tokens(tokenizer, path, what="evaluation")
-    home = next(model.parameters()).device
-    target = torch.device(device) if device is not None else home
-    try:
-        model.to(target)
-        return perplexity_of_tokens(model, tokens, seqlen, max_windows, target, progress, str(path))
-    finally:
-        model.to(home)
+    return perplexity_of_tokens(model, tokens, seqlen, max_windows, device, progress, str(path))
