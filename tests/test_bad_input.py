@@ -155,7 +155,7 @@ def test_nm_width_not_divisible_names_the_layer(calibration: torch.Tensor) -> No
     assert bits(model) == before
 
 
-@pytest.mark.parametrize("method", ["foo", "Wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", ["foo", "Wanda", "sparse-gpt"])
 def test_unknown_method(method: str) -> None:
     with pytest.raises(ConfigError, match=f"unknown method '{method}': choose one of .*wanda"):
         PruneConfig(method=method)

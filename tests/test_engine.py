@@ -6,6 +6,7 @@ from torch import nn
 
 import prunekit
 from models import FAMILIES, sample_text, tiny_model, tiny_tokenizer
+from oracles import first_block_inputs, true_sequential_oracle
 from prunekit.calibration.data import tokenize_text
 from prunekit.calibration.lockstep import LockstepRunner
 from prunekit.models.blocks import find_decoder_blocks
@@ -48,58 +49,17 @@ def test_every_target_reaches_exact_sparsity_and_the_rest_is_untouched(family, p
     assert all(layer.relative_error is not None and 0 < layer.relative_error < 1 for layer in result.layers)
 
 
-def _first_block_inputs(model, blocks, calibration):
-    """Each window's hidden states entering block 0, and the block's other arguments (one window a call)."""
-    grabbed = {}
-
-    def grab(module, args, kwargs):
-        grabbed["args"], grabbed["kwargs"] = args, kwargs
-        raise StopIteration
-
-    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
-    hidden, rest = [], []
-    for row in calibration:
-        try:
-            model(input_ids=row[None], use_cache=False)
-        except StopIteration:
-            hidden.append(grabbed["args"][0])
-            rest.append((grabbed["args"][1:], grabbed["kwargs"]))
-    handle.remove()
-    return hidden, rest
-
-
-def _oracle_true_sequential_wanda(model, calibration, sparsity):
-    """Independent reference: for each target in forward order, run the whole block over all windows
-    (with the layers pruned so far) to collect that layer's inputs, then prune it. O(layers) passes."""
-    blocks_name, blocks = find_decoder_blocks(model)
-    targets = find_targets(model, blocks_name)
-    hidden, rest = _first_block_inputs(model, blocks, calibration)
-    for index, block in enumerate(blocks):
-        for target in [t for t in targets if t.block_index == index]:
-            seen = []
-            h = target.module.register_forward_pre_hook(
-                lambda m, a, seen=seen: seen.append(a[0].reshape(-1, a[0].shape[-1]))
-            )
-            with torch.no_grad():
-                for x, (args, kwargs) in zip(hidden, rest, strict=True):
-                    block(x, *args, **kwargs)
-            h.remove()
-            x_all = torch.cat(seen)
-            w = weight_matrix(target.module)
-            w.masked_fill_(~unstructured_mask(wanda_scores(w, x_all.pow(2).sum(0)), sparsity), 0)
-        with torch.no_grad():
-            outs = [block(x, *args, **kwargs) for x, (args, kwargs) in zip(hidden, rest, strict=True)]
-        hidden = [o if isinstance(o, torch.Tensor) else o[0] for o in outs]
-    return model
-
-
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
 def test_one_pass_engine_equals_the_many_pass_oracle(family, calibration):
     model = tiny_model(family)
     ours = prunekit.prune(
         model, prunekit.PruneConfig(method="wanda", sparsity=0.5, batch_size=2), calibration, progress=False
     )
-    oracle = _oracle_true_sequential_wanda(tiny_model(family), calibration, 0.5)
+
+    def wanda(w, x_all):
+        return w * unstructured_mask(wanda_scores(w, x_all.pow(2).sum(0)), 0.5)
+
+    oracle = true_sequential_oracle(tiny_model(family), calibration, wanda)
     for (name, a), (_, b) in zip(ours.model.state_dict().items(), oracle.state_dict().items(), strict=True):
         assert torch.equal(a == 0, b == 0), f"masks differ at {name}"
         assert torch.allclose(a, b), name
@@ -140,24 +100,30 @@ class _RoutedBlock(nn.Module):
 def test_lockstep_pools_in_batch_order_and_survives_skipped_layers():
     block = _RoutedBlock()
     seen = []
-    runner = LockstepRunner(
-        [block.a, block.b], lambda m, args: float(args[0].sum()), lambda m, p: seen.append((m, dict(p)))
-    )
+    arrivals = []
+
+    def collect(module, args, state):
+        arrivals.append((module, float(args[0][0, 0])))
+        return (state or []) + [float(args[0].sum())]
+
+    runner = LockstepRunner([block.a, block.b], collect, lambda m, state, batches: seen.append((m, state, batches)))
     xs = [torch.full((1, 2), float(i)) for i in range(3)]
     outs = runner.run([lambda i=i: block(xs[i], skip_a=(i == 1)) for i in range(3)])
-    assert [m for m, _ in seen] == [block.a, block.b]
-    assert list(seen[0][1]) == [0, 2]  # batch 1 never reached a
-    assert list(seen[1][1]) == [0, 1, 2]
+    assert [m for m, _, _ in seen] == [block.a, block.b]
+    assert seen[0][2] == [0, 2]  # batch 1 never reached a
+    assert seen[0][1] == [0.0, 4.0]  # a's pooled state: batches 0 and 2, in batch order
+    assert seen[1][2] == [0, 1, 2]
+    assert [x for m, x in arrivals if m is block.a] == [0.0, 2.0]
     assert all(torch.equal(o, block(x, skip_a=(i == 1))) for i, (o, x) in enumerate(zip(outs, xs, strict=True)))
 
 
 def test_lockstep_reraises_a_failure_and_unwinds_the_other_batches():
     block = _RoutedBlock()
 
-    def finalize(module, payloads):
+    def finalize(module, state, batches):
         raise RuntimeError("boom in finalize")
 
-    runner = LockstepRunner([block.a], lambda m, a: None, finalize)
+    runner = LockstepRunner([block.a], lambda m, a, s: None, finalize)
     with pytest.raises(RuntimeError, match="boom in finalize"):
         runner.run([lambda: block(torch.ones(1, 2), skip_a=False) for _ in range(3)])
     assert not block.a._forward_pre_hooks  # hooks removed
@@ -168,7 +134,7 @@ def _oracle_block_wanda(model, calibration, sparsity, propagate):
     are pruned, then (``propagate``) its pruned outputs, or (not) its dense outputs, feed the next block."""
     blocks_name, blocks = find_decoder_blocks(model)
     targets = find_targets(model, blocks_name)
-    hidden, rest = _first_block_inputs(model, blocks, calibration)
+    hidden, rest = first_block_inputs(model, blocks, calibration)
 
     def run(block):
         with torch.no_grad():

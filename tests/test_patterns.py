@@ -122,11 +122,11 @@ def test_mask_value_object(tmp_path):
 @pytest.mark.parametrize("width", [4, 8, 16, 17, 64, 577])
 @pytest.mark.parametrize("k_fraction", [0.0, 0.25, 0.5, 0.9, 1.0])
 def test_fast_selection_equals_a_stable_sort_even_with_many_ties(width, k_fraction):
-    from prunekit.patterns import _lowest_k_mask, _lowest_k_mask_by_sort
+    from prunekit.patterns import drop_lowest_k, keep_mask_by_sort
 
     generator = torch.Generator().manual_seed(width)
     scores = torch.randint(0, 5, (33, width), generator=generator).float()  # heavy ties
     k = int(k_fraction * width)
-    assert torch.equal(_lowest_k_mask(scores, k), _lowest_k_mask_by_sort(scores, k))
+    assert torch.equal(drop_lowest_k(scores, k), keep_mask_by_sort(scores, k))
     scores = torch.randn(7, 3, width, generator=generator)
-    assert torch.equal(_lowest_k_mask(scores, k), _lowest_k_mask_by_sort(scores, k))
+    assert torch.equal(drop_lowest_k(scores, k), keep_mask_by_sort(scores, k))

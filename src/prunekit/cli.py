@@ -33,6 +33,9 @@ _PRUNE_FLAGS = {
     "sample_tokens": ("prune", "sample_tokens"),
     "offload_activations": ("prune", "offload_activations"),
     "propagation": ("prune", "propagation"),
+    "dampening": ("prune", "dampening"),
+    "block_size": ("prune", "block_size"),
+    "hessian_dtype": ("prune", "hessian_dtype"),
     "dtype": ("model", "dtype"),
     "trust_remote_code": ("model", "trust_remote_code"),
     "calib": ("calibration", "path"),
@@ -100,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="inputs behind the statistics: sequential (default, 1 pass), block (2 passes), dense (1 pass)",
     )
+    p.add_argument("--dampening", type=float, default=None, help="sparsegpt: fraction of mean diag(H) (default 0.01)")
+    p.add_argument("--block-size", type=int, default=None, help="sparsegpt: columns per lazy update (default 128)")
+    p.add_argument("--hessian-dtype", choices=["float32", "float64"], default=None, help="sparsegpt (default float32)")
     p.add_argument("--ppl", default=None, help="text file to measure perplexity on, before and after")
     p.add_argument("--ppl-seqlen", type=int, default=None, help="perplexity window length (default 2048)")
     p.add_argument("--ppl-windows", type=int, default=None, help="use only the first N perplexity windows")

@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from prunekit.errors import ConfigError
-from prunekit.patterns import Pattern, parse_pattern
+from prunekit.patterns import NM, Pattern, parse_pattern
 from prunekit.scoring import METHODS
 
 
@@ -37,8 +37,10 @@ class PruneConfig(_Strict):
         None, description="fraction of weights to remove, in [0, 1); default 0.5; implied by an N:M pattern"
     )
     pattern: str = Field("unstructured", description="'unstructured' or 'N:M' such as '2:4'")
-    scope: Literal["row", "layer"] = Field(
-        "row", description="unstructured comparison group: each output row (Wanda) or the whole layer"
+    scope: Literal["row", "layer"] | None = Field(
+        None,
+        description="unstructured comparison group: each output row or the whole layer; default: the "
+        "method's own (row for wanda/magnitude/random, layer for sparsegpt, per column block)",
     )
     include: list[str] = Field(
         default_factory=list,
@@ -60,6 +62,14 @@ class PruneConfig(_Strict):
         "block (dense within a block, pruned across blocks, 2 passes), dense (dense model, 1 pass)",
     )
 
+    dampening: float = Field(
+        0.01, ge=0, description="sparsegpt: added to the Hessian diagonal, as a fraction of its mean"
+    )
+    block_size: int = Field(128, gt=0, description="sparsegpt: columns per lazy-update block")
+    hessian_dtype: Literal["float32", "float64"] = Field(
+        "float32", description="sparsegpt: dtype the Hessian is accumulated and inverted in"
+    )
+
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
@@ -69,12 +79,15 @@ class PruneConfig(_Strict):
 
     @model_validator(mode="after")
     def _valid_pattern(self) -> PruneConfig:
-        self.parsed_pattern()
+        pattern = self.parsed_pattern()
+        if isinstance(pattern, NM) and METHODS[self.method].needs_hessian and self.block_size % pattern.m:
+            raise ValueError(f"block_size {self.block_size} must be a multiple of M={pattern.m} for pattern {pattern}")
         return self
 
     def parsed_pattern(self) -> Pattern:
         """The pattern as an object (:class:`~prunekit.patterns.Unstructured` or :class:`~prunekit.patterns.NM`)."""
-        return parse_pattern(self.pattern, self.sparsity, self.scope)
+        scope = self.scope or METHODS[self.method].default_scope
+        return parse_pattern(self.pattern, self.sparsity, scope)
 
 
 class ModelConfig(_Strict):

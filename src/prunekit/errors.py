@@ -38,3 +38,7 @@ class NonFiniteError(PrunekitError, ValueError):
 
 class OutputError(PrunekitError, OSError):
     """The output location exists, is not empty, or cannot be written."""
+
+
+class NumericalError(PrunekitError, ArithmeticError):
+    """A computation cannot proceed (e.g. a Hessian that stays singular after dampening)."""

@@ -25,6 +25,7 @@ from prunekit.models.loading import resolve_device
 from prunekit.models.targets import Target, find_targets, weight_matrix
 from prunekit.patterns import Pattern, check_pattern_fits, select_keep_mask
 from prunekit.scoring import LayerStats, method_info, score_weights
+from prunekit.solvers.sparsegpt import sparsegpt_prune
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +63,14 @@ class PruneResult:
         return zeros / max(1, total)
 
 
-def relative_reconstruction_error(weight: torch.Tensor, keep: torch.Tensor, inputs: torch.Tensor) -> float:
-    """``||W X - W' X||^2 / ||W X||^2`` on sample input rows ``X`` (tokens x in), with ``W' = W * keep``."""
+def relative_reconstruction_error(weight: torch.Tensor, pruned: torch.Tensor, inputs: torch.Tensor) -> float:
+    """``||W X - W' X||^2 / ||W X||^2`` on sample input rows ``X`` (tokens x in); ``W'`` = ``pruned``."""
     w = weight.float()
     x = inputs.to(w.device).float()
     dense = x @ w.t()
-    removed = x @ (w * ~keep).t()
+    difference = x @ (w - pruned.to(w.device).float()).t()
     denominator = dense.pow(2).sum()
-    return float(removed.pow(2).sum() / denominator) if denominator > 0 else 0.0
+    return float(difference.pow(2).sum() / denominator) if denominator > 0 else 0.0
 
 
 def prune_weight(
@@ -149,11 +150,26 @@ def prune(
         elif method_info(method).needs_activations:
             log.warning("no calibration batch reached %s; pruning it by magnitude", target.name)
             method = "magnitude"
-        mask = prune_weight(weight, method, pattern, stats, generator)
+        if method_info(method).needs_hessian:
+            assert inputs.gram is not None
+            solved = sparsegpt_prune(
+                weight,
+                inputs.gram,
+                pattern,
+                block_size=config.block_size,
+                dampening=config.dampening,
+                layer_name=target.name,
+            )
+            inputs.gram = None  # free the Hessian before the next layer's
+            mask, new_weight = Mask(solved.keep), solved.weight
+        else:
+            mask = prune_weight(weight, method, pattern, stats, generator)
+            new_weight = mask.apply(weight)
         error = None
         if inputs.sample is not None and inputs.sample.numel():
-            error = relative_reconstruction_error(weight, mask.keep.to(weight.device), inputs.sample)
-        mask.apply_(weight)
+            error = relative_reconstruction_error(weight, new_weight, inputs.sample)
+        with torch.no_grad():
+            weight.copy_(new_weight)
         result.layers.append(
             LayerResult(
                 target.name,
@@ -185,6 +201,7 @@ def prune(
                 sample_tokens=config.sample_tokens,
                 offload_activations=config.offload_activations,
                 propagation=config.propagation,
+                gram_dtype=getattr(torch, config.hessian_dtype) if info.needs_hessian else None,
                 progress=progress,
             )
     result.seconds = time.perf_counter() - started

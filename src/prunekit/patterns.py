@@ -104,7 +104,7 @@ def count_to_prune(sparsity: float, n: int) -> int:
     return min(n, math.floor(sparsity * n + 1e-9))
 
 
-def _lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+def drop_lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask over the last dim that is ``False`` at the ``k`` lowest scores of each row.
 
     Among equal scores the lower index is kept (the result of a stable descending sort), computed without
@@ -129,8 +129,8 @@ def _lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return ~(below | (tied & (tied_from_end <= ties_to_drop)))
 
 
-def _lowest_k_mask_by_sort(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Reference implementation of :func:`_lowest_k_mask` by stable sort (used in tests)."""
+def keep_mask_by_sort(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Reference implementation of :func:`drop_lowest_k` by stable sort (used in tests)."""
     keep = torch.ones_like(scores, dtype=torch.bool)
     if k <= 0:
         return keep
@@ -143,9 +143,9 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, scope: Scope = "row
     """Keep-mask removing the lowest-scored ``floor(sparsity * n)`` weights per row or per matrix."""
     _check_scores(scores)
     if scope == "row":
-        return _lowest_k_mask(scores, count_to_prune(sparsity, scores.shape[1]))
+        return drop_lowest_k(scores, count_to_prune(sparsity, scores.shape[1]))
     flat = scores.reshape(1, -1)
-    return _lowest_k_mask(flat, count_to_prune(sparsity, flat.shape[1])).reshape(scores.shape)
+    return drop_lowest_k(flat, count_to_prune(sparsity, flat.shape[1])).reshape(scores.shape)
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -158,7 +158,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
             f"choose an M that divides {cols} or exclude this layer"
         )
     groups = scores.reshape(rows, cols // m, m)
-    return _lowest_k_mask(groups, m - n).reshape(rows, cols)
+    return drop_lowest_k(groups, m - n).reshape(rows, cols)
 
 
 def select_keep_mask(scores: torch.Tensor, pattern: Pattern) -> torch.Tensor:

@@ -24,6 +24,7 @@ from prunekit.calibration.capture import BlockCall, CapturedInputs, capture_bloc
 from prunekit.calibration.lockstep import LockstepRunner
 from prunekit.errors import NonFiniteError
 from prunekit.models.targets import Target
+from prunekit.solvers.sparsegpt import accumulate_gram
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +34,15 @@ class LayerInputs:
     """What the engine gathered about one layer's input over all calibration batches.
 
     ``sq_norms`` is ``sum_tokens x_j^2`` per input feature (float32); ``sample`` holds a few input rows,
-    evenly spaced over the batches, for measuring reconstruction error; ``None`` values mean no batch
-    reached the layer.
+    evenly spaced over the batches, for measuring reconstruction error; ``gram`` is ``X^T X`` summed over
+    the tokens (only when the engine was asked for it: SparseGPT's Hessian); ``None`` values mean no
+    batch reached the layer.
     """
 
     sq_norms: torch.Tensor | None
     n_tokens: int
     sample: torch.Tensor | None
+    gram: torch.Tensor | None = None
 
 
 PruneLayer = Callable[[Target, LayerInputs], None]
@@ -85,9 +88,11 @@ def module_device(module: nn.Module) -> torch.device:
 
 
 def _collector(
-    sample_rows_per_batch: int,
-) -> Callable[[nn.Module, tuple[Any, ...]], tuple[torch.Tensor, int, Any]]:
-    def collect(module: nn.Module, args: tuple[Any, ...]) -> tuple[torch.Tensor, int, Any]:
+    sample_rows_per_batch: int, gram_dtype: torch.dtype | None
+) -> Callable[[nn.Module, tuple[Any, ...], LayerInputs | None], LayerInputs]:
+    """Fold one batch's input of a layer into its running :class:`LayerInputs`."""
+
+    def collect(module: nn.Module, args: tuple[Any, ...], pooled: LayerInputs | None) -> LayerInputs:
         x = args[0].detach()
         flat = x.reshape(-1, x.shape[-1])
         sq = flat.float().pow(2).sum(dim=0)
@@ -95,7 +100,17 @@ def _collector(
         if sample_rows_per_batch > 0:
             rows = torch.linspace(0, flat.shape[0] - 1, min(sample_rows_per_batch, flat.shape[0]))
             sample = flat[rows.round().long().to(flat.device)].clone()
-        return sq, flat.shape[0], sample
+        if pooled is None:
+            gram = accumulate_gram(None, flat, gram_dtype) if gram_dtype is not None else None
+            return LayerInputs(sq, flat.shape[0], sample, gram)
+        assert pooled.sq_norms is not None
+        pooled.sq_norms += sq
+        pooled.n_tokens += flat.shape[0]
+        if sample is not None:
+            pooled.sample = sample if pooled.sample is None else torch.cat([pooled.sample, sample])
+        if gram_dtype is not None:
+            pooled.gram = accumulate_gram(pooled.gram, flat, gram_dtype)
+        return pooled
 
     return collect
 
@@ -113,12 +128,14 @@ def run_sequential(
     sample_tokens: int = 256,
     offload_activations: bool = False,
     propagation: Propagation = "sequential",
+    gram_dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> list[BlockTiming]:
     """Prune ``targets`` block by block.
 
     ``prune_layer(target, inputs)`` is called exactly once per target, after all batches' inputs to that
     layer are known. Targets that no batch reached get ``LayerInputs(None, 0, None)`` after their block.
+    With ``gram_dtype`` the inputs' Gram matrix ``X^T X`` is accumulated too, in that dtype.
 
     ``propagation`` says which inputs a layer's statistics come from:
 
@@ -146,7 +163,7 @@ def run_sequential(
 
     n_batches = len(captured.hidden)
     per_batch_rows = math.ceil(sample_tokens / n_batches) if sample_tokens > 0 else 0
-    collect = _collector(per_batch_rows)
+    collect = _collector(per_batch_rows, gram_dtype)
     hidden = [h.to("cpu") for h in captured.hidden] if offload_activations else captured.hidden
     timings: list[BlockTiming] = []
     bar = tqdm(range(len(blocks)), desc="pruning blocks", unit="block", disable=not progress)
@@ -158,19 +175,19 @@ def run_sequential(
         layer_targets = by_block.get(index, [])
         by_module = {id(t.module): t for t in layer_targets}
 
-        def finalize(module: nn.Module, payloads: dict[int, Any], by_module: dict[int, Target] = by_module) -> None:
+        def finalize(
+            module: nn.Module, pooled: LayerInputs, batches: list[int], by_module: dict[int, Target] = by_module
+        ) -> None:
             target = by_module[id(module)]
-            sq = torch.stack([p[0] for p in payloads.values()]).sum(dim=0)
-            if not torch.isfinite(sq).all():
+            finite = torch.isfinite(pooled.sq_norms).all() and (
+                pooled.gram is None or torch.isfinite(pooled.gram).all()
+            )
+            if not finite:
                 raise NonFiniteError(
                     f"NaN or Inf in the inputs of layer {target.name!r}: the model (or an earlier pruned "
                     "layer) produces non-finite activations; check the weights and use float32 or bfloat16"
                 )
-            samples = [p[2] for p in payloads.values() if p[2] is not None]
-            prune_layer(
-                target,
-                LayerInputs(sq, sum(p[1] for p in payloads.values()), torch.cat(samples) if samples else None),
-            )
+            prune_layer(target, pooled)
 
         runner: LockstepRunner[torch.Tensor] = LockstepRunner(
             [t.module for t in layer_targets], collect, finalize, park=propagation == "sequential"

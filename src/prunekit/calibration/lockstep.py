@@ -33,10 +33,13 @@ class LockstepRunner(Generic[T]):
 
     Args:
         layers: the modules to meet at, in forward order.
-        collect: ``collect(module, args) -> payload``, run in the batch's own forward before it parks
-            (e.g. the input's per-feature sum of squares).
-        finalize: ``finalize(module, {batch_index: payload})``, run once per module when every batch that
-            will reach it has; it may change the module's weights in place.
+        collect: ``collect(module, args, state) -> state``, run in the batch's own forward before it
+            parks; it folds the batch's input into the module's running statistics (``state`` is ``None``
+            for the first batch). Batches arrive in batch order (unless routing lets some skip ahead),
+            always in the same order, so the pooled result is deterministic; one running state per
+            module is held, never one per batch.
+        finalize: ``finalize(module, state, batches)``, run once per module when every batch that will
+            reach it has (``batches``: their indices, ascending); it may change the module's weights.
         park: ``False`` turns the meeting points off: every batch runs straight through with the weights
             as they are, and every layer is finalized after the last batch (dense statistics).
     """
@@ -44,8 +47,8 @@ class LockstepRunner(Generic[T]):
     def __init__(
         self,
         layers: Sequence[nn.Module],
-        collect: Callable[[nn.Module, tuple[Any, ...]], Any],
-        finalize: Callable[[nn.Module, dict[int, Any]], None],
+        collect: Callable[[nn.Module, tuple[Any, ...], Any], Any],
+        finalize: Callable[[nn.Module, Any, list[int]], None],
         park: bool = True,
     ) -> None:
         self._park = park
@@ -60,7 +63,7 @@ class LockstepRunner(Generic[T]):
         self._scheduler = greenlet.getcurrent()
         self._current: int | None = None
         self._waiting: dict[int, list[int]] = {}
-        self._payloads: dict[int, dict[int, Any]] = {}
+        self._states: dict[int, Any] = {}
         self._done: set[int] = set()
         results: list[Any] = [None] * len(jobs)
         lets = [greenlet.greenlet(job, parent=self._scheduler) for job in jobs]
@@ -91,10 +94,10 @@ class LockstepRunner(Generic[T]):
     def _finalize_earliest(self) -> list[int]:
         key = min(self._waiting, key=self._rank.__getitem__)
         parked = self._waiting.pop(key)
-        payloads = self._payloads.pop(key)
+        state = self._states.pop(key)
         self._done.add(key)
         module = self._layers[self._rank[key]]
-        self._finalize(module, dict(sorted(payloads.items())))
+        self._finalize(module, state, sorted(parked))
         self.finalized.append(module)
         return sorted(parked)
 
@@ -104,7 +107,7 @@ class LockstepRunner(Generic[T]):
         if index is None or greenlet.getcurrent() is self._scheduler or key in self._done:
             return  # called outside a batch, or a second call after the layer was pruned
         inputs = args if args else tuple(kwargs.values())  # Linear(input=x) passes its input by keyword
-        self._payloads.setdefault(key, {})[index] = self._collect(module, inputs)
+        self._states[key] = self._collect(module, inputs, self._states.get(key))
         self._waiting.setdefault(key, []).append(index)
         if self._park:
             self._scheduler.switch()  # park; resumed once the layer is pruned

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from prunekit.errors import ConfigError
+from prunekit.patterns import Scope
 from prunekit.scoring.magnitude import magnitude_scores
 from prunekit.scoring.random import random_scores
 from prunekit.scoring.wanda import input_sq_norms, wanda_scores
@@ -32,16 +33,25 @@ class LayerStats:
 
 @dataclass(frozen=True)
 class MethodInfo:
-    """What a one-shot method needs from calibration."""
+    """What a one-shot method needs from calibration, and its default unstructured comparison group."""
 
     name: str
     needs_activations: bool
     summary: str
+    needs_hessian: bool = False
+    default_scope: Scope = "row"
 
 
 METHODS: dict[str, MethodInfo] = {
     "magnitude": MethodInfo("magnitude", False, "|W| (Han et al. 2015)"),
     "wanda": MethodInfo("wanda", True, "|W| * ||X||_2 (Sun et al. 2023, Eq. 1)"),
+    "sparsegpt": MethodInfo(
+        "sparsegpt",
+        True,
+        "OBS mask + weight update from H = X X^T (Frantar & Alistarh 2023, Alg. 1)",
+        needs_hessian=True,
+        default_scope="layer",
+    ),
     "random": MethodInfo("random", False, "uniform random scores (control)"),
 }
 
@@ -57,8 +67,10 @@ def method_info(name: str) -> MethodInfo:
 def score_weights(
     method: str, weight: torch.Tensor, stats: LayerStats | None, generator: torch.Generator
 ) -> torch.Tensor:
-    """Scores for a ``(out, in)`` weight under ``method`` (higher = keep)."""
+    """Scores for a ``(out, in)`` weight under ``method`` (higher = keep); score-only methods."""
     info = method_info(method)
+    if info.needs_hessian:
+        raise ValueError(f"method {method!r} updates weights: it is a solver (prunekit.solvers), not a score")
     if info.needs_activations and stats is None:
         raise ConfigError(f"method {method!r} needs calibration data: pass a calibration text file")
     if method == "wanda":
