@@ -1,4 +1,4 @@
-"""Command line: ``prunekit prune``, ``prunekit eval``, ``prunekit recipe``.
+"""Command line: ``prunekit prune``, ``prunekit eval``, ``prunekit bench-speed``, ``prunekit recipe``.
 
 Every flag maps onto one field of :class:`prunekit.config.Recipe`; a YAML recipe (``--recipe``) gives the
 starting values and flags given on the command line override them.
@@ -122,6 +122,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--windows", type=int, default=None, help="use only the first N windows")
     e.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    b = sub.add_parser("bench-speed", help="measure prefill and decode tokens/s (and non-zeros) of a model")
+    _add_verbosity_flags(b, argparse.SUPPRESS)
+    _add_model_flags(b)
+    b.add_argument("--baseline", default=None, help="dense model to compare with (directory, .gguf, hub id, smollm2)")
+    b.add_argument("--prompt-tokens", type=int, default=128, help="prompt length P (default 128)")
+    b.add_argument("--new-tokens", type=int, default=32, help="greedy tokens G generated per sequence (default 32)")
+    b.add_argument("--batch-size", type=int, default=1, help="sequences per batch B (default 1)")
+    b.add_argument("--repeats", type=int, default=5, help="timed runs per phase; the median is reported (default 5)")
+    b.add_argument("--warmup", type=int, default=1, help="untimed runs before them (default 1)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the random prompt token ids (default 0)")
+    b.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    b.add_argument(
+        "--semi-structured",
+        action="store_true",
+        help="CUDA (compute capability >= 8.0), float16/bfloat16: also run 2:4 weights on sparse kernels",
+    )
+    b.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
 
 
@@ -176,6 +194,93 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(n: float) -> str:
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def _print_speed(rows: list[tuple[str, Any, Any, Any]], ratio: tuple[str, str, str] | None) -> None:
+    """Rows of (label, prefill timing, decode timing, size stats or None)."""
+    print(f"{'':<26}{'prefill tok/s (range)':>24}{'decode tok/s (range)':>24}{'non-zero params':>26}")
+    for label, prefill, decode, size in rows:
+        cells = [f"{t.tokens_per_s:,.1f} ({t.spread:.0%})" for t in (prefill, decode)]
+        nz = f"{_count(size.nonzero_parameters)} of {_count(size.parameters)}" if size else ""
+        print(f"{label:<26}{cells[0]:>24}{cells[1]:>24}{nz:>26}")
+    if ratio:
+        print(f"{'ratio model / baseline':<26}{ratio[0]:>24}{ratio[1]:>24}{ratio[2]:>26}")
+
+
+def _cmd_bench_speed(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    import torch
+
+    from prunekit.errors import ConfigError
+    from prunekit.models.loading import load_model, resolve_device, resolve_dtype
+    from prunekit.speed import check_speed_args, compare_results, measure_speed, semi_structured_unsupported
+
+    settings = {
+        "batch_size": args.batch_size,
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "seed": args.seed,
+    }
+    check_speed_args(None, **{k: v for k, v in settings.items() if k != "seed"})
+    if args.new_tokens < 1:
+        raise ConfigError(f"--new-tokens must be >= 1 to measure decoding, got {args.new_tokens}")
+    device = resolve_device(args.device)
+    dtype = args.dtype or "auto"
+    if args.semi_structured:  # fail before loading; the model's own dtype is checked again once loaded
+        reason = semi_structured_unsupported(device, resolve_dtype(dtype) if dtype != "auto" else torch.float16)
+        if reason:
+            raise ConfigError(reason)
+
+    def measure(source: str | None, semi: bool) -> tuple[str, Any]:
+        loaded = load_model(source, dtype=dtype, device=device, trust_remote_code=bool(args.trust_remote_code))
+        return loaded.source, measure_speed(loaded.model, **settings, semi_structured=semi)
+
+    baseline = measure(args.baseline, False) if args.baseline is not None else None
+    source, result = measure(args.model, args.semi_structured)
+    comparison = compare_results(baseline[1], result) if baseline else None
+    if args.json:
+        data = comparison.to_dict() if comparison else result.to_dict()
+        print(json.dumps({"model": source, "baseline": baseline[0] if baseline else None, **data}, indent=2))
+        return 0
+
+    print(
+        f"{result.device} ({result.threads} threads), {result.dtype}: batch {result.batch_size}, prompt "
+        f"{result.prompt_tokens} tokens, {result.new_tokens} new tokens; median of {args.repeats} runs after "
+        f"{args.warmup} warm-up"
+    )
+    rows = [("model", result.prefill, result.decode, result.size)]
+    if baseline:
+        rows.insert(0, ("baseline", baseline[1].prefill, baseline[1].decode, baseline[1].size))
+    semi = result.semi_structured
+    if semi and semi.prefill and semi.decode:
+        rows.append(("model, 2:4 sparse kernels", semi.prefill, semi.decode, None))
+    ratio = None
+    if comparison:
+        c = comparison
+        ratio = (f"{c.prefill_speedup:.2f}x", f"{c.decode_speedup:.2f}x", f"{c.nonzero_ratio:.2f}x")
+    _print_speed(rows, ratio)
+    if comparison and comparison.semi_structured_prefill_speedup is not None:
+        print(
+            f"ratio with 2:4 sparse kernels: prefill {comparison.semi_structured_prefill_speedup:.2f}x, "
+            f"decode {comparison.semi_structured_decode_speedup:.2f}x"
+        )
+    if semi:
+        print(f"converted to 2:4 semi-structured: {len(semi.converted)} linear layers")
+        for reason, n in Counter(semi.skipped.values()).most_common():
+            print(f"  left dense: {n} layer(s): {reason}")
+    print(f"model: {source}" + (f"; baseline: {baseline[0]}" if baseline else ""))
+    print(f"note: {result.note}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``prunekit`` command; returns the exit status (2 on bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -187,7 +292,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()
     try:
-        return _cmd_prune(args, argv) if args.command == "prune" else _cmd_eval(args)
+        if args.command == "prune":
+            return _cmd_prune(args, argv)
+        commands = {"eval": _cmd_eval, "bench-speed": _cmd_bench_speed}
+        return commands[args.command](args)
     except PrunekitError as exc:
         print(f"prunekit: error: {exc}", file=sys.stderr)
         return 2

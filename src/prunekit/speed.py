@@ -176,14 +176,17 @@ def _sync(device: torch.device) -> None:
 
 
 def check_speed_args(
-    model: nn.Module,
+    model: nn.Module | None,
     batch_size: int,
     prompt_tokens: int,
     new_tokens: int = 0,
     warmup: int = 0,
     repeats: int = 1,
 ) -> None:
-    """Refuse settings that cannot be measured, naming the fix (:class:`~prunekit.errors.ConfigError`)."""
+    """Refuse settings that cannot be measured, naming the fix (:class:`~prunekit.errors.ConfigError`).
+
+    ``model=None`` checks everything but the model's context length (for a check before loading).
+    """
     for name, value, least in (
         ("batch_size (--batch-size)", batch_size, 1),
         ("prompt_tokens (--prompt-tokens)", prompt_tokens, 1),
