@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from prunekit.checkpoints import SaveFormat
 from prunekit.errors import ConfigError
 from prunekit.patterns import NM, Pattern, parse_pattern
 from prunekit.scoring import METHODS
@@ -133,6 +134,11 @@ class OutputConfig(_Strict):
     dir: str | None = None
     overwrite: bool = False
     report_dir: str | None = Field(None, description="default: <dir>/prunekit-report")
+    save_format: SaveFormat = Field(
+        "dense",
+        description="dense (plain save_pretrained), compressed (sparse layers in compressed-tensors' "
+        "sparse-24-bitmask when 2:4, else sparse-bitmask), or one of those by name (sparse-24 = sparse-24-bitmask)",
+    )
 
 
 class Recipe(_Strict):

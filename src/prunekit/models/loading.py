@@ -109,7 +109,10 @@ def load_model(
 
     Args:
         source: a local HF directory, a ``.gguf`` file, a hub id (``org/name``), or ``None`` /
-            ``"smollm2"`` for the bundled SmolLM2-135M-Instruct.
+            ``"smollm2"`` for the bundled SmolLM2-135M-Instruct. A directory saved in a sparse
+            compressed-tensors format (``--save-format compressed``: ``sparse-bitmask`` or
+            ``sparse-24-bitmask``) is decompressed here, by prunekit, to the exact dense weights: transformers
+            (and compressed-tensors >= 0.15) no longer decompress those formats.
         dtype: ``"auto"`` (as stored), ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"auto"``; where the weights are placed.
         trust_remote_code: run model code from the hub; off unless the user asks.
@@ -128,7 +131,10 @@ def load_model(
         loaded = _load_gguf(path, torch.float32 if torch_dtype == "auto" else torch_dtype)
     elif path.is_dir():
         _check_local_dir(path)
-        loaded = _load_hf(str(path), torch_dtype, trust_remote_code)
+        if _is_sparse_compressed(path):
+            loaded = _load_sparse_compressed(path, torch_dtype, trust_remote_code)
+        else:
+            loaded = _load_hf(str(path), torch_dtype, trust_remote_code)
     elif path.exists():
         raise ModelLoadError(
             f"{str(path)!r} is a file, not a model: pass a Hugging Face model directory or a .gguf file"
@@ -177,6 +183,48 @@ def _load_hf(name: str, torch_dtype: torch.dtype | str, trust_remote_code: bool)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"could not load model {name!r}: {exc}") from exc
     return LoadedModel(model, tokenizer, name)
+
+
+def _is_sparse_compressed(path: Path) -> bool:
+    from prunekit.checkpoints import DENSE, checkpoint_format
+
+    return checkpoint_format(path) != DENSE
+
+
+def _load_sparse_compressed(path: Path, torch_dtype: torch.dtype | str, trust_remote_code: bool) -> LoadedModel:
+    """Decompress a ``sparse-bitmask`` / ``sparse-24-bitmask`` checkpoint (:mod:`prunekit.checkpoints`) into the
+    dense state dict, then build the model from it with the ``quantization_config`` entry dropped."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from prunekit.checkpoints import load_decompressed_state_dict
+
+    state, fmt = load_decompressed_state_dict(path)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        auto_map = getattr(config, "auto_map", None) or {}
+        if trust_remote_code and "AutoModelForCausalLM" in auto_map:
+            model_class = get_class_from_dynamic_module(auto_map["AutoModelForCausalLM"], str(path))
+        else:
+            model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        model, info = model_class.from_pretrained(
+            None, config=config, state_dict=state, dtype=torch_dtype, output_loading_info=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelLoadError(f"could not load compressed model {str(path)!r} ({fmt}): {exc}") from exc
+    problems = sorted(info["missing_keys"]) + sorted(info["unexpected_keys"]) + sorted(info["mismatched_keys"])
+    if problems:
+        raise ModelLoadError(
+            f"compressed model {str(path)!r} ({fmt}) does not match its config ({', '.join(map(str, problems[:5]))}"
+            f"{', ...' if len(problems) > 5 else ''}): the checkpoint is incomplete or corrupt; re-save it"
+        )
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return LoadedModel(model, tokenizer, str(path))
 
 
 def _load_gguf(path: Path, torch_dtype: torch.dtype) -> LoadedModel:
