@@ -21,6 +21,7 @@ from prunekit.calibration.data import (
     read_text,
     sample_windows,
 )
+from prunekit.checkpoints import check_save_format
 from prunekit.config import CalibrationConfig, Recipe
 from prunekit.errors import CalibrationError
 from prunekit.eval.perplexity import PerplexityResult, check_eval_seqlen, perplexity_of_tokens
@@ -28,7 +29,7 @@ from prunekit.export import check_output_dir, save_pretrained
 from prunekit.measure import current_peak_rss_bytes
 from prunekit.models.loading import load_model, resolve_device
 from prunekit.oneshot import PruneResult, prune
-from prunekit.report import build_report, write_report
+from prunekit.report import build_report, record_checkpoint, write_report
 from prunekit.scoring import method_info
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ def run_recipe(recipe: Recipe, command: str | None = None, progress: bool = True
     out_dir = check_output_dir(recipe.output.dir, recipe.output.overwrite) if recipe.output.dir else None
     if out_dir is None:
         log.warning("no output directory given: the pruned model will not be saved (pass --out DIR)")
+    else:
+        check_save_format(recipe.output.save_format, recipe.prune.parsed_pattern())  # before the slow work
     report_dir = None
     if recipe.output.report_dir:
         report_dir = check_output_dir(recipe.output.report_dir, recipe.output.overwrite)
@@ -136,15 +139,18 @@ def run_recipe(recipe: Recipe, command: str | None = None, progress: bool = True
         process_peak_rss_bytes=current_peak_rss_bytes(),
     )
     if out_dir is not None:
+        save_format = recipe.output.save_format
         if report_dir is None:  # the report travels inside the checkpoint directory
 
             def add_report(tmp: Path) -> None:
+                record_checkpoint(report, tmp)  # the weights are written by now: their size is known
                 write_report(report, tmp / REPORT_SUBDIR)
 
-            save_pretrained(result.model, loaded.tokenizer, out_dir, recipe.output.overwrite, extra=add_report)
+            save_pretrained(result.model, loaded.tokenizer, out_dir, recipe.output.overwrite, add_report, save_format)
             report_dir = out_dir / REPORT_SUBDIR
         else:
-            save_pretrained(result.model, loaded.tokenizer, out_dir, recipe.output.overwrite)
+            save_pretrained(result.model, loaded.tokenizer, out_dir, recipe.output.overwrite, save_format=save_format)
+            record_checkpoint(report, out_dir)
     if recipe.output.report_dir:
         assert report_dir is not None
         write_report(report, report_dir, overwrite=recipe.output.overwrite)

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from prunekit.checkpoints import SAVE_FORMATS
 from prunekit.config import Recipe
 from prunekit.errors import PrunekitError
 from prunekit.scoring import METHODS
@@ -49,6 +50,7 @@ _PRUNE_FLAGS = {
     "out": ("output", "dir"),
     "overwrite": ("output", "overwrite"),
     "report": ("output", "report_dir"),
+    "save_format": ("output", "save_format"),
 }
 
 
@@ -112,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory for the pruned checkpoint")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty --out")
     p.add_argument("--report", default=None, help="report directory (default: <out>/prunekit-report)")
+    p.add_argument(
+        "--save-format",
+        choices=list(SAVE_FORMATS),
+        default=None,
+        help="dense (default), compressed (sparse layers stored compressed: compressed-tensors' sparse-24-bitmask "
+        "when 2:4, else sparse-bitmask), or a format by name",
+    )
     p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe as YAML and exit")
 
     e = sub.add_parser("eval", help="measure a model's perplexity on a text file")
@@ -173,7 +182,8 @@ def _cmd_prune(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if run.ppl_after:
         print(f"perplexity after:  {run.ppl_after.perplexity:.3f} ({run.ppl_after.windows} x {run.ppl_after.seqlen})")
     if run.output_dir:
-        print(f"checkpoint: {run.output_dir}")
+        out = run.report["output"]
+        print(f"checkpoint: {run.output_dir} ({out['written_format']}, {out['size_bytes'] / 2**20:.1f} MiB of weights)")
     if run.report_dir:
         print(f"report: {run.report_dir}")
     return 0

@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from prunekit.checkpoints import checkpoint_format, checkpoint_size_bytes
 from prunekit.config import Recipe
 from prunekit.eval.perplexity import PerplexityResult
 from prunekit.export import write_atomically
@@ -65,9 +66,23 @@ def build_report(
             "before": None if ppl_before is None else asdict(ppl_before),
             "after": None if ppl_after is None else asdict(ppl_after),
         },
+        "output": {
+            "dir": recipe.output.dir,
+            "save_format": recipe.output.save_format,
+            "written_format": None,  # filled by record_checkpoint once saved
+            "size_bytes": None,
+        },
         "blocks": [asdict(b) for b in result.blocks],
         "layers": [asdict(layer) for layer in result.layers],
     }
+
+
+def record_checkpoint(report: dict[str, Any], directory: str | Path) -> None:
+    """Fill ``report["output"]`` with the format written (``dense``, ``sparse-bitmask``, ``sparse-24-bitmask``)
+    and the on-disk size of the weight files of the checkpoint in ``directory``."""
+    output = report.setdefault("output", {})
+    output["written_format"] = checkpoint_format(directory)
+    output["size_bytes"] = checkpoint_size_bytes(directory)
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:
@@ -88,6 +103,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- prune time: {s['prune_seconds']:.1f} s; peak RSS while pruning: {s['prune_peak_rss_gib']:.2f} GiB"
         + (f"; peak device memory: {s['peak_device_gib']:.2f} GiB" if s["peak_device_gib"] is not None else ""),
     ]
+    output = report.get("output") or {}
+    if output.get("size_bytes") is not None:
+        lines.append(
+            f"- checkpoint: {output['size_bytes'] / 2**20:.1f} MiB of weights, format **{output['written_format']}** "
+            f"(asked: {output['save_format']})"
+        )
     ppl = report["perplexity"]
     for when in ("before", "after"):
         if ppl[when]:
