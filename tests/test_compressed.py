@@ -164,6 +164,16 @@ def test_config_records_the_format_like_compressed_tensors(tokenizer: Any, tmp_p
     assert stored[f"{up}.bitmask"].dtype == torch.uint8 and stored[f"{up}.shape"].tolist() == [[64], [32]]
 
 
+def test_a_tied_head_stays_dense_and_is_listed_as_ignored(tokenizer: Any, tmp_path: Path) -> None:
+    model = pruned("gemma")
+    assert model.config.tie_word_embeddings
+    out = save_pretrained(model, tokenizer, tmp_path / "c", save_format="compressed")
+    sparsity = json.loads((out / "config.json").read_text())["quantization_config"]["sparsity_config"]
+    assert sparsity["targets"] == ["Linear"] and sparsity["ignore"] == ["lm_head"]
+    stored = load_file(str(out / "model.safetensors"))
+    assert "model.embed_tokens.weight" in stored and not any(k.startswith("lm_head") for k in stored)
+
+
 def test_compressed_checkpoint_is_smaller_by_the_expected_bytes(tokenizer: Any, tmp_path: Path) -> None:
     """Exact payload: each compressed float32 layer costs 4 bytes per kept value + 1 bit per weight (+ row
     offsets and shape for the bitmask format); everything else is stored as before."""

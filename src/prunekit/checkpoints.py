@@ -293,7 +293,7 @@ def plan_compression(model: nn.Module, save_format: str) -> CompressionPlan:
             "are not 2:4): prune with --pattern 2:4, or save with --save-format compressed or sparse-bitmask"
         )
     fmt = wanted if wanted != "compressed" else (SPARSE_24 if not not_24 else BITMASK)
-    targets, ignore = _targets_and_ignore(candidates, set(sparse))
+    targets, ignore = _targets_and_ignore(model, set(sparse))
     return CompressionPlan(fmt, tuple(sparse), targets, ignore, global_sparsity)
 
 
@@ -307,14 +307,13 @@ def _unique(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-def _targets_and_ignore(
-    candidates: dict[str, nn.Module], compressed: set[str]
-) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Per module class, as llm-compressor writes them: the class name plus its dense members as ``ignore``
-    when most members are compressed, else the compressed module names."""
+def _targets_and_ignore(model: nn.Module, compressed: set[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Per linear-map class, as llm-compressor writes them: the class name plus its dense members (a tied
+    head included) as ``ignore`` when most members are compressed, else the compressed module names."""
     by_class: dict[str, list[str]] = defaultdict(list)
-    for name, module in candidates.items():
-        by_class[type(module).__name__].append(name)
+    for name, module in model.named_modules():
+        if is_linear_map(module):
+            by_class[type(module).__name__].append(name)
     targets: list[str] = []
     ignore: list[str] = []
     for cls, names in sorted(by_class.items()):
