@@ -7,9 +7,10 @@ tokens drawn with seed 0 from ``wikitext2_valid.txt``; perplexity on the first 4
 tools (prunekit: ``prune()``; llm-compressor: the ``oneshot`` call). Every checkpoint, both tools', is then
 scored by the same perplexity code.
 
-    python bench/bench_oneshot.py --peer-python .venv-peer/bin/python   # ~25 min here
+    python bench/bench_oneshot.py --peer-python .venv-peer/bin/python                      # Wanda, ~25 min
+    python bench/bench_oneshot.py --peer-python .venv-peer/bin/python --suite sparsegpt    # SparseGPT
 
-Writes ``bench/results/oneshot_smollm2.json``.
+Writes ``bench/results/oneshot_smollm2.json`` (Wanda suite) or ``sparsegpt_smollm2.json``.
 """
 
 from __future__ import annotations
@@ -35,17 +36,32 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 log = logging.getLogger("bench_oneshot")
 
-# (method, pattern, propagation): "sequential" is prunekit's default one-pass engine; "block" reproduces
-# the dense-within-block statistics of the Wanda reference code and llm-compressor (two passes per block).
-PRUNEKIT_RUNS = [
-    ("magnitude", "unstructured", "sequential"),
-    ("magnitude", "2:4", "sequential"),
-    ("wanda", "unstructured", "sequential"),
-    ("wanda", "2:4", "sequential"),
-    ("wanda", "unstructured", "block"),
-    ("wanda", "2:4", "block"),
-]
-PEER_RUNS = [("wanda", "unstructured"), ("wanda", "2:4")]
+# Per suite: prunekit's (method, pattern, propagation) runs and llm-compressor's (method, pattern) runs.
+# "sequential" is prunekit's default one-pass engine; "block" reproduces the dense-within-block statistics of
+# the Wanda reference code and llm-compressor (two passes per block).
+SUITES = {
+    "wanda": (
+        [
+            ("magnitude", "unstructured", "sequential"),
+            ("magnitude", "2:4", "sequential"),
+            ("wanda", "unstructured", "sequential"),
+            ("wanda", "2:4", "sequential"),
+            ("wanda", "unstructured", "block"),
+            ("wanda", "2:4", "block"),
+        ],
+        [("wanda", "unstructured"), ("wanda", "2:4")],
+    ),
+    "sparsegpt": (
+        [
+            ("sparsegpt", "unstructured", "sequential"),
+            ("sparsegpt", "2:4", "sequential"),
+            ("sparsegpt", "unstructured", "block"),
+            ("sparsegpt", "2:4", "block"),
+        ],
+        [("sparsegpt", "unstructured"), ("sparsegpt", "2:4")],
+    ),
+}
+RESULT_FILES = {"wanda": "oneshot_smollm2.json", "sparsegpt": "sparsegpt_smollm2.json"}
 
 
 def run_measured(cmd: list[str], log_file: Path) -> tuple[int, float, float]:
@@ -70,8 +86,12 @@ def main() -> int:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--ppl-windows", type=int, default=40)
     parser.add_argument("--ppl-seqlen", type=int, default=2048)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "oneshot_smollm2.json"))
+    parser.add_argument("--suite", choices=sorted(SUITES), default="wanda", help="which methods to compare")
+    parser.add_argument("--skip-dense", action="store_true", help="do not re-evaluate the dense model")
+    parser.add_argument("--out", default=None, help="result JSON (default: bench/results/<suite file>)")
     args = parser.parse_args()
+    prunekit_runs, peer_runs = SUITES[args.suite]
+    out_file = Path(args.out or ROOT / "bench" / "results" / RESULT_FILES[args.suite])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -85,7 +105,7 @@ def main() -> int:
     del dense
 
     runs = []
-    for method, pattern, propagation in PRUNEKIT_RUNS:
+    for method, pattern, propagation in prunekit_runs:
         name = f"prunekit-{method}-{pattern.replace(':', 'of')}-{propagation}"
         out = work / name
         cmd = [
@@ -108,7 +128,7 @@ def main() -> int:
 
     peer_python = args.peer_python
     if peer_python and Path(peer_python).exists():
-        for method, pattern in PEER_RUNS:
+        for method, pattern in peer_runs:
             name = f"llmcompressor-{method}-{pattern.replace(':', 'of')}"
             out, result = work / name, work / f"{name}.json"
             cmd = [
@@ -129,7 +149,8 @@ def main() -> int:
     else:
         log.warning("no --peer-python: llm-compressor is not compared")
 
-    evaluated = [{"tool": "dense", "method": "dense", "pattern": "-", "dir": str(model_dir)}, *runs]
+    dense_run = [] if args.skip_dense else [{"tool": "dense", "method": "dense", "pattern": "-", "dir": str(model_dir)}]
+    evaluated = [*dense_run, *runs]
     # ~105 s per checkpoint here
     for run in evaluated:
         loaded = prunekit.load_model(run["dir"])
@@ -143,8 +164,8 @@ def main() -> int:
     for pattern in ("unstructured", "2:4"):
         peer = next((r for r in runs if r["tool"] == "llm-compressor" and r["pattern"] == pattern), None)
         for ours in runs:
-            if peer and ours["tool"] == "prunekit" and ours["method"] == "wanda" and ours["pattern"] == pattern:
-                summary[f"wanda {pattern} {ours['propagation']}"] = {
+            if peer and ours["tool"] == "prunekit" and ours["method"] == peer["method"] and ours["pattern"] == pattern:
+                summary[f"{ours['method']} {pattern} {ours['propagation']}"] = {
                     "ppl_prunekit": ours["perplexity"],
                     "ppl_llmcompressor": peer["perplexity"],
                     "time_ratio_prunekit_over_llmcompressor": ours["prune_seconds"] / peer["prune_seconds"],
@@ -161,9 +182,9 @@ def main() -> int:
         "runs": evaluated,
         "summary": summary,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    log.info("wrote %s", args.out)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(json.dumps(result, indent=2))
+    log.info("wrote %s", out_file)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -52,9 +52,9 @@ class Mask:
         return Mask(self.keep & other.keep.to(self.keep.device))
 
     def apply(self, weight: torch.Tensor) -> torch.Tensor:
-        """Return ``weight`` with removed entries set to zero (a new tensor)."""
+        """Return ``weight`` with removed entries set to (positive) zero (a new tensor)."""
         self._check(weight)
-        return weight * self.keep.to(weight.device)
+        return weight.masked_fill(~self.keep.to(weight.device), 0)
 
     def apply_(self, weight: torch.Tensor) -> torch.Tensor:
         """Zero removed entries of ``weight`` in place (works on transposed views too)."""

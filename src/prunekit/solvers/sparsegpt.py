@@ -165,19 +165,18 @@ def sparsegpt_prune(
                 keep_block = drop_lowest_k(scores, k)
             else:
                 keep_block = drop_lowest_k(scores.reshape(1, -1), k).reshape(scores.shape)
+        pruned = (~keep_block).to(work)
         for i in range(end - start):
             if isinstance(pattern, NM) and i % pattern.m == 0:
                 group = slice(i, i + pattern.m)
                 scores = w_block[:, group].pow(2) / diag_block[group].pow(2).unsqueeze(0)
                 keep_block[:, group] = drop_lowest_k(scores, pattern.m - pattern.n)
-            column = w_block[:, i]
-            d = hinv_block[i, i]
-            removed = torch.where(keep_block[:, i], torch.zeros_like(column), column)
-            loss += removed.pow(2).sum() / d.pow(2) / 2
-            error = removed / d
-            w_block[:, i:] -= error.unsqueeze(1) * hinv_block[i, i:].unsqueeze(0)
-            w_block[:, i] = torch.where(keep_block[:, i], w_block[:, i], torch.zeros_like(column))
+                pruned[:, group] = (~keep_block[:, group]).to(work)
+            error = w_block[:, i] * pruned[:, i] / hinv_block[i, i]  # OBS step of Eq. 3, row by row
+            w_block[:, i:].addr_(error, hinv_block[i, i:], alpha=-1)
             errors[:, i] = error
+        w_block.masked_fill_(~keep_block, 0)  # removed weights exactly 0 (the update leaves rounding residue)
+        loss += errors.pow(2).sum() / 2
         w[:, start:end] = w_block
         keep[:, start:end] = keep_block
         if end < cols:
