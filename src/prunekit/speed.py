@@ -268,7 +268,9 @@ def greedy_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> to
         return _decode_run(model, prompt, new_tokens)[1]
 
 
-def _timing(seconds: list[float], tokens: int, warmup: int) -> PhaseTiming:
+def phase_timing(seconds: list[float], tokens: int, warmup: int) -> PhaseTiming:
+    """Summarise timed runs of ``tokens`` tokens each (median, min, max, spread, tokens/s); also for pooling
+    runs taken in rounds, interleaved with other models, as ``bench/bench_speed.py`` does."""
     median = statistics.median(seconds)
     lo, hi = min(seconds), max(seconds)
     return PhaseTiming(
@@ -313,7 +315,7 @@ def measure_prefill(
 
     with torch.inference_mode():
         seconds = _repeat(run, warmup, repeats)
-    return _timing(seconds, batch_size * prompt_tokens, warmup)
+    return phase_timing(seconds, batch_size * prompt_tokens, warmup)
 
 
 def measure_decode(
@@ -338,7 +340,7 @@ def measure_decode(
 
     with torch.inference_mode():
         seconds = _repeat(run, warmup, repeats)
-    return _timing(seconds, batch_size * new_tokens, warmup)
+    return phase_timing(seconds, batch_size * new_tokens, warmup)
 
 
 def size_stats(model: nn.Module) -> SizeStats:
