@@ -23,12 +23,12 @@ from prunekit.calibration.data import (
 )
 from prunekit.checkpoints import check_save_format
 from prunekit.config import CalibrationConfig, Recipe
-from prunekit.errors import CalibrationError
+from prunekit.errors import CalibrationError, ConfigError, ModelLoadError
 from prunekit.eval.perplexity import PerplexityResult, check_eval_seqlen, perplexity_of_tokens
 from prunekit.export import check_output_dir, save_pretrained
 from prunekit.measure import current_peak_rss_bytes
-from prunekit.models.loading import load_model, resolve_device
-from prunekit.oneshot import PruneResult, prune
+from prunekit.models.loading import BUNDLED_NAMES, load_model, prepare_bundled_model, resolve_device, resolve_dtype
+from prunekit.oneshot import PruneResult, prune, prune_checkpoint
 from prunekit.report import build_report, record_checkpoint, write_report
 from prunekit.scoring import method_info
 
@@ -95,6 +95,9 @@ def run_recipe(recipe: Recipe, command: str | None = None, progress: bool = True
     if recipe.eval.ppl:
         read_text(recipe.eval.ppl, what="evaluation")
 
+    if recipe.model.lazy:
+        return _run_lazily(recipe, out_dir, report_dir, has_calibration, command, started, progress)
+
     load_started = time.perf_counter()
     loaded = load_model(recipe.model.source, dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code)
     load_seconds = time.perf_counter() - load_started
@@ -155,3 +158,81 @@ def run_recipe(recipe: Recipe, command: str | None = None, progress: bool = True
         assert report_dir is not None
         write_report(report, report_dir, overwrite=recipe.output.overwrite)
     return RunResult(result, ppl_before, ppl_after, out_dir, report_dir, report)
+
+
+def _lazy_source(source: str | None) -> Path:
+    """The local safetensors directory a lazy run streams from (the bundled model's converted cache)."""
+    if source is None or (source.lower() in BUNDLED_NAMES and not Path(source).exists()):
+        return prepare_bundled_model()
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        raise ConfigError(
+            f"--lazy streams from a local safetensors directory, and {source!r} is not one: download the model "
+            "first (e.g. `hf download ORG/NAME --local-dir DIR`) or drop --lazy"
+        )
+    return path
+
+
+def _run_lazily(
+    recipe: Recipe,
+    out_dir: Path | None,
+    report_dir: Path | None,
+    has_calibration: bool,
+    command: str | None,
+    started: float,
+    progress: bool,
+) -> RunResult:
+    """:func:`run_recipe` for ``model.lazy``: stream the blocks from disk to ``out_dir``."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if out_dir is None:
+        raise ConfigError("--lazy writes the pruned model block by block as it goes: pass --out DIR")
+    if recipe.eval.ppl:
+        raise ConfigError(
+            "perplexity needs the whole model in memory, which --lazy avoids: drop --ppl and run "
+            "`prunekit eval OUT --ppl FILE` on a machine where the pruned model fits"
+        )
+    if recipe.output.save_format != "dense":
+        raise ConfigError("--lazy writes dense shards only: drop --save-format or --lazy")
+    source = _lazy_source(recipe.model.source)
+    trust = recipe.model.trust_remote_code
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
+        context = model_max_context(AutoConfig.from_pretrained(source, trust_remote_code=trust))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not read the tokenizer or config of {str(source)!r}: {exc}") from exc
+    calibration = _calibration_from_config(tokenizer, recipe.calibration, context) if has_calibration else None
+    reports: list[dict[str, Any]] = []
+
+    def add_report(tmp: Path, result: PruneResult) -> None:
+        report = build_report(
+            recipe,
+            result,
+            ppl_before=None,
+            ppl_after=None,
+            command=command,
+            model_source=f"{source} (streamed block by block)",
+            load_seconds=0.0,
+            total_seconds=time.perf_counter() - started,
+            process_peak_rss_bytes=current_peak_rss_bytes(),
+        )
+        record_checkpoint(report, tmp)
+        reports.append(report)
+        if report_dir is None:
+            write_report(report, tmp / REPORT_SUBDIR)
+
+    result = prune_checkpoint(
+        source,
+        out_dir,
+        recipe.prune,
+        calibration,
+        tokenizer=tokenizer,
+        dtype=resolve_dtype(recipe.model.dtype),
+        overwrite=recipe.output.overwrite,
+        trust_remote_code=trust,
+        progress=progress,
+        extra=add_report,
+    )
+    if report_dir is not None:
+        write_report(reports[0], report_dir, overwrite=recipe.output.overwrite)
+    return RunResult(result, None, None, out_dir, report_dir or out_dir / REPORT_SUBDIR, reports[0])

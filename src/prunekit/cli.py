@@ -39,6 +39,7 @@ _PRUNE_FLAGS = {
     "hessian_dtype": ("prune", "hessian_dtype"),
     "dtype": ("model", "dtype"),
     "trust_remote_code": ("model", "trust_remote_code"),
+    "lazy": ("model", "lazy"),
     "calib": ("calibration", "path"),
     "calib_dataset": ("calibration", "dataset"),
     "nsamples": ("calibration", "nsamples"),
@@ -104,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["sequential", "block", "dense"],
         default=None,
         help="inputs behind the statistics: sequential (default, 1 pass), block (2 passes), dense (1 pass)",
+    )
+    p.add_argument(
+        "--lazy",
+        action="store_true",
+        default=None,
+        help="models larger than memory: read, prune and write one block at a time (needs --out, no --ppl)",
     )
     p.add_argument("--dampening", type=float, default=None, help="sparsegpt: fraction of mean diag(H) (default 0.01)")
     p.add_argument("--block-size", type=int, default=None, help="sparsegpt: columns per lazy update (default 128)")

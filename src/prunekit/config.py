@@ -97,6 +97,11 @@ class ModelConfig(_Strict):
     source: str | None = Field(None, description="HF directory, .gguf file, hub id; empty: bundled SmolLM2")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
+    lazy: bool = Field(
+        False,
+        description="models larger than memory: read, prune and write one decoder block at a time "
+        "(a local safetensors directory; needs output.dir; no perplexity in the same run)",
+    )
 
 
 class CalibrationConfig(_Strict):

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from prunekit.calibration.engine import BlockTiming, LayerInputs, run_sequential
+from prunekit.calibration.engine import BlockStream, BlockTiming, LayerInputs, run_sequential
 from prunekit.config import PruneConfig
 from prunekit.errors import ConfigError, NonFiniteError
 from prunekit.masks import Mask
@@ -100,6 +104,7 @@ def prune(
     *,
     inplace: bool = False,
     progress: bool = True,
+    stream: BlockStream | None = None,
 ) -> PruneResult:
     """Prune a Hugging Face causal LM one-shot.
 
@@ -110,6 +115,8 @@ def prune(
             required by Wanda, optional for magnitude and random (used then to measure errors).
         inplace: prune ``model`` itself; by default a deep copy is pruned and ``model`` is untouched.
         progress: show a progress bar per block.
+        stream: for models larger than memory (see :func:`prune_checkpoint`): ``model`` is a skeleton on
+            the meta device, pruned in place, whose blocks ``stream`` loads and writes one at a time.
     """
     config = config or PruneConfig()
     pattern = config.parsed_pattern()
@@ -123,14 +130,16 @@ def prune(
     targets = find_targets(model, blocks_name, config.include, config.exclude)
     for target in targets:
         check_pattern_fits(pattern, target.shape[1], target.name)
-        if calibration is not None and target.block_index is None:
+        if (calibration is not None or stream is not None) and target.block_index is None:
             raise ConfigError(
-                f"layer {target.name!r} is outside the decoder blocks, where calibration cannot reach it: "
-                "prune it with --method magnitude and no calibration, or exclude it"
+                f"layer {target.name!r} is outside the decoder blocks, where calibration cannot reach it "
+                "(or, with --lazy, that are not streamed): prune it in memory with --method magnitude and no "
+                "calibration, or exclude it"
             )
-        _check_finite_weight(target, weight_matrix(target.module))
+        if stream is None:  # streamed weights are checked as they are loaded
+            _check_finite_weight(target, weight_matrix(target.module))
 
-    if not inplace:
+    if not inplace and stream is None:
         model = copy.deepcopy(model)
         blocks_name, blocks = find_decoder_blocks(model)
         targets = find_targets(model, blocks_name, config.include, config.exclude)
@@ -143,6 +152,8 @@ def prune(
     def prune_layer(target: Target, inputs: LayerInputs) -> None:
         t0 = time.perf_counter()
         weight = weight_matrix(target.module)
+        if stream is not None:
+            _check_finite_weight(target, weight)
         method = config.method
         stats = None
         if inputs.sq_norms is not None:
@@ -185,8 +196,14 @@ def prune(
 
     with meter:
         if calibration is None:
-            for target in targets:
-                prune_layer(target, LayerInputs(None, 0, None))
+            for index, block in enumerate(blocks):
+                if stream is not None:
+                    stream.load_block(index, block)
+                for target in targets:
+                    if target.block_index == index or (index == 0 and target.block_index is None):
+                        prune_layer(target, LayerInputs(None, 0, None))
+                if stream is not None:
+                    stream.finish_block(index, block)
         else:
             result.calibration_shape = (int(calibration.shape[0]), int(calibration.shape[1]))
             result.blocks = run_sequential(
@@ -202,6 +219,7 @@ def prune(
                 offload_activations=config.offload_activations,
                 propagation=config.propagation,
                 gram_dtype=getattr(torch, config.hessian_dtype) if info.needs_hessian else None,
+                stream=stream,
                 progress=progress,
             )
     result.seconds = time.perf_counter() - started
@@ -216,3 +234,50 @@ def prune(
         result.seconds,
     )
     return result
+
+
+def prune_checkpoint(
+    source: str | Path,
+    out_dir: str | Path,
+    config: PruneConfig | None = None,
+    calibration: torch.Tensor | None = None,
+    *,
+    tokenizer: Any = None,
+    dtype: torch.dtype | str = "auto",
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+    extra: Callable[[Path, PruneResult], None] | None = None,
+) -> PruneResult:
+    """Prune a safetensors checkpoint directory into ``out_dir`` with bounded memory.
+
+    The model is built on the meta device; each decoder block is read from disk, pruned, written to its
+    own output shard and freed, so peak memory is about one block's weights plus one block's calibration
+    activations (and, while the first block's inputs are captured, the embedding), not the whole model.
+    The result is bit-identical to :func:`prune` on the loaded model, and the output is a sharded
+    checkpoint that plain ``transformers`` loads. Writing is atomic: nothing appears at ``out_dir`` unless
+    everything succeeded. ``extra(tmp_dir, result)`` may add files (a report) before the rename.
+    """
+    from prunekit.export import write_atomically
+    from prunekit.models.lazy import StreamedBlocks, build_skeleton
+
+    model, checkpoint = build_skeleton(source, dtype, trust_remote_code)
+    blocks_name, blocks = find_decoder_blocks(model)
+    outcome: list[PruneResult] = []
+
+    def write(tmp: Path) -> None:
+        stream = StreamedBlocks(model, blocks_name, len(blocks), checkpoint, tmp)
+        result = prune(model, config, calibration, inplace=True, progress=progress, stream=stream)
+        stream.finish()
+        model.config.save_pretrained(tmp)
+        generation = Path(source) / "generation_config.json"
+        if generation.is_file():
+            shutil.copy2(generation, tmp / generation.name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp, result)
+        outcome.append(result)
+
+    write_atomically(out_dir, write, overwrite)
+    return outcome[0]

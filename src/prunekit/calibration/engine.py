@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -46,6 +46,21 @@ class LayerInputs:
 
 
 PruneLayer = Callable[[Target, LayerInputs], None]
+
+
+class BlockStream(Protocol):
+    """Where block weights come from and go to when the model does not fit in memory
+    (:class:`prunekit.models.lazy.StreamedBlocks`); without one, the whole model is resident."""
+
+    def load_outside(self) -> None: ...  # weights outside the blocks, for capturing the first block's inputs
+
+    def release_outside(self) -> None: ...
+
+    def load_block(self, index: int, block: nn.Module) -> None: ...
+
+    def finish_block(self, index: int, block: nn.Module) -> None: ...  # the block is pruned: write, free
+
+
 Propagation = Literal["sequential", "block", "dense"]
 
 
@@ -129,13 +144,15 @@ def run_sequential(
     offload_activations: bool = False,
     propagation: Propagation = "sequential",
     gram_dtype: torch.dtype | None = None,
+    stream: BlockStream | None = None,
     progress: bool = True,
 ) -> list[BlockTiming]:
     """Prune ``targets`` block by block.
 
     ``prune_layer(target, inputs)`` is called exactly once per target, after all batches' inputs to that
     layer are known. Targets that no batch reached get ``LayerInputs(None, 0, None)`` after their block.
-    With ``gram_dtype`` the inputs' Gram matrix ``X^T X`` is accumulated too, in that dtype.
+    With ``gram_dtype`` the inputs' Gram matrix ``X^T X`` is accumulated too, in that dtype. With a
+    ``stream``, each block's weights are loaded just before it runs and handed back once it is pruned.
 
     ``propagation`` says which inputs a layer's statistics come from:
 
@@ -148,18 +165,22 @@ def run_sequential(
 
     Returns the time spent per block.
     """
-    home = module_device(model)
     by_block: dict[int, list[Target]] = {}
     for target in targets:
         if target.block_index is None:
             raise ValueError(f"{target.name} is outside the decoder blocks; the engine prunes block layers only")
         by_block.setdefault(target.block_index, []).append(target)
 
+    if stream is not None:
+        stream.load_outside()
+    home = module_device(model)
     move_outside_blocks(model, blocks_name, device)
     try:
         captured: CapturedInputs = capture_block_inputs(model, blocks, input_ids, batch_size, device)
     finally:
         move_outside_blocks(model, blocks_name, home)
+        if stream is not None:
+            stream.release_outside()
 
     n_batches = len(captured.hidden)
     per_batch_rows = math.ceil(sample_tokens / n_batches) if sample_tokens > 0 else 0
@@ -170,6 +191,8 @@ def run_sequential(
     for index in bar:
         started = time.perf_counter()
         block = blocks[index]
+        if stream is not None:
+            stream.load_block(index, block)
         block_home = module_device(block)
         block.to(device)
         layer_targets = by_block.get(index, [])
@@ -219,6 +242,8 @@ def run_sequential(
             if id(target.module) not in reached:
                 prune_layer(target, LayerInputs(None, 0, None))
         block.to(block_home)
+        if stream is not None:
+            stream.finish_block(index, block)
         timings.append(BlockTiming(index, time.perf_counter() - started))
         if progress:
             bar.set_postfix(last=f"{timings[-1].seconds:.1f}s")
