@@ -83,13 +83,14 @@ def _to_device(value: Any, device: torch.device) -> Any:
 
 
 def move_outside_blocks(model: nn.Module, blocks_name: str, device: torch.device) -> None:
-    """Move every parameter and buffer that is not inside the blocks to ``device`` (in place)."""
+    """Move every parameter and buffer that is not inside the blocks to ``device`` (in place); meta tensors
+    (not loaded: see :mod:`prunekit.models.lazy`) stay where they are."""
     prefix = blocks_name + "."
     for module_name, module in model.named_modules():
         if module_name == blocks_name or module_name.startswith(prefix):
             continue
         for param in module.parameters(recurse=False):
-            if param.device != device:
+            if param.device != device and param.device.type != "meta":
                 param.data = param.data.to(device)
         for name, buf in module.named_buffers(recurse=False):
             if buf is not None and buf.device != device:

@@ -169,12 +169,16 @@ class StreamedBlocks:
         self.total_size = 0
 
     def _outside_modules(self) -> list[tuple[str, nn.Module]]:
+        """Modules with weights outside the blocks, except the output head: capturing stops before it
+        (a head tied to the input embedding is loaded with the embedding anyway)."""
         prefix = self.blocks_name + "."
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
         return [
             (name, module)
             for name, module in self.model.named_modules()
             if name != self.blocks_name
             and not name.startswith(prefix)
+            and module is not head
             and (any(True for _ in module.parameters(recurse=False)) or module._buffers)
         ]
 

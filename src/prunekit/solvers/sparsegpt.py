@@ -66,17 +66,18 @@ def inverse_hessian_factor(
     :data:`DAMPENING_RETRIES` times; then :class:`~prunekit.errors.NumericalError` names the layer.
     Returns the factor and the dampening fraction that worked.
     """
-    h = hessian.clone()
-    diagonal = torch.diagonal(h)
-    mean_diag = float(diagonal.mean())
+    mean_diag = float(torch.diagonal(hessian).mean())
     fractions = [dampening] + [max(dampening, 1e-4) * 10**t for t in range(1, DAMPENING_RETRIES + 1)]
     for fraction in fractions:
-        damped = h.clone()
+        damped = hessian.clone()
         torch.diagonal(damped).add_(fraction * mean_diag)
         lower, info = torch.linalg.cholesky_ex(damped)
+        del damped  # peak memory: three (in, in) matrices, never more
         if int(info) == 0:
             inverse = torch.cholesky_inverse(lower)
+            del lower
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if int(info) == 0 and torch.isfinite(upper).all():
                 return upper, fraction
     raise NumericalError(
@@ -138,7 +139,7 @@ def sparsegpt_prune(
 
     dead = torch.diagonal(h) == 0
     if dead.any():
-        h = h.clone()
+        h = h.clone() if h is hessian else h
         h[dead, dead] = 1.0
         w[:, dead] = 0.0
     hinv, used = inverse_hessian_factor(h, dampening, layer_name)
