@@ -5,20 +5,13 @@ import torch
 from torch import nn
 
 import prunekit
-from models import FAMILIES, sample_text, tiny_model, tiny_tokenizer
+from models import FAMILIES, tiny_model
 from oracles import first_block_inputs, true_sequential_oracle
-from prunekit.calibration.data import tokenize_text
 from prunekit.calibration.lockstep import LockstepRunner
 from prunekit.models.blocks import find_decoder_blocks
 from prunekit.models.targets import find_targets, weight_matrix
 from prunekit.patterns import unstructured_mask
 from prunekit.scoring import wanda_scores
-
-
-@pytest.fixture(scope="module")
-def calibration():
-    tokens = tokenize_text(tiny_tokenizer(), sample_text())
-    return prunekit.calibration.sample_windows(tokens, nsamples=6, seqlen=32, seed=0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -185,3 +178,34 @@ def test_offloading_activations_does_not_change_the_result(calibration):
     )
     for (name, a), (_, b) in zip(plain.model.state_dict().items(), offloaded.model.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+class _SharedInputBlock(nn.Module):
+    """b and c receive the very same tensor (like q/k/v), d receives a new one."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d = (nn.Linear(2, 2) for _ in range(4))
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.d(self.b(h) + self.c(h))
+
+
+def test_layers_fed_the_same_tensor_share_one_pooled_state():
+    block = _SharedInputBlock()
+    collected, finalized = [], {}
+
+    def collect(module, args, state):
+        collected.append(module)
+        return (state or []) + [float(args[0].detach().sum())]
+
+    def finalize(module, state, batches):
+        finalized[module] = state
+
+    runner = LockstepRunner([block.a, block.b, block.c, block.d], collect, finalize)
+    with torch.no_grad():
+        runner.run([lambda i=i: block(torch.full((1, 2), float(i))) for i in range(3)])
+    assert [collected.count(m) for m in (block.a, block.b, block.c, block.d)] == [3, 3, 0, 3]
+    assert finalized[block.c] is finalized[block.b]
+    assert finalized[block.d] is not finalized[block.b]

@@ -74,7 +74,7 @@ def test_skeleton_holds_no_weights(tmp_path):
 
 
 def test_clear_errors_and_nothing_written(calibration, tmp_path):
-    with pytest.raises(ModelLoadError, match="no .safetensors files"):
+    with pytest.raises(ModelLoadError, match=r"no \.safetensors files"):
         prune_checkpoint(tmp_path, tmp_path / "out", prunekit.PruneConfig(), calibration, progress=False)
     source = save_tiny_checkpoint(tmp_path / "in", "llama")
     (tmp_path / "busy").mkdir()

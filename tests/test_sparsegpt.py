@@ -6,9 +6,8 @@ import pytest
 import torch
 
 import prunekit
-from models import FAMILIES, sample_text, tiny_model, tiny_tokenizer
+from models import FAMILIES, tiny_model
 from oracles import true_sequential_oracle
-from prunekit.calibration.data import tokenize_text
 from prunekit.errors import ConfigError, NumericalError
 from prunekit.models.blocks import find_decoder_blocks
 from prunekit.models.targets import find_targets, weight_matrix
@@ -140,12 +139,6 @@ def test_config_rejects_a_block_size_that_does_not_tile_nm_groups():
         prunekit.PruneConfig(method="sparsegpt", dampening=-1)
     assert prunekit.PruneConfig(method="sparsegpt").parsed_pattern() == Unstructured(0.5, "layer")
     assert prunekit.PruneConfig(method="wanda").parsed_pattern() == Unstructured(0.5, "row")
-
-
-@pytest.fixture(scope="module")
-def calibration():
-    tokens = tokenize_text(tiny_tokenizer(), sample_text())
-    return prunekit.calibration.sample_windows(tokens, nsamples=6, seqlen=32, seed=0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

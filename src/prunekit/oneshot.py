@@ -29,7 +29,7 @@ from prunekit.models.loading import resolve_device
 from prunekit.models.targets import Target, find_targets, weight_matrix
 from prunekit.patterns import Pattern, check_pattern_fits, select_keep_mask
 from prunekit.scoring import LayerStats, method_info, score_weights
-from prunekit.solvers.sparsegpt import sparsegpt_prune
+from prunekit.solvers.sparsegpt import inverse_hessian, sparsegpt_prune
 
 log = logging.getLogger(__name__)
 
@@ -163,15 +163,11 @@ def prune(
             method = "magnitude"
         if method_info(method).needs_hessian:
             assert inputs.gram is not None
-            solved = sparsegpt_prune(
-                weight,
-                inputs.gram,
-                pattern,
-                block_size=config.block_size,
-                dampening=config.dampening,
-                layer_name=target.name,
-            )
-            inputs.gram = None  # free the Hessian before the next layer's
+            if "sparsegpt" not in inputs.cache:  # once per input: q/k/v share it
+                inputs.cache["sparsegpt"] = inverse_hessian(
+                    inputs.gram.to(weight.device), config.dampening, target.name
+                )
+            solved = sparsegpt_prune(weight, inputs.cache["sparsegpt"], pattern, block_size=config.block_size)
             mask, new_weight = Mask(solved.keep), solved.weight
         else:
             mask = prune_weight(weight, method, pattern, stats, generator)

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import torch
@@ -36,13 +36,15 @@ class LayerInputs:
     ``sq_norms`` is ``sum_tokens x_j^2`` per input feature (float32); ``sample`` holds a few input rows,
     evenly spaced over the batches, for measuring reconstruction error; ``gram`` is ``X^T X`` summed over
     the tokens (only when the engine was asked for it: SparseGPT's Hessian); ``None`` values mean no
-    batch reached the layer.
+    batch reached the layer. Layers fed the very same input (q/k/v) get the same object, and methods may
+    keep what they derive from it in ``cache`` (SparseGPT's inverse Hessian).
     """
 
     sq_norms: torch.Tensor | None
     n_tokens: int
     sample: torch.Tensor | None
     gram: torch.Tensor | None = None
+    cache: dict[str, Any] = field(default_factory=dict)
 
 
 PruneLayer = Callable[[Target, LayerInputs], None]

@@ -18,6 +18,7 @@ skips (data-dependent routing) do not deadlock: when every batch is parked or do
 
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
@@ -33,11 +34,13 @@ class LockstepRunner(Generic[T]):
 
     Args:
         layers: the modules to meet at, in forward order.
-        collect: ``collect(module, args, state) -> state``, run in the batch's own forward before it
-            parks; it folds the batch's input into the module's running statistics (``state`` is ``None``
-            for the first batch). Batches arrive in batch order (unless routing lets some skip ahead),
-            always in the same order, so the pooled result is deterministic; one running state per
-            module is held, never one per batch.
+        collect: ``collect(module, args, state) -> state`` folds one batch's input into the module's
+            running statistics (``state`` is ``None`` for the first batch). Inputs are folded in arrival
+            order: batch order unless routing lets some skip ahead, and always the same order, so the
+            pooled result is deterministic. With ``park``, it runs when the layer is finalized (the
+            parked batches hold their inputs anyway), and a layer whose every batch received the very
+            same input tensor as at the previously finalized layer (q/k/v, gate/up) *shares* that
+            layer's state instead of collecting it again. Without ``park``, it runs on arrival.
         finalize: ``finalize(module, state, batches)``, run once per module when every batch that will
             reach it has (``batches``: their indices, ascending); it may change the module's weights.
         park: ``False`` turns the meeting points off: every batch runs straight through with the weights
@@ -64,6 +67,8 @@ class LockstepRunner(Generic[T]):
         self._current: int | None = None
         self._waiting: dict[int, list[int]] = {}
         self._states: dict[int, Any] = {}
+        self._arrivals: dict[int, list[tuple[int, tuple[Any, ...]]]] = {}
+        self._last: tuple[list[int], list[weakref.ref[Any]], Any] | None = None
         self._done: set[int] = set()
         results: list[Any] = [None] * len(jobs)
         lets = [greenlet.greenlet(job, parent=self._scheduler) for job in jobs]
@@ -94,12 +99,28 @@ class LockstepRunner(Generic[T]):
     def _finalize_earliest(self) -> list[int]:
         key = min(self._waiting, key=self._rank.__getitem__)
         parked = self._waiting.pop(key)
-        state = self._states.pop(key)
-        self._done.add(key)
         module = self._layers[self._rank[key]]
+        state = self._states.pop(key) if not self._park else self._pool_arrivals(module, self._arrivals.pop(key))
+        self._done.add(key)
         self._finalize(module, state, sorted(parked))
         self.finalized.append(module)
         return sorted(parked)
+
+    def _pool_arrivals(self, module: nn.Module, arrivals: list[tuple[int, tuple[Any, ...]]]) -> Any:
+        """The pooled state of a layer's parked inputs, shared with the previous layer if it saw the same."""
+        batches = [index for index, _ in arrivals]
+        last = self._last
+        if (
+            last is not None
+            and last[0] == batches
+            and all(ref() is inputs[0] for ref, (_, inputs) in zip(last[1], arrivals, strict=True))
+        ):
+            return last[2]
+        state = None
+        for _, inputs in arrivals:
+            state = self._collect(module, inputs, state)
+        self._last = (batches, [weakref.ref(inputs[0]) for _, inputs in arrivals], state)
+        return state
 
     def _pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         index = self._current
@@ -107,7 +128,9 @@ class LockstepRunner(Generic[T]):
         if index is None or greenlet.getcurrent() is self._scheduler or key in self._done:
             return  # called outside a batch, or a second call after the layer was pruned
         inputs = args if args else tuple(kwargs.values())  # Linear(input=x) passes its input by keyword
-        self._states[key] = self._collect(module, inputs, self._states.get(key))
         self._waiting.setdefault(key, []).append(index)
         if self._park:
+            self._arrivals.setdefault(key, []).append((index, inputs))
             self._scheduler.switch()  # park; resumed once the layer is pruned
+        else:
+            self._states[key] = self._collect(module, inputs, self._states.get(key))

@@ -1,5 +1,19 @@
 """Weight reconstruction: methods that update the kept weights, not only choose a mask."""
 
-from prunekit.solvers.sparsegpt import SparseGPTResult, accumulate_gram, inverse_hessian_factor, sparsegpt_prune
+from prunekit.solvers.sparsegpt import (
+    InverseHessian,
+    SparseGPTResult,
+    accumulate_gram,
+    inverse_hessian,
+    inverse_hessian_factor,
+    sparsegpt_prune,
+)
 
-__all__ = ["SparseGPTResult", "accumulate_gram", "inverse_hessian_factor", "sparsegpt_prune"]
+__all__ = [
+    "InverseHessian",
+    "SparseGPTResult",
+    "accumulate_gram",
+    "inverse_hessian",
+    "inverse_hessian_factor",
+    "sparsegpt_prune",
+]

@@ -106,16 +106,47 @@ def _block_prune_counts(pattern_sparsity: float, cols: int, block_size: int, row
     return counts
 
 
+@dataclass(frozen=True)
+class InverseHessian:
+    """What the solver needs from ``H``, computed once per input (layers sharing an input share it):
+    the upper Cholesky factor of ``(H + lambda I)^-1`` with dead inputs' diagonal set to 1 first, the dead
+    inputs, and the dampening fraction that made ``H`` positive definite."""
+
+    upper: torch.Tensor
+    dead: torch.Tensor
+    dampening: float
+
+
+def inverse_hessian(hessian: torch.Tensor, dampening: float = 0.01, layer_name: str = "layer") -> InverseHessian:
+    """Prepare ``H`` (``(in, in)``, float32 or float64) for :func:`sparsegpt_prune`; ``hessian`` is not modified."""
+    h = hessian if hessian.dtype in (torch.float32, torch.float64) else hessian.float()
+    dead = torch.diagonal(h) == 0
+    if dead.any():
+        h = h.clone()
+        h[dead, dead] = 1.0
+    upper, used = inverse_hessian_factor(h, dampening, layer_name)
+    return InverseHessian(upper, dead, used)
+
+
+def _nm_prune_mask(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """1.0 where a weight of a ``(m, rows)`` group (columns of one row along dim 0) is removed, keeping the
+    ``n`` highest scores; among equal scores the lower index is kept (stable descending sort)."""
+    order = torch.sort(scores, dim=0, descending=True, stable=True).indices
+    pruned = torch.ones_like(scores)
+    return pruned.scatter_(0, order[:n], 0.0)
+
+
 def sparsegpt_prune(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | InverseHessian,
     pattern: Pattern,
     *,
     block_size: int = 128,
     dampening: float = 0.01,
     layer_name: str = "layer",
 ) -> SparseGPTResult:
-    """Prune a ``(out, in)`` weight with SparseGPT given the ``(in, in)`` Hessian ``X X^T``.
+    """Prune a ``(out, in)`` weight with SparseGPT given the ``(in, in)`` Hessian ``X X^T`` (or its
+    :func:`inverse_hessian`, which then fixes the dampening).
 
     Unstructured patterns remove exactly ``floor(sparsity * n)`` weights, ``n`` being each row
     (``scope="row"``) or the whole matrix (``scope="layer"``, the paper's choice: within each column
@@ -127,25 +158,21 @@ def sparsegpt_prune(
     Computation runs in the Hessian's dtype; the returned weight has ``weight``'s dtype and device.
     """
     rows, cols = weight.shape
-    if hessian.shape != (cols, cols):
-        raise ValueError(f"Hessian of {layer_name!r} has shape {tuple(hessian.shape)}, expected ({cols}, {cols})")
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     if isinstance(pattern, NM) and block_size % pattern.m:
         raise ValueError(f"block_size {block_size} must be a multiple of M={pattern.m} for pattern {pattern}")
-    work = hessian.dtype if hessian.dtype in (torch.float32, torch.float64) else torch.float32
-    h = hessian.to(device=weight.device, dtype=work)
-    w = weight.detach().to(work).clone()
+    if isinstance(hessian, torch.Tensor):
+        if hessian.shape != (cols, cols):
+            raise ValueError(f"Hessian of {layer_name!r} has shape {tuple(hessian.shape)}, expected ({cols}, {cols})")
+        hessian = inverse_hessian(hessian.to(weight.device), dampening, layer_name)
+    hinv = hessian.upper.to(weight.device)
+    work = hinv.dtype
+    # Work on W^T (in, out): a column of W is then a contiguous row, which keeps the per-column steps cheap.
+    wt = weight.detach().t().to(work).clone()
+    wt[hessian.dead.to(weight.device)] = 0.0
 
-    dead = torch.diagonal(h) == 0
-    if dead.any():
-        h = h.clone() if h is hessian else h
-        h[dead, dead] = 1.0
-        w[:, dead] = 0.0
-    hinv, used = inverse_hessian_factor(h, dampening, layer_name)
-    del h
-
-    keep = torch.ones(rows, cols, dtype=torch.bool, device=weight.device)
+    keep_t = torch.ones(cols, rows, dtype=torch.bool, device=weight.device)
     loss = torch.zeros((), dtype=work, device=weight.device)
     unstructured_counts = None
     if not isinstance(pattern, NM):
@@ -154,33 +181,33 @@ def sparsegpt_prune(
 
     for number, start in enumerate(range(0, cols, block_size)):
         end = min(start + block_size, cols)
-        w_block = w[:, start:end].clone()
+        block = wt[start:end].clone()  # (b, out)
         hinv_block = hinv[start:end, start:end]
-        diag_block = torch.diagonal(hinv_block)
-        errors = torch.zeros_like(w_block)
-        keep_block = torch.ones_like(w_block, dtype=torch.bool)
+        inverse_diag = 1.0 / torch.diagonal(hinv_block)
+        errors = torch.zeros_like(block)
         if unstructured_counts is not None:
-            scores = w_block.pow(2) / diag_block.pow(2).unsqueeze(0)
+            scores = block.square() * inverse_diag.square().unsqueeze(1)  # w^2 / [H^-1]_cc^2
             k = unstructured_counts[number]
             if pattern.scope == "row":  # type: ignore[union-attr]
-                keep_block = drop_lowest_k(scores, k)
+                keep = drop_lowest_k(scores.t(), k).t()
             else:
-                keep_block = drop_lowest_k(scores.reshape(1, -1), k).reshape(scores.shape)
-        pruned = (~keep_block).to(work)
+                keep = drop_lowest_k(scores.reshape(1, -1), k).reshape(scores.shape)
+            scaled = (~keep).to(work) * inverse_diag.unsqueeze(1)  # 1/[H^-1]_cc where removed, else 0
+        else:
+            scaled = torch.zeros_like(block)
         for i in range(end - start):
             if isinstance(pattern, NM) and i % pattern.m == 0:
                 group = slice(i, i + pattern.m)
-                scores = w_block[:, group].pow(2) / diag_block[group].pow(2).unsqueeze(0)
-                keep_block[:, group] = drop_lowest_k(scores, pattern.m - pattern.n)
-                pruned[:, group] = (~keep_block[:, group]).to(work)
-            error = w_block[:, i] * pruned[:, i] / hinv_block[i, i]  # OBS step of Eq. 3, row by row
-            w_block[:, i:].addr_(error, hinv_block[i, i:], alpha=-1)
-            errors[:, i] = error
-        w_block.masked_fill_(~keep_block, 0)  # removed weights exactly 0 (the update leaves rounding residue)
-        loss += errors.pow(2).sum() / 2
-        w[:, start:end] = w_block
-        keep[:, start:end] = keep_block
+                scores = block[group].square() * inverse_diag[group].square().unsqueeze(1)
+                scaled[group] = _nm_prune_mask(scores, pattern.n) * inverse_diag[group].unsqueeze(1)
+            error = torch.mul(block[i], scaled[i], out=errors[i])  # OBS step of Eq. 3, every row at once
+            block[i:].addr_(hinv_block[i, i:], error, alpha=-1)
+        removed = scaled != 0
+        block.masked_fill_(removed, 0)  # removed weights exactly 0 (the update leaves rounding residue)
+        loss += errors.square().sum() / 2
+        wt[start:end] = block
+        keep_t[start:end] = ~removed
         if end < cols:
-            w[:, end:] -= errors @ hinv[start:end, end:]
+            wt[end:] -= hinv[start:end, end:].t() @ errors
 
-    return SparseGPTResult(w.to(weight.dtype), keep, float(loss), used)
+    return SparseGPTResult(wt.t().to(weight.dtype), keep_t.t().contiguous(), float(loss), hessian.dampening)
