@@ -55,8 +55,6 @@ SUITES = {
         [
             ("sparsegpt", "unstructured", "sequential"),
             ("sparsegpt", "2:4", "sequential"),
-            ("sparsegpt", "unstructured", "block"),
-            ("sparsegpt", "2:4", "block"),
         ],
         [("sparsegpt", "unstructured"), ("sparsegpt", "2:4")],
     ),
