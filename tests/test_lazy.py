@@ -119,3 +119,25 @@ def test_cli_lazy_end_to_end_and_its_errors(tmp_path, capsys):
     assert main(["prune", *common, "--out", str(tmp_path / "o2"), "--ppl", str(calib)]) == 2
     assert "prunekit eval OUT" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.bool])
+def test_streamed_safetensors_writer_and_mapped_reader_round_trip(dtype, tmp_path):
+    from safetensors.torch import load_file
+
+    from prunekit.models.lazy import SafetensorsCheckpoint, write_safetensors
+
+    tensors = {
+        "b.weight": (torch.arange(24).reshape(4, 6) % 3).to(dtype),
+        "a.scalar": torch.tensor(1).to(dtype),
+        "c.empty": torch.zeros(0, 3, dtype=dtype),
+    }
+    write_safetensors(tmp_path / "x.safetensors", tensors, {"format": "pt"})
+    loaded = load_file(tmp_path / "x.safetensors")  # the official reader agrees
+    checkpoint = SafetensorsCheckpoint(tmp_path)
+    for name, tensor in tensors.items():
+        assert torch.equal(loaded[name], tensor) and loaded[name].dtype == dtype
+        mapped = checkpoint.map(name)
+        assert torch.equal(mapped, tensor) and mapped.dtype == dtype
+    checkpoint.map("b.weight").fill_(0)  # copy-on-write: the file is unchanged
+    assert torch.equal(checkpoint.read("b.weight"), tensors["b.weight"])

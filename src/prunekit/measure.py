@@ -14,6 +14,17 @@ _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
 
 
+def current_rss_bytes() -> int:
+    """The process's resident set size now (``VmRSS`` on Linux; 0 where unknown)."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def current_peak_rss_bytes() -> int:
     """The process's peak resident set size (``VmHWM`` on Linux, else ``ru_maxrss``)."""
     try:

@@ -14,15 +14,19 @@ The output is a standard sharded Hugging Face checkpoint (``model-0000i-of-0000n
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from prunekit.errors import ModelLoadError
+from prunekit.measure import current_rss_bytes
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +82,41 @@ class SafetensorsCheckpoint:
 
         with safe_open(str(self._file_of[name]), framework="pt") as handle:
             return handle.get_tensor(name)
+
+    def _entry(self, name: str) -> tuple[dict[str, Any], int]:
+        """A tensor's header entry and where the data section of its file starts."""
+        with self._file_of[name].open("rb") as handle:
+            header_len = int.from_bytes(handle.read(8), "little")
+            return json.loads(handle.read(header_len))[name], 8 + header_len
+
+    def copy_to(self, name: str, path: Path, chunk_bytes: int = 16 << 20) -> int:
+        """Write tensor ``name`` alone into a new safetensors file at ``path``, copying its bytes in chunks
+        (never the whole tensor in memory); returns its size in bytes."""
+        entry, data_start = self._entry(name)
+        begin, end = entry["data_offsets"]
+        header = json.dumps({"__metadata__": {"format": "pt"}, name: {**entry, "data_offsets": [0, end - begin]}})
+        encoded = header.encode() + b" " * (-len(header.encode()) % 8)
+        with self._file_of[name].open("rb") as source, path.open("wb") as target:
+            target.write(len(encoded).to_bytes(8, "little"))
+            target.write(encoded)
+            source.seek(data_start + begin)
+            left = end - begin
+            while left > 0:
+                chunk = source.read(min(chunk_bytes, left))
+                target.write(chunk)
+                left -= len(chunk)
+        return end - begin
+
+    def map(self, name: str) -> torch.Tensor:
+        """One tensor memory-mapped copy-on-write: only the pages that are read become resident (an
+        embedding table of which calibration touches a few rows), and writes never reach the file."""
+        entry, data_start = self._entry(name)
+        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+        begin, end = entry["data_offsets"]
+        if end == begin:
+            return torch.empty(entry["shape"], dtype=dtype)
+        raw = np.memmap(self._file_of[name], dtype=np.uint8, mode="c", offset=data_start + begin, shape=(end - begin,))
+        return torch.from_numpy(raw).view(dtype).reshape(entry["shape"])
 
 
 def _stored_dtype(checkpoint: SafetensorsCheckpoint) -> torch.dtype:
@@ -144,6 +183,43 @@ def release(module: nn.Module) -> None:
                 sub._parameters[leaf] = nn.Parameter(param.to("meta"), requires_grad=False)
 
 
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file tensor by tensor from the tensors' own memory (``safetensors.torch.save_file``
+    first copies every tensor into one buffer, doubling a block's footprint). Same format, readable by
+    ``safetensors``: an 8-byte little-endian header length, a JSON header, then the raw bytes."""
+    names = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    ordered = sorted(tensors.items())
+    for name, tensor in ordered:
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": names[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with path.open("wb") as handle:
+        handle.write(len(encoded).to_bytes(8, "little"))
+        handle.write(encoded)
+        for _, tensor in ordered:
+            data = tensor.detach().to("cpu").contiguous()
+            handle.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+
+
+def return_freed_memory() -> None:
+    """Ask glibc to give freed heap memory back to the system (no-op elsewhere): block after block, freed
+    weights would otherwise stay in the process's heap and count in its resident size."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    libc = ctypes.CDLL(name)
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 def shard_name(number: int, total: int) -> str:
     """Hugging Face's shard file name, 1-based: ``model-00001-of-00031.safetensors``."""
     return f"model-{number:05d}-of-{total:05d}.safetensors"
@@ -190,7 +266,7 @@ class StreamedBlocks:
             for leaf, param in list(module._parameters.items()):
                 full = f"{name}.{leaf}" if name else leaf
                 if param is not None and full in self.checkpoint:
-                    value = self.checkpoint.read(full).to(dtype=param.dtype)
+                    value = self.checkpoint.map(full).to(dtype=param.dtype)
                     module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
         if hasattr(self.model, "tie_weights"):
             self.model.tie_weights()  # re-point a tied head at the loaded embedding
@@ -212,21 +288,24 @@ class StreamedBlocks:
         tensors = {prefix + name: t.detach().to("cpu").contiguous() for name, t in block.state_dict().items()}
         tensors = {name: t for name, t in tensors.items() if name in self.checkpoint}
         self._write(index + 1, tensors)
+        del tensors
         release(block)
+        return_freed_memory()
+        log.debug("block %d written and freed; resident %.2f GB", index, current_rss_bytes() / 1e9)
 
     def finish(self, extra_files: dict[str, Any] | None = None) -> None:
         """Copy the tensors outside the blocks (one shard each) and write the shard index."""
         first = self.total_shards - len(self.outside) + 1
         for offset, name in enumerate(self.outside):
-            self._write(first + offset, {name: self.checkpoint.read(name)})
+            file = shard_name(first + offset, self.total_shards)
+            self.total_size += self.checkpoint.copy_to(name, self.out_dir / file)
+            self.weight_map[name] = file
         index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
     def _write(self, number: int, tensors: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
-
         file = shard_name(number, self.total_shards)
-        save_file(tensors, str(self.out_dir / file), metadata={"format": "pt"})
+        write_safetensors(self.out_dir / file, tensors, metadata={"format": "pt"})
         for name, tensor in tensors.items():
             self.weight_map[name] = file
             self.total_size += tensor.numel() * tensor.element_size()
