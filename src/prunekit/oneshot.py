@@ -162,11 +162,12 @@ def prune(
             log.warning("no calibration batch reached %s; pruning it by magnitude", target.name)
             method = "magnitude"
         if method_info(method).needs_hessian:
-            assert inputs.gram is not None
             if "sparsegpt" not in inputs.cache:  # once per input: q/k/v share it
+                assert inputs.gram is not None
                 inputs.cache["sparsegpt"] = inverse_hessian(
                     inputs.gram.to(weight.device), config.dampening, target.name
                 )
+                inputs.gram = None  # the inverse is all the solver needs from here on
             solved = sparsegpt_prune(weight, inputs.cache["sparsegpt"], pattern, block_size=config.block_size)
             mask, new_weight = Mask(solved.keep), solved.weight
         else:

@@ -122,11 +122,16 @@ def drop_lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
         ahead = (other > mine) | ((other == mine) & (index < index.unsqueeze(-1)))  # who outranks i
         return ahead.sum(-1) < n - k
     threshold = torch.kthvalue(scores, k, dim=-1, keepdim=True).values
-    below = scores < threshold
+    drop = scores < threshold
     tied = scores == threshold
-    ties_to_drop = k - below.sum(-1, keepdim=True)
-    tied_from_end = tied.flip(-1).cumsum(-1).flip(-1)  # tied entries at or after each position
-    return ~(below | (tied & (tied_from_end <= ties_to_drop)))
+    ties_to_drop = k - drop.sum(-1, keepdim=True)
+    crowded = (tied.sum(-1, keepdim=True) > ties_to_drop).squeeze(-1)  # rows where some ties are kept
+    drop |= tied
+    if crowded.any():  # rare: resolve those rows' ties from the highest index down
+        rows_tied, rows_quota = tied[crowded], ties_to_drop[crowded]
+        tied_from_end = rows_tied.flip(-1).cumsum(-1, dtype=torch.int32).flip(-1)
+        drop[crowded] = (scores[crowded] < threshold[crowded]) | (rows_tied & (tied_from_end <= rows_quota))
+    return drop.logical_not_()
 
 
 def keep_mask_by_sort(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -22,4 +22,5 @@ def wanda_scores(weight: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
             f"input norms have shape {tuple(sq_norms.shape)}, expected ({weight.shape[1]},) for a weight "
             f"of shape {tuple(weight.shape)}"
         )
-    return weight.detach().abs().float() * sq_norms.to(weight.device).float().sqrt().unsqueeze(0)
+    scores = weight.detach().float().abs()  # a new tensor whatever the dtype: scaled in place below
+    return scores.mul_(sq_norms.to(weight.device).float().sqrt().unsqueeze(0))
