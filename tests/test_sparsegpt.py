@@ -185,3 +185,15 @@ def test_sparsegpt_beats_wanda_on_layer_error(calibration):
         result = prunekit.prune(model, prunekit.PruneConfig(method=method, pattern="2:4"), calibration, progress=False)
         errors[method] = sum(layer.relative_error for layer in result.layers)
     assert errors["sparsegpt"] < errors["wanda"]
+
+
+def test_inverse_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
+    _, x = _correlated_problem(cols=24, tokens=200)
+    hessian = x.double().t() @ x.double()
+    before = hessian.clone()
+    upper, used = inverse_hessian_factor(hessian, 0.01)
+    damped = hessian + 0.01 * hessian.diagonal().mean() * torch.eye(24, dtype=torch.float64)
+    assert used == 0.01
+    assert torch.equal(upper, upper.triu())
+    assert torch.allclose(upper.t() @ upper, torch.linalg.inv(damped), rtol=1e-8, atol=1e-12)
+    assert torch.equal(hessian, before)  # the input is not modified

@@ -68,18 +68,19 @@ def inverse_hessian_factor(
     """
     mean_diag = float(torch.diagonal(hessian).mean())
     fractions = [dampening] + [max(dampening, 1e-4) * 10**t for t in range(1, DAMPENING_RETRIES + 1)]
+    info = torch.empty((), dtype=torch.int32, device=hessian.device)
     for fraction in fractions:
-        damped = hessian.clone()
-        torch.diagonal(damped).add_(fraction * mean_diag)
-        lower, info = torch.linalg.cholesky_ex(damped)
-        del damped  # peak memory: three (in, in) matrices, never more
+        # One working matrix, factorised, inverted and factorised again in place: with ``hessian``, two
+        # (in, in) matrices are alive at most; ``hessian`` stays intact for a retry.
+        work = hessian.clone()
+        torch.diagonal(work).add_(fraction * mean_diag)
+        torch.linalg.cholesky_ex(work, out=(work, info))
         if int(info) == 0:
-            inverse = torch.cholesky_inverse(lower)
-            del lower
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            del inverse
-            if int(info) == 0 and torch.isfinite(upper).all():
-                return upper, fraction
+            torch.cholesky_inverse(work, out=work)
+            torch.linalg.cholesky_ex(work, upper=True, out=(work, info))
+            if int(info) == 0 and torch.isfinite(work).all():
+                return work, fraction
+        del work
     raise NumericalError(
         f"the Hessian of layer {layer_name!r} is not positive definite even with dampening "
         f"{fractions[-1]:g} x mean diagonal: use more (or more varied) calibration samples, "
