@@ -254,10 +254,14 @@ def prune_checkpoint(
     The result is bit-identical to :func:`prune` on the loaded model, and the output is a sharded
     checkpoint that plain ``transformers`` loads. Writing is atomic: nothing appears at ``out_dir`` unless
     everything succeeded. ``extra(tmp_dir, result)`` may add files (a report) before the rename.
+
+    To keep the peak low, glibc is told (process-wide) to map allocations above 1 MiB individually
+    (:func:`prunekit.models.lazy.map_large_allocations`).
     """
     from prunekit.export import write_atomically
-    from prunekit.models.lazy import StreamedBlocks, build_skeleton
+    from prunekit.models.lazy import StreamedBlocks, build_skeleton, map_large_allocations
 
+    map_large_allocations()
     model, checkpoint = build_skeleton(source, dtype, trust_remote_code)
     blocks_name, blocks = find_decoder_blocks(model)
     outcome: list[PruneResult] = []

@@ -209,14 +209,31 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
             handle.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
 
 
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def _libc() -> Any:
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name else None
+
+
+def map_large_allocations(threshold_bytes: int = 1 << 20) -> bool:
+    """Make glibc serve every allocation above ``threshold_bytes`` with its own memory mapping, returned
+    to the system when freed. By default glibc raises that threshold to the largest block freed so far
+    (up to 32 MiB), after which activations of a few MiB come from the heap and its high-water mark
+    stays resident: streaming a 1B model block by block then peaks about 0.4 GB higher. Process-wide;
+    returns False where it does not apply (not glibc)."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold_bytes))
+
+
 def return_freed_memory() -> None:
     """Ask glibc to give freed heap memory back to the system (no-op elsewhere): block after block, freed
     weights would otherwise stay in the process's heap and count in its resident size."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return
-    libc = ctypes.CDLL(name)
-    if hasattr(libc, "malloc_trim"):
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
 
 
