@@ -188,7 +188,10 @@ def run_sequential(
     n_batches = len(captured.hidden)
     per_batch_rows = math.ceil(sample_tokens / n_batches) if sample_tokens > 0 else 0
     collect = _collector(per_batch_rows, gram_dtype)
-    hidden = [h.to("cpu") for h in captured.hidden] if offload_activations else captured.hidden
+    hidden: list[torch.Tensor | None] = (
+        [h.to("cpu") for h in captured.hidden] if offload_activations else list(captured.hidden)
+    )
+    captured.hidden.clear()
     timings: list[BlockTiming] = []
     bar = tqdm(range(len(blocks)), desc="pruning blocks", unit="block", disable=not progress)
     for index in bar:
@@ -221,25 +224,33 @@ def run_sequential(
         calls = captured.calls[index]
 
         def make_job(
-            b: int, block: nn.Module = block, calls: list[BlockCall] = calls, hidden: list[torch.Tensor] = hidden
+            b: int,
+            release: bool,
+            block: nn.Module = block,
+            calls: list[BlockCall] = calls,
+            hidden: list[torch.Tensor | None] = hidden,
         ) -> Callable[[], torch.Tensor]:
             def job() -> torch.Tensor:
                 call = calls[b]
+                x = hidden[b]
+                assert x is not None
+                if release:  # the block's own frames keep what they need: no second copy while it runs
+                    hidden[b] = None
                 with torch.no_grad():
                     out = block(
-                        _to_device(hidden[b], device),
-                        *_to_device(call.args, device),
-                        **_to_device(call.kwargs, device),
+                        _to_device(x, device), *_to_device(call.args, device), **_to_device(call.kwargs, device)
                     )
+                del x
                 result = hidden_from_output(out)
                 return result.to("cpu") if offload_activations else result
 
             return job
 
-        outputs = runner.run([make_job(b) for b in range(n_batches)])
-        if propagation == "block":  # second pass: outputs of the pruned block
-            outputs = [make_job(b)() for b in range(n_batches)]
-        hidden = outputs
+        two_passes = propagation == "block"
+        outputs = runner.run([make_job(b, release=not two_passes) for b in range(n_batches)])
+        if two_passes:  # second pass: outputs of the pruned block
+            outputs = [make_job(b, release=True)() for b in range(n_batches)]
+        hidden = list(outputs)
         reached = {id(m) for m in runner.finalized}
         for target in layer_targets:
             if id(target.module) not in reached:
