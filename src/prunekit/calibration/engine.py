@@ -113,7 +113,7 @@ def _collector(
     def collect(module: nn.Module, args: tuple[Any, ...], pooled: LayerInputs | None) -> LayerInputs:
         x = args[0].detach()
         flat = x.reshape(-1, x.shape[-1])
-        sq = flat.float().pow(2).sum(dim=0)
+        sq = None if gram_dtype is not None else flat.float().pow(2).sum(dim=0)  # else: diag of the Gram
         sample = None
         if sample_rows_per_batch > 0:
             rows = torch.linspace(0, flat.shape[0] - 1, min(sample_rows_per_batch, flat.shape[0]))
@@ -121,8 +121,9 @@ def _collector(
         if pooled is None:
             gram = accumulate_gram(None, flat, gram_dtype) if gram_dtype is not None else None
             return LayerInputs(sq, flat.shape[0], sample, gram)
-        assert pooled.sq_norms is not None
-        pooled.sq_norms += sq
+        if sq is not None:
+            assert pooled.sq_norms is not None
+            pooled.sq_norms += sq
         pooled.n_tokens += flat.shape[0]
         if sample is not None:
             pooled.sample = sample if pooled.sample is None else torch.cat([pooled.sample, sample])
@@ -208,6 +209,9 @@ def run_sequential(
             module: nn.Module, pooled: LayerInputs, batches: list[int], by_module: dict[int, Target] = by_module
         ) -> None:
             target = by_module[id(module)]
+            if pooled.sq_norms is None and pooled.gram is not None:
+                pooled.sq_norms = pooled.gram.diagonal().float().clone()
+            assert pooled.sq_norms is not None
             finite = torch.isfinite(pooled.sq_norms).all() and (
                 pooled.gram is None or torch.isfinite(pooled.gram).all()
             )

@@ -29,6 +29,9 @@ import torch
 from prunekit.errors import NumericalError
 from prunekit.patterns import NM, Pattern, count_to_prune, drop_lowest_k
 
+#: Columns updated one by one before the rest of a block is updated with one product (a multiple of M).
+INNER_BLOCK = 32
+
 #: Extra attempts at a Cholesky factorisation, each with ten times the dampening of the previous one.
 DAMPENING_RETRIES = 3
 
@@ -180,6 +183,8 @@ def sparsegpt_prune(
         per_row = pattern.scope == "row"
         unstructured_counts = _block_prune_counts(pattern.sparsity, cols, block_size, rows, per_row)
 
+    nm = pattern if isinstance(pattern, NM) else None
+    inner = min(block_size, nm.m * max(1, INNER_BLOCK // nm.m) if nm else INNER_BLOCK)
     for number, start in enumerate(range(0, cols, block_size)):
         end = min(start + block_size, cols)
         block = wt[start:end].clone()  # (b, out)
@@ -196,13 +201,19 @@ def sparsegpt_prune(
             scaled = (~keep).to(work) * inverse_diag.unsqueeze(1)  # 1/[H^-1]_cc where removed, else 0
         else:
             scaled = torch.zeros_like(block)
-        for i in range(end - start):
-            if isinstance(pattern, NM) and i % pattern.m == 0:
-                group = slice(i, i + pattern.m)
-                scores = block[group].square() * inverse_diag[group].square().unsqueeze(1)
-                scaled[group] = _nm_prune_mask(scores, pattern.n) * inverse_diag[group].unsqueeze(1)
-            error = torch.mul(block[i], scaled[i], out=errors[i])  # OBS step of Eq. 3, every row at once
-            block[i:].addr_(hinv_block[i, i:], error, alpha=-1)
+        width = end - start
+        block_rows, scaled_rows, error_rows = block.unbind(0), scaled.unbind(0), errors.unbind(0)
+        for sub in range(0, width, inner):  # lazy updates inside the block too: same result, less traffic
+            sub_end = min(sub + inner, width)
+            for i in range(sub, sub_end):
+                if nm is not None and i % nm.m == 0:
+                    group = slice(i, i + nm.m)
+                    scores = block[group].square() * inverse_diag[group].square().unsqueeze(1)
+                    scaled[group] = _nm_prune_mask(scores, nm.n) * inverse_diag[group].unsqueeze(1)
+                error = torch.mul(block_rows[i], scaled_rows[i], out=error_rows[i])  # OBS step (Eq. 3), all rows
+                block[i:sub_end].addr_(hinv_block[i, i:sub_end], error, alpha=-1)
+            if sub_end < width:
+                block[sub_end:] -= hinv_block[sub:sub_end, sub_end:].t() @ errors[sub:sub_end]
         removed = scaled != 0
         block.masked_fill_(removed, 0)  # removed weights exactly 0 (the update leaves rounding residue)
         loss += errors.square().sum() / 2
