@@ -8,7 +8,8 @@ pruned at 50% with Wanda and with SparseGPT by ``prunekit prune --lazy``, each r
 measures memory and time. Correctness of the streamed result (bit-identical to in-memory pruning) is
 tested on small models in ``tests/test_lazy.py``.
 
-    python bench/bench_lazy_scale.py            # ~15 min here; writes bench/results/lazy_scale.json
+    python bench/bench_lazy_scale.py                      # ~9 min here; writes bench/results/lazy_scale.json
+    python bench/bench_lazy_scale.py --nsamples 16 --out bench/results/lazy_scale_16x512.json
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def checkpoint_bytes(directory: Path) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default=str(ROOT / "bench" / "work"))
-    parser.add_argument("--nsamples", type=int, default=16)
+    parser.add_argument("--nsamples", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"])
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "lazy_scale.json"))

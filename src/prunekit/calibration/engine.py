@@ -24,7 +24,7 @@ from prunekit.calibration.capture import BlockCall, CapturedInputs, capture_bloc
 from prunekit.calibration.lockstep import LockstepRunner
 from prunekit.errors import NonFiniteError
 from prunekit.models.targets import Target
-from prunekit.solvers.sparsegpt import accumulate_gram
+from prunekit.solvers.sparsegpt import accumulate_gram, complete_gram
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +209,9 @@ def run_sequential(
             module: nn.Module, pooled: LayerInputs, batches: list[int], by_module: dict[int, Target] = by_module
         ) -> None:
             target = by_module[id(module)]
+            if pooled.gram is not None and "gram_complete" not in pooled.cache:
+                complete_gram(pooled.gram)
+                pooled.cache["gram_complete"] = True
             if pooled.sq_norms is None and pooled.gram is not None:
                 pooled.sq_norms = pooled.gram.diagonal().float().clone()
             assert pooled.sq_norms is not None
