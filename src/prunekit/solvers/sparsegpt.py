@@ -152,14 +152,6 @@ def inverse_hessian(hessian: torch.Tensor, dampening: float = 0.01, layer_name: 
     return InverseHessian(upper, dead, used)
 
 
-def _nm_prune_mask(scores: torch.Tensor, n: int) -> torch.Tensor:
-    """1.0 where a weight of a ``(m, rows)`` group (columns of one row along dim 0) is removed, keeping the
-    ``n`` highest scores; among equal scores the lower index is kept (stable descending sort)."""
-    order = torch.sort(scores, dim=0, descending=True, stable=True).indices
-    pruned = torch.ones_like(scores)
-    return pruned.scatter_(0, order[:n], 0.0)
-
-
 def sparsegpt_prune(
     weight: torch.Tensor,
     hessian: torch.Tensor | InverseHessian,
@@ -210,6 +202,8 @@ def sparsegpt_prune(
         block = wt[start:end].clone()  # (b, out)
         hinv_block = hinv[start:end, start:end]
         inverse_diag = 1.0 / torch.diagonal(hinv_block)
+        inverse_diag_col = inverse_diag.unsqueeze(1)
+        inverse_diag_sq = inverse_diag_col.square()
         errors = torch.zeros_like(block)
         if unstructured_counts is not None:
             scores = block.square() * inverse_diag.square().unsqueeze(1)  # w^2 / [H^-1]_cc^2
@@ -228,8 +222,11 @@ def sparsegpt_prune(
             for i in range(sub, sub_end):
                 if nm is not None and i % nm.m == 0:
                     group = slice(i, i + nm.m)
-                    scores = block[group].square() * inverse_diag[group].square().unsqueeze(1)
-                    scaled[group] = _nm_prune_mask(scores, nm.n) * inverse_diag[group].unsqueeze(1)
+                    order = torch.sort(
+                        block[group].square() * inverse_diag_sq[group], dim=0, descending=True, stable=True
+                    )
+                    scaled[group].copy_(inverse_diag_col[group].expand(-1, block.shape[1]))
+                    scaled[group].scatter_(0, order.indices[: nm.n], 0.0)  # the N best of the group are kept
                 error = torch.mul(block_rows[i], scaled_rows[i], out=error_rows[i])  # OBS step (Eq. 3), all rows
                 block[i:sub_end].addr_(hinv_block[i, i:sub_end], error, alpha=-1)
             if sub_end < width:
