@@ -14,27 +14,29 @@ _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
 
 
-def current_rss_bytes() -> int:
-    """The process's resident set size now (``VmRSS`` on Linux; 0 where unknown)."""
+def _status_bytes(field: str) -> int | None:
+    """A ``VmXXX`` line of ``/proc/self/status`` in bytes; ``None`` where there is none (not Linux)."""
     try:
         for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    return None
+
+
+def current_rss_bytes() -> int:
+    """The process's resident set size now (``VmRSS`` on Linux; 0 where unknown)."""
+    return _status_bytes("VmRSS") or 0
 
 
 def current_peak_rss_bytes() -> int:
     """The process's peak resident set size (``VmHWM`` on Linux, else ``ru_maxrss``)."""
-    try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+    peak = _status_bytes("VmHWM")
+    if peak is not None:
+        return peak
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss if sys.platform == "darwin" else maxrss * 1024
 
 
 def reset_peak_rss() -> bool:
