@@ -175,9 +175,9 @@ def materialize(module: nn.Module, prefix: str, checkpoint: SafetensorsCheckpoin
             owner._buffers[leaf] = checkpoint.read(prefix + name).to(device=device, dtype=buffer.dtype)
 
 
-def release(module: nn.Module) -> None:
-    """Free ``module``'s parameters (back to the meta device)."""
-    for sub in module.modules():
+def release(module: nn.Module, recurse: bool = True) -> None:
+    """Free ``module``'s parameters (back to the meta device); only its own with ``recurse=False``."""
+    for sub in module.modules() if recurse else [module]:
         for leaf, param in list(sub._parameters.items()):
             if param is not None and param.device.type != "meta":
                 sub._parameters[leaf] = nn.Parameter(param.to("meta"), requires_grad=False)
@@ -290,9 +290,7 @@ class StreamedBlocks:
 
     def release_outside(self) -> None:
         for _, module in self._outside_modules():
-            for leaf, param in list(module._parameters.items()):
-                if param is not None and param.device.type != "meta":
-                    module._parameters[leaf] = nn.Parameter(param.to("meta"), requires_grad=False)
+            release(module, recurse=False)
         if hasattr(self.model, "tie_weights"):
             self.model.tie_weights()
 
@@ -310,7 +308,7 @@ class StreamedBlocks:
         return_freed_memory()
         log.debug("block %d written and freed; resident %.2f GB", index, current_rss_bytes() / 1e9)
 
-    def finish(self, extra_files: dict[str, Any] | None = None) -> None:
+    def finish(self) -> None:
         """Copy the tensors outside the blocks (one shard each) and write the shard index."""
         first = self.total_shards - len(self.outside) + 1
         for offset, name in enumerate(self.outside):
