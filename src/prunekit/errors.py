@@ -42,3 +42,11 @@ class OutputError(PrunekitError, OSError):
 
 class NumericalError(PrunekitError, ArithmeticError):
     """A computation cannot proceed (e.g. a Hessian that stays singular after dampening)."""
+
+
+class UntraceableModuleError(PrunekitError, ValueError):
+    """A model (or one of its submodules) cannot be traced for structural pruning."""
+
+
+class StructuralPruningError(PrunekitError, ValueError):
+    """A structural pruning plan cannot be applied (or its result does not run)."""

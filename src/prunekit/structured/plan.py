@@ -1,0 +1,159 @@
+"""Which units to remove: allocation of a target over the spaces of a dependency graph, as a plan the user
+can read before anything is cut.
+
+Two policies:
+
+- ``uniform``: every prunable space keeps ``ceil_to(size x (1 - ratio), round_to)`` units, its most
+  important ones (a 64-channel layer at ratio 0.5 keeps 32);
+- ``global``: one ranking of all units by normalised importance, removed from the bottom until the
+  ratio of all prunable units is reached, each space keeping at least ``min_keep_ratio`` of its units
+  (and a multiple of ``round_to``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from prunekit.structured.graph import DependencyGraph, Space
+
+Policy = Literal["uniform", "global"]
+
+#: Spaces pruned unless asked otherwise: channels, whole conv groups, and heads (the outer side of a
+#: ``(H * D) -> (H, D)`` reshape). Head width and positions inside groups are opt-in.
+DEFAULT_KINDS = ("plain", "group", "factor_outer")
+
+
+@dataclass
+class SpacePlan:
+    space: Space
+    keep: list[int]
+    removed: list[int]
+
+    @property
+    def kept_fraction(self) -> float:
+        return len(self.keep) / self.space.size if self.space.size else 1.0
+
+
+@dataclass
+class StructuralPlan:
+    """Units to remove per space, and the resulting shape of every parameter."""
+
+    graph: DependencyGraph
+    spaces: list[SpacePlan]
+    removed: set[int] = field(default_factory=set)
+
+    def new_shapes(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+        """``name -> (old shape, new shape)`` for every parameter or buffer that changes."""
+        out = {}
+        for name, dims in self.graph.state_dims.items():
+            old = tuple(int(a.size) for a in dims)
+            new = tuple(int((~m).sum()) for m in self.graph.removed_indices(name, self.removed))
+            if new != old:
+                out[name] = (old, new)
+        return out
+
+    def describe(self) -> str:
+        lines = []
+        for sp in self.spaces:
+            if sp.removed:
+                first = ", ".join(f"{n}[{d}]" for n, d in sp.space.where[:3])
+                lines.append(
+                    f"space {sp.space.index} ({sp.space.kind}, in {first}...): {sp.space.size} -> {len(sp.keep)}"
+                )
+        return "\n".join(lines) if lines else "nothing to remove"
+
+
+def kept_count(size: int, ratio: float, round_to: int = 1) -> int:
+    """Units a space of ``size`` keeps when pruned at ``ratio``: ``size x (1 - ratio)`` rounded *up* to a
+    multiple of ``round_to`` (never below ``round_to`` or 1, never above ``size``)."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    if round_to < 1:
+        raise ValueError(f"round_to must be >= 1, got {round_to}")
+    keep = math.ceil(size * (1.0 - ratio) - 1e-9)
+    keep = math.ceil(keep / round_to) * round_to
+    return max(min(size, keep), min(size, max(1, round_to)))
+
+
+def _prunable(space: Space, kinds: Sequence[str]) -> bool:
+    return space.kind in kinds and space.size > 1
+
+
+def plan_pruning(
+    graph: DependencyGraph,
+    importance: Mapping[int, float],
+    ratio: float,
+    *,
+    policy: Policy = "uniform",
+    round_to: int = 1,
+    kinds: Sequence[str] = DEFAULT_KINDS,
+    min_keep_ratio: float = 0.1,
+    space_ratios: Mapping[int, float] | None = None,
+) -> StructuralPlan:
+    """Choose the units to remove so that each prunable space (``uniform``), or all of them together
+    (``global``), loses ``ratio`` of its units; ``space_ratios`` overrides the ratio of given spaces."""
+    ratios = dict(space_ratios or {})
+    plans: list[SpacePlan] = []
+    if policy == "uniform":
+        for space in graph.spaces:
+            r = ratios.get(space.index, ratio) if _prunable(space, kinds) else 0.0
+            rt = round_to if space.kind == "plain" else 1
+            keep_n = kept_count(space.size, r, rt) if r > 0 else space.size
+            plans.append(_keep_best(space, importance, keep_n))
+    elif policy == "global":
+        prunable = [s for s in graph.spaces if _prunable(s, kinds)]
+        total = sum(s.size for s in prunable)
+        to_remove = round(total * ratio)
+        floors = {s.index: kept_count(s.size, 1.0 - min_keep_ratio, round_to if s.kind == "plain" else 1) for s in prunable}
+        ranked = sorted(
+            (importance[u] / (_space_scale(s, importance) or 1.0), s.index, u) for s in prunable for u in s.units
+        )
+        removed_per_space: dict[int, int] = {s.index: 0 for s in prunable}
+        sizes = {s.index: s.size for s in prunable}
+        removed = 0
+        for _, index, _ in ranked:
+            if removed >= to_remove:
+                break
+            if sizes[index] - removed_per_space[index] - 1 >= floors[index]:
+                removed_per_space[index] += 1
+                removed += 1
+        for space in graph.spaces:
+            if space.index in removed_per_space:
+                keep_n = space.size - removed_per_space[space.index]
+                if space.kind == "plain" and round_to > 1:
+                    keep_n = min(space.size, math.ceil(keep_n / round_to) * round_to)
+                plans.append(_keep_best(space, importance, keep_n))
+            else:
+                plans.append(_keep_best(space, importance, space.size))
+    else:
+        raise ValueError(f"unknown policy {policy!r}: use 'uniform' or 'global'")
+    removed_units = {u for p in plans for u in p.removed}
+    return StructuralPlan(graph, plans, removed_units)
+
+
+def _space_scale(space: Space, importance: Mapping[int, float]) -> float:
+    return float(np.mean([importance[u] for u in space.units]))
+
+
+def _keep_best(space: Space, importance: Mapping[int, float], keep_n: int) -> SpacePlan:
+    """Keep the ``keep_n`` most important units (ties: lower unit first), in their original order."""
+    order = sorted(space.units, key=lambda u: (-importance.get(u, 0.0), u))
+    keep = sorted(order[:keep_n])
+    removed = sorted(order[keep_n:])
+    return SpacePlan(space, keep, removed)
+
+
+def plan_removing(graph: DependencyGraph, units: set[int] | list[int]) -> StructuralPlan:
+    """A plan that removes exactly ``units`` (for users who choose units themselves, and for tests)."""
+    chosen = {graph.table.find(u) for u in units}
+    known = {u for s in graph.spaces for u in s.units}
+    unknown = chosen - known
+    if unknown:
+        raise ValueError(f"{len(unknown)} units are not prunable units of this graph (first: {sorted(unknown)[:5]})")
+    plans = [SpacePlan(s, [u for u in s.units if u not in chosen], [u for u in s.units if u in chosen]) for s in graph.spaces]
+    return StructuralPlan(graph, plans, chosen)

@@ -1,0 +1,379 @@
+"""Structural pruning: the dependency graph couples the right indices, and removing units whose weights are
+all zero leaves the model's outputs unchanged (issue 5's tests)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunekit.errors import UntraceableModuleError
+from prunekit.structured import (
+    apply_plan,
+    build_dependency_graph,
+    kept_count,
+    plan_pruning,
+    plan_removing,
+    unit_importance,
+)
+
+
+def zero_units(model: nn.Module, graph, units: set[int]) -> None:
+    """Zero every parameter slice that belongs to ``units`` (their importance becomes exactly 0)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, removed in ((n, graph.removed_indices(n, units)) for n in graph.state_dims if n in params):
+            for d, mask in enumerate(removed):
+                if mask.any():
+                    params[name].index_fill_(d, torch.from_numpy(np.flatnonzero(mask)), 0.0)
+
+
+def half_of_space(graph, kind: str, where: str, dim: int = 0) -> set[int]:
+    """The first half of the units of the space of ``kind`` found in dimension ``dim`` of ``where``."""
+    for space in graph.spaces:
+        if space.kind == kind and (where, dim) in space.where:
+            return set(space.units[: space.size // 2])
+    raise AssertionError(f"no {kind} space in {where}: {graph.describe()}")
+
+
+def check_zero_units_removed(model: nn.Module, inputs: tuple, units_of, kwargs=None, atol=1e-5):
+    """Zero some units, remove them by importance, compare outputs; returns the pruned model."""
+    torch.manual_seed(0)
+    graph = build_dependency_graph(model, inputs, kwargs)
+    units = units_of(graph)
+    zero_units(model, graph, units)
+    scores = unit_importance(graph, model, "l2")
+    assert all(scores[u] == 0.0 for u in units)
+    plan = plan_removing(graph, units)
+    with torch.no_grad():
+        before = model(*inputs, **(kwargs or {}))
+    pruned = apply_plan(model, plan, inputs, kwargs)
+    with torch.no_grad():
+        after = pruned(*inputs, **(kwargs or {}))
+    before = before.logits if hasattr(before, "logits") else before
+    after = after.logits if hasattr(after, "logits") else after
+    torch.testing.assert_close(after, before, atol=atol, rtol=1e-4)
+    n_params = sum(p.numel() for p in pruned.parameters())
+    assert n_params < sum(p.numel() for p in model.parameters())
+    return pruned, graph
+
+
+# -- tiny models -------------------------------------------------------------------------------------------
+
+
+class ResNetBlock(nn.Module):
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(width)
+        self.conv1 = nn.Conv2d(width, 32, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.conv2 = nn.Conv2d(32, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.fc = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn0(self.stem(x)))
+        y = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        y = self.bn2(self.conv2(y))
+        x = F.relu(x + y)
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class DenseBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv1 = nn.Conv2d(8, 4, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(12)
+        self.conv2 = nn.Conv2d(12, 4, 3, padding=1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x0 = self.stem(x)
+        x1 = self.conv1(F.relu(self.bn1(x0)))
+        cat = torch.cat([x0, x1], 1)
+        x2 = self.conv2(F.relu(self.bn2(cat)))
+        cat = torch.cat([cat, x2], 1)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(cat, 1), 1))
+
+
+class MobileBlock(nn.Module):
+    """Inverted residual: expand 1x1, depthwise 3x3, project 1x1, residual; a flattening classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.expand = nn.Conv2d(8, 24, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(24)
+        self.depthwise = nn.Conv2d(24, 24, 3, padding=1, groups=24, bias=False)
+        self.bn2 = nn.BatchNorm2d(24)
+        self.project = nn.Conv2d(24, 8, 1)
+        self.fc = nn.Linear(8 * 4 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = F.relu6(self.bn1(self.expand(x)))
+        y = F.relu6(self.bn2(self.depthwise(y)))
+        x = x + self.project(y)
+        return self.fc(x.flatten(1))
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class TinyViT(nn.Module):
+    """Patch embedding, class token, position embedding, one pre-norm block, head on the class token."""
+
+    def __init__(self, dim: int = 16, heads: int = 4, mha: bool = False) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, 4)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, 5, dim))
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True) if mha else Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 32)
+        self.fc2 = nn.Linear(32, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos_embed
+        y = self.norm1(x)
+        if isinstance(self.attn, nn.MultiheadAttention):
+            x = x + self.attn(y, y, y, need_weights=False)[0]
+        else:
+            x = x + self.attn(y)
+        x = x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        return self.head(x[:, 0])
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+# -- tests -------------------------------------------------------------------------------------------------
+
+
+def test_resnet_block_residual_channels_and_inner_width():
+    torch.manual_seed(0)
+    model = ResNetBlock().eval()
+    x = torch.randn(2, 3, 8, 8)
+
+    def units(graph):
+        return half_of_space(graph, "plain", "stem.weight") | half_of_space(graph, "plain", "conv1.weight")
+
+    pruned, _ = check_zero_units_removed(model, (x,), units)
+    assert (pruned.stem.out_channels, pruned.conv1.out_channels, pruned.conv2.out_channels) == (8, 16, 8)
+    assert pruned.bn0.running_mean.shape == (8,) and pruned.fc.in_features == 8
+    assert model.stem.out_channels == 16  # the input model is left alone
+
+
+def test_residual_couples_both_branches_into_one_space():
+    model = ResNetBlock().eval()
+    graph = build_dependency_graph(model, (torch.randn(1, 3, 8, 8),))
+    stream = [s for s in graph.spaces if ("stem.weight", 0) in s.where]
+    assert len(stream) == 1
+    assert {("conv2.weight", 0), ("bn2.weight", 0), ("fc.weight", 1), ("conv1.weight", 1)} <= set(stream[0].where)
+    assert stream[0].size == 16
+
+
+def test_densenet_concat_keeps_producers_apart():
+    torch.manual_seed(0)
+    model = DenseBlock().eval()
+    x = torch.randn(2, 3, 6, 6)
+    graph = build_dependency_graph(model, (x,))
+    sizes = sorted(s.size for s in graph.spaces if s.kind == "plain")
+    assert sizes == [4, 4, 8]  # stem, conv1, conv2: three spaces, though all meet in fc's input
+
+    def units(graph):
+        return half_of_space(graph, "plain", "stem.weight") | half_of_space(graph, "plain", "conv1.weight")
+
+    pruned, _ = check_zero_units_removed(model, (x,), units)
+    assert pruned.bn2.num_features == 4 + 2 and pruned.conv2.in_channels == 6 and pruned.fc.in_features == 4 + 2 + 4
+
+
+def test_depthwise_conv_loses_whole_groups():
+    torch.manual_seed(0)
+    model = MobileBlock().eval()
+    x = torch.randn(2, 3, 4, 4)
+
+    def units(graph):
+        return half_of_space(graph, "group", "depthwise.weight") | half_of_space(graph, "plain", "stem.weight")
+
+    pruned, _ = check_zero_units_removed(model, (x,), units)
+    dw = pruned.depthwise
+    assert (dw.in_channels, dw.out_channels, dw.groups) == (12, 12, 12)
+    assert pruned.fc.in_features == 4 * 16  # flatten of 4 channels x 4 x 4 pixels
+
+
+def test_vit_heads_and_mlp_removed_exactly():
+    torch.manual_seed(0)
+    model = TinyViT().eval()
+    x = torch.randn(2, 3, 8, 8)
+
+    def units(graph):
+        return half_of_space(graph, "factor_outer", "attn.qkv.weight") | half_of_space(graph, "plain", "fc1.weight")
+
+    pruned, _ = check_zero_units_removed(model, (x,), units)
+    assert pruned.attn.qkv.out_features == 3 * 8 and pruned.attn.proj.in_features == 8
+    assert pruned.fc1.out_features == 16
+
+
+def test_vit_residual_slices_class_token_and_position_embedding():
+    model = TinyViT().eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = build_dependency_graph(model, (x,))
+    stream = next(s for s in graph.spaces if ("cls_token", 2) in s.where)
+    assert ("pos_embed", 2) in stream.where and ("patch.weight", 0) in stream.where
+    assert all(s.size > 1 for s in graph.spaces)  # size-1 broadcast dimensions are not units
+    plan = plan_pruning(graph, unit_importance(graph, model), 0.5, kinds=("plain",))
+    pruned = apply_plan(model, plan, (x,))
+    assert pruned.cls_token.shape == (1, 1, 8) and pruned.pos_embed.shape == (1, 5, 8)
+    assert pruned.norm1.normalized_shape == (8,)
+
+
+def test_multihead_attention_heads_follow_the_stream():
+    torch.manual_seed(0)
+    model = TinyViT(mha=True).eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = build_dependency_graph(model, (x,))
+    plan = plan_pruning(graph, unit_importance(graph, model), 0.5)
+    pruned = apply_plan(model, plan, (x,))
+    attn = pruned.attn
+    assert (attn.embed_dim, attn.num_heads, attn.head_dim) == (8, 2, 4)
+    assert attn.in_proj_weight.shape == (24, 8) and pruned.patch.out_channels == 8
+
+
+def test_llama_gqa_heads_removed_in_whole_kv_groups():
+    model = tiny_llama()
+    ids = torch.randint(0, 64, (1, 6))
+    kwargs = {"use_cache": False}
+
+    def units(graph):
+        return half_of_space(graph, "factor_outer", "model.layers.0.self_attn.k_proj.weight")
+
+    pruned, _graph = check_zero_units_removed(model, (ids,), units, kwargs)
+    attn = pruned.model.layers[0].self_attn
+    # one of two KV heads gone, and with it the two query heads that read it
+    assert attn.k_proj.out_features == 8 and attn.v_proj.out_features == 8
+    assert attn.q_proj.out_features == 16 and attn.o_proj.in_features == 16
+    assert pruned.model.layers[1].self_attn.q_proj.out_features == 32
+
+
+def test_llama_mlp_and_hidden_size():
+    model = tiny_llama()
+    ids = torch.randint(0, 64, (1, 6))
+    graph = build_dependency_graph(model, (ids,), {"use_cache": False})
+    hidden = next(s for s in graph.spaces if ("model.embed_tokens.weight", 1) in s.where)
+    assert ("lm_head.weight", 1) in hidden.where and hidden.size == 32
+    mlp = next(s for s in graph.spaces if ("model.layers.0.mlp.gate_proj.weight", 0) in s.where)
+    assert {("model.layers.0.mlp.up_proj.weight", 0), ("model.layers.0.mlp.down_proj.weight", 1)} <= set(mlp.where)
+
+
+@pytest.mark.parametrize(
+    ("size", "ratio", "round_to", "expected"),
+    [(64, 0.5, 1, 32), (64, 0.5, 8, 32), (60, 0.5, 8, 32), (10, 0.75, 1, 3), (3, 0.9, 1, 1), (4, 0.9, 8, 4)],
+)
+def test_kept_count(size, ratio, round_to, expected):
+    assert kept_count(size, ratio, round_to) == expected
+
+
+def test_planned_widths_exact_with_round_to():
+    model = nn.Sequential(nn.Linear(4, 64), nn.ReLU(), nn.Linear(64, 60), nn.ReLU(), nn.Linear(60, 2))
+    x = torch.randn(3, 4)
+    graph = build_dependency_graph(model, (x,))
+    plan = plan_pruning(graph, unit_importance(graph, model), 0.5, round_to=8)
+    pruned = apply_plan(model, plan, (x,))
+    assert (pruned[0].out_features, pruned[2].out_features, pruned[4].in_features) == (32, 32, 32)
+
+
+def test_l2_importance_by_hand():
+    model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 2.0], [0.0, 3.0], [4.0, 0.0]]))
+        model[0].bias.copy_(torch.tensor([2.0, 4.0, 3.0]))
+        model[1].weight.copy_(torch.tensor([[1.0, 0.0, 2.0]]))
+    graph = build_dependency_graph(model, (torch.randn(1, 2),))
+    (space,) = graph.spaces
+    scores = unit_importance(graph, model, "l2", normalization="none", aggregation="sum")
+    got = [scores[u] for u in space.units]
+    # three places per unit: its row of the first weight, its bias, its column of the second weight
+    expected = [np.sqrt(1 + 4) + 2 + 1, 3 + 4 + 0, 4 + 3 + 2]
+    np.testing.assert_allclose(got, expected)
+    l1 = unit_importance(graph, model, "l1", normalization="none", aggregation="sum")
+    np.testing.assert_allclose([l1[u] for u in space.units], [3 + 2 + 1, 3 + 4 + 0, 4 + 3 + 2])
+
+
+def test_bn_scale_and_taylor_importance():
+    model = nn.Sequential(nn.Conv2d(1, 2, 1, bias=False), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2, 1))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([-3.0, 0.5]))
+    x = torch.randn(4, 1, 1, 1)
+    graph = build_dependency_graph(model, (x,))
+    (space,) = graph.spaces
+    bn = unit_importance(graph, model, "bn_scale", normalization="none")
+    assert [bn[u] for u in space.units] == [3.0, 0.5]
+    model.train()
+    model(x).sum().backward()
+    taylor = unit_importance(graph, model, "taylor", normalization="none", aggregation="sum")
+    expected = []
+    for c in range(2):
+        total = 0.0
+        for p, sl in ((model[0].weight, (c,)), (model[1].weight, (c,)), (model[1].bias, (c,)), (model[3].weight, (slice(None), c))):
+            total_p = float((p.detach() * p.grad)[sl].sum())
+            total += total_p**2
+        expected.append(total)
+    np.testing.assert_allclose([taylor[u] for u in space.units], expected, rtol=1e-5)
+
+
+def test_global_policy_keeps_a_floor_per_space():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 40), nn.ReLU(), nn.Linear(40, 10), nn.ReLU(), nn.Linear(10, 2))
+    with torch.no_grad():
+        model[2].weight.mul_(1e-3)  # the 10-wide layer looks unimportant: a global ranking would empty it
+        model[2].bias.mul_(1e-3)
+    x = torch.randn(3, 4)
+    graph = build_dependency_graph(model, (x,))
+    plan = plan_pruning(graph, unit_importance(graph, model, normalization="none"), 0.5, policy="global", min_keep_ratio=0.3)
+    assert len(plan.removed) == 25
+    pruned = apply_plan(model, plan, (x,))
+    assert pruned[2].out_features >= 3
+
+
+class LeavesTorch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(self.inner(x).tolist())  # leaves torch: nothing can follow the values
+
+
+def test_untraceable_module_is_named():
+    model = nn.Sequential(nn.Linear(3, 3), LeavesTorch())
+    with pytest.raises(UntraceableModuleError, match=r"1 \(LeavesTorch\)"):
+        build_dependency_graph(model, (torch.randn(2, 3),))
