@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.errors import UntraceableModuleError
+from prunekit.errors import StructuralPruningError, UntraceableModuleError
 from prunekit.structured import (
     apply_plan,
     build_dependency_graph,
@@ -169,8 +169,13 @@ def tiny_llama():
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -239,6 +244,7 @@ def test_vit_heads_and_mlp_removed_exactly():
         return half_of_space(graph, "factor_outer", "attn.qkv.weight") | half_of_space(graph, "plain", "fc1.weight")
 
     pruned, _ = check_zero_units_removed(model, (x,), units)
+    assert pruned.attn.heads == 2  # the attribute its reshape reads was repaired (else: silently wrong heads)
     assert pruned.attn.qkv.out_features == 3 * 8 and pruned.attn.proj.in_features == 8
     assert pruned.fc1.out_features == 16
 
@@ -343,7 +349,12 @@ def test_bn_scale_and_taylor_importance():
     expected = []
     for c in range(2):
         total = 0.0
-        for p, sl in ((model[0].weight, (c,)), (model[1].weight, (c,)), (model[1].bias, (c,)), (model[3].weight, (slice(None), c))):
+        for p, sl in (
+            (model[0].weight, (c,)),
+            (model[1].weight, (c,)),
+            (model[1].bias, (c,)),
+            (model[3].weight, (slice(None), c)),
+        ):
             total_p = float((p.detach() * p.grad)[sl].sum())
             total += total_p**2
         expected.append(total)
@@ -358,10 +369,33 @@ def test_global_policy_keeps_a_floor_per_space():
         model[2].bias.mul_(1e-3)
     x = torch.randn(3, 4)
     graph = build_dependency_graph(model, (x,))
-    plan = plan_pruning(graph, unit_importance(graph, model, normalization="none"), 0.5, policy="global", min_keep_ratio=0.3)
+    plan = plan_pruning(
+        graph, unit_importance(graph, model, normalization="none"), 0.5, policy="global", min_keep_ratio=0.3
+    )
     assert len(plan.removed) == 25
     pruned = apply_plan(model, plan, (x,))
     assert pruned[2].out_features >= 3
+
+
+class LiteralHeads(Attention):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, 4, -1).permute(2, 0, 3, 1, 4).unbind(0)  # 4: a literal, not an attribute
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1))
+
+
+def test_a_size_written_as_a_literal_is_reported_not_silently_wrong():
+    model = TinyViT().eval()
+    model.attn = LiteralHeads(16, 4)
+    x = torch.randn(2, 3, 8, 8)
+    graph = build_dependency_graph(model, (x,))
+    heads = next(s for s in graph.spaces if s.kind == "factor_outer")
+    with pytest.raises(StructuralPruningError, match=r"module 'attn'.*expects"):
+        apply_plan(model, plan_removing(graph, set(heads.units[:2])), (x,))
+    # the head width is not written anywhere: pruning it works
+    width = next(s for s in graph.spaces if s.kind == "factor_inner")
+    pruned = apply_plan(model, plan_removing(graph, set(width.units[:2])), (x,))
+    assert pruned.attn.qkv.out_features == 3 * 8
 
 
 class LeavesTorch(nn.Module):

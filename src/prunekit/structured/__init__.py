@@ -1,10 +1,10 @@
 """Structural pruning of any PyTorch model: trace, couple, score, plan, cut.
 
-    graph = build_dependency_graph(model, (example,))
-    scores = unit_importance(graph, model, "l2")
-    plan = plan_pruning(graph, scores, ratio=0.5, round_to=8)
-    print(plan.describe())
-    pruned = apply_plan(model, plan, (example,))
+graph = build_dependency_graph(model, (example,))
+scores = unit_importance(graph, model, "l2")
+plan = plan_pruning(graph, scores, ratio=0.5, round_to=8)
+print(plan.describe())
+pruned = apply_plan(model, plan, (example,))
 """
 
 from prunekit.structured.graph import DependencyGraph, Space, build_dependency_graph

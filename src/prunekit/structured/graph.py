@@ -63,6 +63,8 @@ class DependencyGraph:
     #: ATen operations without a coupling rule (they froze what they touch) -> count.
     unknown_ops: dict[str, int]
     traced: TracedModel
+    #: Atoms of every traced node's result (by node name): what each intermediate tensor is made of.
+    node_dims: dict[str, Any] = field(default_factory=dict)
 
     def space_of_unit(self) -> dict[int, int]:
         return {u: s.index for s in self.spaces for u in s.units}
@@ -77,8 +79,10 @@ class DependencyGraph:
             names = ", ".join(f"{n}[{d}]" for n, d in s.where[:4]) + (" ..." if len(s.where) > 4 else "")
             lines.append(f"  space {s.index}: {s.size} {s.kind} units in {names}")
         if self.unknown_ops:
-            lines.append("operations without a rule (their tensors are left unpruned): " + ", ".join(
-                f"{k} x{v}" for k, v in sorted(self.unknown_ops.items())))
+            lines.append(
+                "operations without a rule (their tensors are left unpruned): "
+                + ", ".join(f"{k} x{v}" for k, v in sorted(self.unknown_ops.items()))
+            )
         return "\n".join(lines)
 
 
@@ -165,7 +169,9 @@ def build_dependency_graph(
         try:
             env[node] = rule(ctx, args, kwargs)
         except Exception as error:  # a rule that meets an unexpected layout freezes instead of guessing
-            log.debug("rule for %s (%s) failed (%s): freezing its tensors", node.name, node.target, error, exc_info=True)
+            log.debug(
+                "rule for %s (%s) failed (%s): freezing its tensors", node.name, node.target, error, exc_info=True
+            )
             from prunekit.structured.rules import rule_unknown
 
             env[node] = rule_unknown(ctx, args, kwargs)
@@ -185,7 +191,8 @@ def build_dependency_graph(
     groups = {weight_of_group_node[k]: v for k, v in ctx.groups.items() if k in weight_of_group_node}
     parameter_names = {n for n, _ in model.named_parameters()}
     spaces = _spaces(table, state_dims, parameter_names, groups)
-    graph = DependencyGraph(table, state_dims, parameter_names, spaces, groups, dict(ctx.unknown), traced)
+    node_dims = {node.name: value for node, value in env.items()}
+    graph = DependencyGraph(table, state_dims, parameter_names, spaces, groups, dict(ctx.unknown), traced, node_dims)
     if table.conflicts:
         log.info("structural graph: %d layout conflicts were frozen", len(table.conflicts))
     return graph

@@ -36,7 +36,9 @@ Normalization = Literal["none", "mean", "max"]
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
-def slice_scores(tensor: torch.Tensor, dim: int, criterion: Criterion, grad: torch.Tensor | None = None) -> torch.Tensor:
+def slice_scores(
+    tensor: torch.Tensor, dim: int, criterion: Criterion, grad: torch.Tensor | None = None
+) -> torch.Tensor:
     """One score per index of ``dim`` of ``tensor``: the criterion applied to each slice."""
     t = tensor.detach().float().movedim(dim, 0).reshape(tensor.shape[dim], -1)
     if criterion == "l1":

@@ -109,7 +109,9 @@ def plan_pruning(
         prunable = [s for s in graph.spaces if _prunable(s, kinds)]
         total = sum(s.size for s in prunable)
         to_remove = round(total * ratio)
-        floors = {s.index: kept_count(s.size, 1.0 - min_keep_ratio, round_to if s.kind == "plain" else 1) for s in prunable}
+        floors = {
+            s.index: kept_count(s.size, 1.0 - min_keep_ratio, round_to if s.kind == "plain" else 1) for s in prunable
+        }
         ranked = sorted(
             (importance[u] / (_space_scale(s, importance) or 1.0), s.index, u) for s in prunable for u in s.units
         )
@@ -155,5 +157,7 @@ def plan_removing(graph: DependencyGraph, units: set[int] | list[int]) -> Struct
     unknown = chosen - known
     if unknown:
         raise ValueError(f"{len(unknown)} units are not prunable units of this graph (first: {sorted(unknown)[:5]})")
-    plans = [SpacePlan(s, [u for u in s.units if u not in chosen], [u for u in s.units if u in chosen]) for s in graph.spaces]
+    plans = [
+        SpacePlan(s, [u for u in s.units if u not in chosen], [u for u in s.units if u in chosen]) for s in graph.spaces
+    ]
     return StructuralPlan(graph, plans, chosen)

@@ -127,7 +127,11 @@ def reshape_dims(table: AtomTable, dims: Dims, out_shape: Sequence[int]) -> Dims
                 block_out.append(out_keep[j])
                 p_out *= out_shape[out_keep[j]]
                 j += 1
-        for position, atoms in zip(block_out, _reshape_block(table, [dims[k] for k in block_in], [out_shape[k] for k in block_out]), strict=False):
+        for position, atoms in zip(
+            block_out,
+            _reshape_block(table, [dims[k] for k in block_in], [out_shape[k] for k in block_out]),
+            strict=False,
+        ):
             result[position] = atoms
     return [r for r in result if r is not None]
 
@@ -238,7 +242,7 @@ def rule_split(ctx: RuleContext, args: list[Any], kwargs: dict[str, Any]) -> Any
             ctx.table.union_arrays(parts[0], part)  # equal parts stay equal
     else:
         ctx.table.freeze_array(atoms)  # uneven literal sizes
-    return [[*dims[:d], part, *dims[d + 1:]] for part in parts]
+    return [[*dims[:d], part, *dims[d + 1 :]] for part in parts]
 
 
 def rule_unbind(ctx: RuleContext, args: list[Any], kwargs: dict[str, Any]) -> Any:
@@ -497,7 +501,9 @@ def rule_attention(ctx: RuleContext, args: list[Any], kwargs: dict[str, Any]) ->
     for extra in list(args[3:]) + list(kwargs.values()):
         if isinstance(extra, list) and extra and isinstance(extra[0], np.ndarray):
             freeze_dims(table, extra)  # masks, biases over (L, S): nothing prunable
-    main = broadcast(table, [q[:-3], k[:-3]], out_shape(ctx, 0 if isinstance(ctx.node.meta["val"], (tuple, list)) else None)[:-3])
+    main = broadcast(
+        table, [q[:-3], k[:-3]], out_shape(ctx, 0 if isinstance(ctx.node.meta["val"], (tuple, list)) else None)[:-3]
+    )
     result = [*main, heads_q, q[-2], v[-1]]
     value = ctx.node.meta["val"]
     if isinstance(value, (tuple, list)):
@@ -580,62 +586,71 @@ def rule_unknown(ctx: RuleContext, args: list[Any], kwargs: dict[str, Any]) -> A
     return _map_outputs(ctx, frozen_dims)
 
 
-def _packets(*names: str) -> list[Any]:
-    return [getattr(aten, n) for n in names if hasattr(aten, n)]
+#: ATen operation packets handled by each rule, space-separated (names this torch lacks are skipped).
+RULE_NAMES: dict[str, str] = {
+    "reshape": (
+        "view _unsafe_view reshape _reshape_alias unsqueeze squeeze flatten unflatten view_copy alias "
+        "lift_fresh_copy detach clone contiguous"
+    ),
+    "permute": "permute",
+    "transpose": "transpose t numpy_T",
+    "expand": "expand",
+    "select": "select",
+    "slice": "slice",
+    "split": "split split_with_sizes",
+    "unbind": "unbind",
+    "cat": "cat concat concatenate",
+    "stack": "stack",
+    "mm": "mm bmm",
+    "addmm": "addmm baddbmm",
+    "matmul": "matmul",
+    "linear": "linear",
+    "convolution": "convolution _convolution",
+    "batch_norm": (
+        "_native_batch_norm_legit_no_training _native_batch_norm_legit native_batch_norm "
+        "_native_batch_norm_legit_functional batch_norm"
+    ),
+    "layer_norm": "native_layer_norm _fused_rms_norm",
+    "group_norm": "native_group_norm",
+    "embedding": "embedding",
+    "same": "_softmax softmax _log_softmax log_softmax cumsum native_dropout dropout _to_copy to type_as",
+    "freeze_dim_same": "roll flip sort",
+    "reduce": (
+        "sum mean amax amin var std var_mean std_mean linalg_vector_norm max min logsumexp prod any all argmax argmin"
+    ),
+    "spatial": (
+        "max_pool1d_with_indices max_pool2d_with_indices max_pool3d_with_indices max_pool1d max_pool2d max_pool3d "
+        "avg_pool1d avg_pool2d avg_pool3d _adaptive_avg_pool2d _adaptive_avg_pool3d adaptive_avg_pool1d "
+        "adaptive_max_pool1d adaptive_max_pool2d adaptive_max_pool3d upsample_nearest1d upsample_nearest2d "
+        "upsample_nearest3d upsample_bilinear2d upsample_bicubic2d upsample_linear1d upsample_trilinear3d "
+        "_upsample_nearest_exact2d _upsample_bilinear2d_aa _upsample_bicubic2d_aa"
+    ),
+    "attention": (
+        "scaled_dot_product_attention _scaled_dot_product_flash_attention_for_cpu _scaled_dot_product_flash_attention "
+        "_scaled_dot_product_efficient_attention _scaled_dot_product_attention_math _scaled_dot_product_cudnn_attention"
+    ),
+    "index": "index _unsafe_index",
+    "index_select": "index_select",
+    "pad": "constant_pad_nd",
+    "repeat": "repeat",
+    "copy": "copy",
+    "factory": (
+        "arange zeros ones full empty empty_strided scalar_tensor rand randn randint new_zeros new_ones new_empty "
+        "new_full new_empty_strided eye tril triu randperm tensor"
+    ),
+    "like": "zeros_like ones_like empty_like full_like rand_like randn_like bernoulli",
+}
 
 
 def build_rule_table() -> dict[Any, Rule]:
-    """Rules keyed by ATen overload packet (``aten.view``) — any overload of the packet uses the rule."""
+    """Rules keyed by ATen overload packet (``aten.view``): any overload of the packet uses the rule."""
     table: dict[Any, Rule] = {}
-
-    def add(rule: Rule, *names: str) -> None:
-        for packet in _packets(*names):
-            table[packet] = rule
-
-    add(rule_reshape, "view", "_unsafe_view", "reshape", "_reshape_alias", "unsqueeze", "squeeze", "flatten",
-        "unflatten", "view_copy", "alias", "lift_fresh_copy", "detach", "clone", "contiguous")
-    add(rule_permute, "permute")
-    add(rule_transpose, "transpose", "t", "numpy_T")
-    add(rule_expand, "expand")
-    add(rule_select, "select")
-    add(rule_slice, "slice")
-    add(rule_split, "split", "split_with_sizes")
-    add(rule_unbind, "unbind")
-    add(rule_cat, "cat", "concat", "concatenate")
-    add(rule_stack, "stack")
-    add(rule_mm, "mm", "bmm")
-    add(rule_addmm, "addmm", "baddbmm")
-    add(rule_matmul, "matmul")
-    add(rule_linear, "linear")
-    add(rule_convolution, "convolution", "_convolution")
-    add(rule_batch_norm, "_native_batch_norm_legit_no_training", "_native_batch_norm_legit", "native_batch_norm",
-        "_native_batch_norm_legit_functional", "batch_norm")
-    add(rule_layer_norm, "native_layer_norm", "_fused_rms_norm")
-    add(rule_group_norm, "native_group_norm")
-    add(rule_embedding, "embedding")
-    add(rule_same, "_softmax", "softmax", "_log_softmax", "log_softmax", "cumsum", "native_dropout", "dropout",
-        "_to_copy", "to", "type_as")
-    add(rule_freeze_dim_same, "roll", "flip", "sort")
-    add(rule_reduce, "sum", "mean", "amax", "amin", "var", "std", "var_mean", "std_mean", "linalg_vector_norm",
-        "max", "min", "logsumexp", "prod", "any", "all", "argmax", "argmin")
-    add(rule_spatial, "max_pool2d_with_indices", "max_pool1d_with_indices", "max_pool3d_with_indices", "max_pool2d",
-        "max_pool1d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "_adaptive_avg_pool2d",
-        "_adaptive_avg_pool3d", "adaptive_avg_pool1d", "adaptive_max_pool1d", "adaptive_max_pool2d",
-        "adaptive_max_pool3d", "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
-        "upsample_bilinear2d", "upsample_bicubic2d", "upsample_linear1d", "upsample_trilinear3d",
-        "_upsample_nearest_exact2d", "_upsample_bilinear2d_aa", "_upsample_bicubic2d_aa")
-    add(rule_attention, "scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
-        "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-        "_scaled_dot_product_attention_math", "_scaled_dot_product_cudnn_attention")
-    add(rule_index, "index", "_unsafe_index")
-    add(rule_index_select, "index_select")
-    add(rule_pad, "constant_pad_nd")
-    add(rule_repeat, "repeat")
-    add(rule_copy, "copy")
-    add(rule_factory, "arange", "zeros", "ones", "full", "empty", "empty_strided", "scalar_tensor", "rand", "randn",
-        "randint", "new_zeros", "new_ones", "new_empty", "new_full", "new_empty_strided", "eye", "tril", "triu",
-        "randperm", "tensor")
-    add(rule_like, "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "bernoulli")
+    for rule_name, op_names in RULE_NAMES.items():
+        rule = globals()[f"rule_{rule_name}"]
+        for name in op_names.split():
+            packet = getattr(aten, name, None)
+            if packet is not None:
+                table[packet] = rule
     return table
 
 

@@ -1,9 +1,11 @@
 """Physically remove the units of a plan: slice every parameter and buffer, then make each module's
 attributes (``in_features``, ``out_channels``, ``groups``, ``num_heads``...) agree with its new weights.
 
-The input model is never modified: surgery works on a deep copy unless ``inplace=True``. The pruned model is
-run on the example inputs before it is returned; if it fails or its outputs change shape,
-:class:`~prunekit.errors.StructuralPruningError` says so instead of handing back a broken model.
+The input model is never modified: surgery works on a deep copy unless ``inplace=True``. With example
+inputs, the pruned model is traced again and checked against the plan tensor by tensor, size attributes that
+its Python code reads are repaired (:mod:`~prunekit.structured.verify`), and it is run once; if it fails or
+its outputs change shape, :class:`~prunekit.errors.StructuralPruningError` says so instead of handing back a
+broken model.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 
 from prunekit.errors import StructuralPruningError
 from prunekit.structured.plan import StructuralPlan
+from prunekit.structured.verify import repair_size_attributes
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +83,15 @@ def apply_plan(
         for module, attr, is_param in owners.pop(id(tensor)):  # tied tensors stay one tensor
             (module._parameters if is_param else module._buffers)[attr] = replacement
     _update_attributes(target, plan)
-    if reference is not None:
+    if example_inputs is not None:
+        try:
+            repair_size_attributes(target, plan, example_inputs, example_kwargs)
+        except ValueError as error:
+            raise StructuralPruningError(
+                f"the pruned model does not follow the plan: {error}. That module computes a size the plan "
+                "changes from something prunekit cannot update; keep it whole (ignored=[...]) or prune fewer "
+                "kinds of units"
+            ) from error
         _verify(target, example_inputs, example_kwargs, reference)  # type: ignore[arg-type]
     return target
 
@@ -159,7 +170,11 @@ def _output_shapes(model: nn.Module, inputs: Sequence[Any], kwargs: dict[str, An
             out = model(*inputs, **(kwargs or {}))
     finally:
         model.train(was_training)
-    return [tuple(x.shape) if isinstance(x, torch.Tensor) else x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+    return [
+        tuple(x.shape) if isinstance(x, torch.Tensor) else x
+        for x in pytree.tree_leaves(out)
+        if isinstance(x, torch.Tensor)
+    ]
 
 
 def _verify(model: nn.Module, inputs: Sequence[Any], kwargs: dict[str, Any] | None, reference: list[Any]) -> None:

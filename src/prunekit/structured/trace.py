@@ -22,7 +22,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 from torch import nn
-from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
 
 from prunekit.errors import UntraceableModuleError
 
@@ -53,18 +53,27 @@ def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class _ModuleStack:
-    """Forward hooks that remember which submodule is running, to name the culprit of a failed trace."""
+    """Forward hooks that remember which submodule is running: to name the culprit of a failed trace, and to
+    tag each traced node with the innermost module that produced it (``node.meta["prunekit_module"]``)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.stack: list[str] = []
+        self.spans: list[tuple[str, int, int]] = []
+        self._open: list[tuple[str, int]] = []
         self.handles = []
         for name, module in model.named_modules():
             self.handles.append(module.register_forward_pre_hook(self._enter(name)))
             self.handles.append(module.register_forward_hook(self._leave()))
 
+    @staticmethod
+    def _graph_length() -> int:
+        mode = get_proxy_mode()
+        return len(mode.tracer.graph.nodes) if mode is not None else 0
+
     def _enter(self, name: str) -> Any:
         def hook(module: nn.Module, args: Any) -> None:
             self.stack.append(name)
+            self._open.append((name, self._graph_length()))
 
         return hook
 
@@ -72,12 +81,22 @@ class _ModuleStack:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if self.stack:
                 self.stack.pop()
+            if self._open:
+                name, start = self._open.pop()
+                self.spans.append((name, start, self._graph_length()))
 
         return hook
 
     def close(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+    def tag(self, graph: torch.fx.Graph) -> None:
+        """Record in each node the innermost module whose forward created it (outer spans first)."""
+        nodes = list(graph.nodes)
+        for name, start, end in sorted(self.spans, key=lambda span: (span[1], -span[2])):
+            for node in nodes[start:end]:
+                node.meta["prunekit_module"] = name
 
     def culprit(self, model: nn.Module) -> str:
         if not self.stack:
@@ -91,8 +110,10 @@ def trace_model(
     model: nn.Module,
     example_inputs: Sequence[Any],
     example_kwargs: dict[str, Any] | None = None,
+    tracing_mode: str | None = None,
 ) -> TracedModel:
-    """Trace ``model(*example_inputs, **example_kwargs)`` in eval mode (the model's mode is restored).
+    """Trace ``model(*example_inputs, **example_kwargs)`` in eval mode (the model's mode is restored), with
+    fake tensors, then real ones if that fails (``tracing_mode`` forces one).
 
     Raises :class:`UntraceableModuleError` naming the submodule where tracing failed.
     """
@@ -103,13 +124,15 @@ def trace_model(
     args = tuple(example_inputs)
 
     def forward(state_tensors: list[torch.Tensor], inputs: tuple[Any, ...], named: dict[str, Any]) -> Any:
-        return torch.func.functional_call(model, dict(zip(names, state_tensors, strict=False)), inputs, named, strict=False)
+        return torch.func.functional_call(
+            model, dict(zip(names, state_tensors, strict=False)), inputs, named, strict=False
+        )
 
     was_training = model.training
     model.eval()
     errors: list[str] = []
     try:
-        for mode in ("fake", "real"):
+        for mode in ("fake", "real") if tracing_mode is None else (tracing_mode,):
             hooks = _ModuleStack(model)
             try:
                 with torch.no_grad():
@@ -117,7 +140,6 @@ def trace_model(
                     gm = make_fx(
                         torch.func.functionalize(forward),
                         tracing_mode=mode,
-                        record_module_stack=True,
                         _error_on_data_dependent_ops=mode == "fake",
                     )(tensors, args, kwargs)
             except Exception as error:
@@ -127,6 +149,7 @@ def trace_model(
                 continue
             finally:
                 hooks.close()
+            hooks.tag(gm.graph)
             gm.graph.eliminate_dead_code()  # functionalisation replays views whose results nothing reads
             placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
             return TracedModel(gm.graph, names, placeholders, mode)
