@@ -16,6 +16,7 @@ from prunekit.structured import (
     kept_count,
     plan_pruning,
     plan_removing,
+    prune_structurally,
     unit_importance,
 )
 
@@ -396,6 +397,62 @@ def test_a_size_written_as_a_literal_is_reported_not_silently_wrong():
     width = next(s for s in graph.spaces if s.kind == "factor_inner")
     pruned = apply_plan(model, plan_removing(graph, set(width.units[:2])), (x,))
     assert pruned.attn.qkv.out_features == 3 * 8
+
+
+class StreamWidthAttention(nn.Module):
+    """Swin / MaxViT style: the head width is computed from the input's width, ``C // num_heads``."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.num_heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+
+
+class TwoStreamBlocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        self.attn1 = StreamWidthAttention(16, 4)
+        self.attn2 = StreamWidthAttention(16, 4)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        x = x + self.attn1(x)
+        x = x + self.attn2(x)
+        return self.head(x.mean(1))
+
+
+def test_attention_that_reads_its_width_from_the_stream_gets_tied():
+    torch.manual_seed(0)
+    model = TwoStreamBlocks().eval()
+    x = torch.randn(2, 5, 6)
+    graph = build_dependency_graph(model, (x,))
+    # the stream keeps 16 channels (12 rounded up to 8s), the heads go 4 -> 3: C // num_heads breaks
+    plan = plan_pruning(graph, unit_importance(graph, model), 0.25, round_to=8)
+    with pytest.raises(StructuralPruningError) as failure:
+        apply_plan(model, plan, (x,))
+    assert failure.value.module_name == "attn1"
+    result = prune_structurally(model, (x,), 0.25, round_to=8)
+    assert result.tied == ["attn1", "attn2"] and result.kept_whole == []
+    # tied, the stream is made of heads: 4 heads of 4 channels -> 3 heads, stream 16 -> 12
+    assert result.model.attn1.num_heads == 3 and result.model.embed.out_features == 12
+    assert result.model(x).shape == (2, 2)
+
+
+def test_prelu_slopes_follow_their_channels():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.PReLU(8), nn.Conv2d(8, 4, 1))
+    x = torch.randn(1, 3, 4, 4)
+    result = prune_structurally(model, (x,), 0.5)
+    assert result.model[1].weight.shape == (4,) and result.model[1].num_parameters == 4
+    assert result.model[0].out_channels == 4
 
 
 class LeavesTorch(nn.Module):

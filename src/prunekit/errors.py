@@ -45,8 +45,18 @@ class NumericalError(PrunekitError, ArithmeticError):
 
 
 class UntraceableModuleError(PrunekitError, ValueError):
-    """A model (or one of its submodules) cannot be traced for structural pruning."""
+    """A model (or one of its submodules) cannot be traced for structural pruning.
+
+    ``module_name`` is the innermost submodule that was running (``None``: outside all of them) and
+    ``progress`` how many graph nodes were traced before the failure."""
+
+    module_name: str | None = None
+    progress: int = 0
 
 
 class StructuralPruningError(PrunekitError, ValueError):
-    """A structural pruning plan cannot be applied (or its result does not run)."""
+    """A structural pruning plan cannot be applied (or its result does not run).
+
+    ``module_name`` names the module where the pruned model departs from the plan, when known."""
+
+    module_name: str | None = None

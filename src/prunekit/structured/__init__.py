@@ -1,5 +1,9 @@
 """Structural pruning of any PyTorch model: trace, couple, score, plan, cut.
 
+    result = prune_structurally(model, (example,), ratio=0.5)     # all of the below, with retries
+
+or step by step:
+
 graph = build_dependency_graph(model, (example,))
 scores = unit_importance(graph, model, "l2")
 plan = plan_pruning(graph, scores, ratio=0.5, round_to=8)
@@ -10,16 +14,19 @@ pruned = apply_plan(model, plan, (example,))
 from prunekit.structured.graph import DependencyGraph, Space, build_dependency_graph
 from prunekit.structured.importance import unit_importance
 from prunekit.structured.plan import StructuralPlan, kept_count, plan_pruning, plan_removing
+from prunekit.structured.prune import StructuralResult, prune_structurally
 from prunekit.structured.surgery import apply_plan
 
 __all__ = [
     "DependencyGraph",
     "Space",
     "StructuralPlan",
+    "StructuralResult",
     "apply_plan",
     "build_dependency_graph",
     "kept_count",
     "plan_pruning",
     "plan_removing",
+    "prune_structurally",
     "unit_importance",
 ]

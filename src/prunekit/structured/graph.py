@@ -115,11 +115,14 @@ def build_dependency_graph(
     example_kwargs: dict[str, Any] | None = None,
     *,
     ignored: Sequence[str] = (),
+    tied: Sequence[str] = (),
 ) -> DependencyGraph:
     """Trace ``model`` on the example inputs and compute its coupled units.
 
     ``ignored`` names modules (or parameters) whose parameters must keep their shape: their dimensions are
-    frozen, and with them everything coupled to them.
+    frozen, and with them everything coupled to them. ``tied`` names modules whose inner width must stay
+    equal to the width of the stream they read (attention that computes ``head_dim = C // num_heads`` from
+    its input): see :func:`tie_widths`.
     """
     traced = trace_model(model, example_inputs, example_kwargs)
     table = AtomTable()
@@ -183,6 +186,8 @@ def build_dependency_graph(
                 table.freeze_array(ctx.groups.pop(node.name))
 
     _apply_module_constraints(model, table, state_dims)
+    for name in tied:
+        tie_widths(model.get_submodule(name), name, table, state_dims)
     for name in ignored:
         for state_name, dims in state_dims.items():
             if state_name == name or state_name.startswith(name + "."):
@@ -221,6 +226,25 @@ def _apply_module_constraints(model: nn.Module, table: AtomTable, state_dims: di
                 dims = state_dims.get(prefix + key)
                 if dims is not None:
                     freeze_dims(table, dims)
+
+
+def tie_widths(module: nn.Module, name: str, table: AtomTable, state_dims: dict[str, list[np.ndarray]]) -> None:
+    """Channel ``i`` of every ``k``-th slice of the output of each Linear directly inside ``module`` whose
+    width is a multiple ``k`` of its input's, is unified with its input channel ``i`` (q, k and v with the
+    stream, the output projection with the attention width): the coupling of ``nn.MultiheadAttention``,
+    for modules whose code reshapes with a width read from their input."""
+    prefix = f"{name}." if name else ""
+    children = [("", module)] if isinstance(module, nn.Linear) else list(module.named_children())
+    for child_name, child in children:
+        if not isinstance(child, nn.Linear) or child.out_features % child.in_features:
+            continue
+        key = f"{prefix}{child_name}.weight" if child_name else f"{name}.weight"
+        dims = state_dims.get(key)
+        if dims is None:
+            continue
+        width = child.in_features
+        for part in range(child.out_features // width):
+            table.union_arrays(dims[0][part * width : (part + 1) * width], dims[1])
 
 
 def _spaces(

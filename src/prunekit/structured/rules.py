@@ -185,6 +185,14 @@ def out_shape(ctx: RuleContext, index: int | None = None) -> tuple[int, ...]:
     return shape_of(value)  # type: ignore[return-value]
 
 
+def rule_prelu(ctx: RuleContext, args: list[Any], kwargs: dict[str, Any]) -> Any:
+    """``prelu(x, weight)``: one slope per channel (dim 1), or one for all."""
+    x, weight = args[0], args[1]
+    if weight[0].size > 1 and len(x) > 1:
+        ctx.table.union_arrays(x[1], weight[0])
+    return x
+
+
 def rule_reshape(ctx: RuleContext, args: list[Any], kwargs: dict[str, Any]) -> Any:
     return reshape_dims(ctx.table, args[0], out_shape(ctx))
 
@@ -639,6 +647,9 @@ RULE_NAMES: dict[str, str] = {
         "new_full new_empty_strided eye tril triu randperm tensor"
     ),
     "like": "zeros_like ones_like empty_like full_like rand_like randn_like bernoulli",
+    # activations without torch's ``pointwise`` tag
+    "pointwise": "hardswish hardsigmoid hardtanh relu6 silu gelu mish elu selu celu leaky_relu softplus threshold",
+    "prelu": "_prelu_kernel prelu",
 }
 
 

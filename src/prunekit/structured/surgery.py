@@ -22,7 +22,7 @@ from torch import nn
 
 from prunekit.errors import StructuralPruningError
 from prunekit.structured.plan import StructuralPlan
-from prunekit.structured.verify import repair_size_attributes
+from prunekit.structured.verify import UnrepairedProblem, repair_size_attributes
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +86,14 @@ def apply_plan(
     if example_inputs is not None:
         try:
             repair_size_attributes(target, plan, example_inputs, example_kwargs)
-        except ValueError as error:
-            raise StructuralPruningError(
+        except UnrepairedProblem as error:
+            failure = StructuralPruningError(
                 f"the pruned model does not follow the plan: {error}. That module computes a size the plan "
                 "changes from something prunekit cannot update; keep it whole (ignored=[...]) or prune fewer "
                 "kinds of units"
-            ) from error
+            )
+            failure.module_name = error.problem.module
+            raise failure from error
         _verify(target, example_inputs, example_kwargs, reference)  # type: ignore[arg-type]
     return target
 

@@ -60,15 +60,18 @@ class _ModuleStack:
         self.stack: list[str] = []
         self.spans: list[tuple[str, int, int]] = []
         self._open: list[tuple[str, int]] = []
+        #: Nodes traced so far (how far a failed trace got).
+        self.progress = 0
         self.handles = []
         for name, module in model.named_modules():
             self.handles.append(module.register_forward_pre_hook(self._enter(name)))
             self.handles.append(module.register_forward_hook(self._leave()))
 
-    @staticmethod
-    def _graph_length() -> int:
+    def _graph_length(self) -> int:
         mode = get_proxy_mode()
-        return len(mode.tracer.graph.nodes) if mode is not None else 0
+        length = len(mode.tracer.graph.nodes) if mode is not None else 0
+        self.progress = max(self.progress, length)
+        return length
 
     def _enter(self, name: str) -> Any:
         def hook(module: nn.Module, args: Any) -> None:
@@ -94,9 +97,14 @@ class _ModuleStack:
     def tag(self, graph: torch.fx.Graph) -> None:
         """Record in each node the innermost module whose forward created it (outer spans first)."""
         nodes = list(graph.nodes)
+        for position, node in enumerate(nodes):
+            node.meta["prunekit_position"] = position
         for name, start, end in sorted(self.spans, key=lambda span: (span[1], -span[2])):
             for node in nodes[start:end]:
                 node.meta["prunekit_module"] = name
+
+    def culprit_name(self) -> str | None:
+        return self.stack[-1] if self.stack else None
 
     def culprit(self, model: nn.Module) -> str:
         if not self.stack:
@@ -144,7 +152,7 @@ def trace_model(
                     )(tensors, args, kwargs)
             except Exception as error:
                 errors.append(f"{mode} tensors: {type(error).__name__}: {error}".splitlines()[0][:400])
-                culprit = hooks.culprit(model)
+                culprit, culprit_name, progress = hooks.culprit(model), hooks.culprit_name(), hooks.progress
                 log.debug("trace with %s tensors failed in %s: %s", mode, culprit, error)
                 continue
             finally:
@@ -155,12 +163,15 @@ def trace_model(
             return TracedModel(gm.graph, names, placeholders, mode)
     finally:
         model.train(was_training)
-    raise UntraceableModuleError(
+    error = UntraceableModuleError(
         f"cannot trace {type(model).__name__}: the forward pass failed in {culprit}. "
         + "; ".join(errors)
         + ". Pass example inputs the model accepts, or exclude that module (ignored_modules=[...]) after "
         "making it traceable (no data-dependent Python control flow on tensor values)."
     )
+    error.module_name = culprit_name
+    error.progress = progress
+    raise error
 
 
 def flatten_inputs(example_inputs: Sequence[Any], example_kwargs: dict[str, Any] | None) -> list[Any]:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from prunekit.errors import UntraceableModuleError
 from prunekit.structured.atoms import AtomTable
 from prunekit.structured.plan import StructuralPlan
 from prunekit.structured.rules import shape_of
@@ -32,22 +33,15 @@ MAX_REPAIRS = 16
 
 
 @dataclass(frozen=True)
-class Mismatch:
-    """The first traced result whose shape differs from the plan's prediction."""
+class Problem:
+    """The first place where the pruned model departs from the plan: a traced result of the wrong shape,
+    or a forward pass that fails. ``position`` counts traced nodes (larger = later in the forward pass);
+    ``changes`` maps sizes the plan changes in that module, old -> new."""
 
     position: int
-    node: str
     module: str
-    expected: tuple[int, ...]
-    actual: tuple[int, ...]
-    original: tuple[int, ...]
-
-    def describe(self) -> str:
-        where = f"module {self.module!r}" if self.module else "the top-level forward"
-        return (
-            f"{self.node} in {where} has shape {self.actual}, the plan expects {self.expected} "
-            f"(before pruning {self.original})"
-        )
+    message: str
+    changes: dict[int, set[int]]
 
 
 def expected_shape(table: AtomTable, dims: Any, removed: set[int]) -> tuple[int, ...] | None:
@@ -56,44 +50,72 @@ def expected_shape(table: AtomTable, dims: Any, removed: set[int]) -> tuple[int,
     return tuple(int((~table.removed(atoms, removed)).sum()) for atoms in dims)
 
 
-def first_mismatch(
+def _size_changes(plan: StructuralPlan, module: str) -> dict[int, set[int]]:
+    """old size -> new sizes, over the traced results and parameters of ``module`` and its submodules."""
+    graph = plan.graph
+    changes: dict[int, set[int]] = {}
+
+    def inside(name: str) -> bool:
+        return not module or name == module or name.startswith(module + ".")
+
+    def add(dims: Any) -> None:
+        expected = expected_shape(graph.table, dims, plan.removed)
+        if expected is None:
+            return
+        for atoms, new in zip(dims, expected, strict=True):
+            if atoms.size != new:
+                changes.setdefault(int(atoms.size), set()).add(new)
+
+    for node in graph.traced.graph.nodes:
+        if node.op == "call_function" and inside(node.meta.get("prunekit_module", "")):
+            add(graph.node_dims.get(node.name))
+    for name, dims in graph.state_dims.items():
+        if inside(name.rpartition(".")[0]):
+            add(dims)
+    return changes
+
+
+def first_problem(
     pruned: nn.Module, plan: StructuralPlan, inputs: Sequence[Any], kwargs: dict[str, Any] | None
-) -> Mismatch | None:
+) -> Problem | None:
     """Trace ``pruned`` and compare each result with the plan; ``None`` when all agree. Raises ``LookupError``
     when the pruned model's graph is not the original's op for op (then only outputs can be checked)."""
     graph = plan.graph
-    new = trace_model(pruned, inputs, kwargs, tracing_mode=graph.traced.mode)
+    try:
+        new = trace_model(pruned, inputs, kwargs, tracing_mode=graph.traced.mode)
+    except UntraceableModuleError as error:
+        module = error.module_name or ""
+        return Problem(error.progress, module, str(error), _size_changes(plan, module))
     old_nodes = [n for n in graph.traced.graph.nodes if n.op == "call_function"]
     new_nodes = [n for n in new.graph.nodes if n.op == "call_function"]
     if [n.target for n in old_nodes] != [n.target for n in new_nodes]:
         raise LookupError("the pruned model runs different operations than the original")
-    for position, (old, node) in enumerate(zip(old_nodes, new_nodes, strict=True)):
+    for old, node in zip(old_nodes, new_nodes, strict=True):
         values = node.meta.get("val")
         if not isinstance(values, torch.Tensor):
             continue
         expected = expected_shape(graph.table, graph.node_dims.get(old.name), plan.removed)
         actual = shape_of(values)
         if expected is not None and actual != expected:
-            return Mismatch(
-                position,
-                old.name,
-                old.meta.get("prunekit_module", ""),
-                expected,
-                actual,  # type: ignore[arg-type]
-                shape_of(old.meta.get("val")),  # type: ignore[arg-type]
+            module = old.meta.get("prunekit_module", "")
+            where = f"module {module!r}" if module else "the top-level forward"
+            original = shape_of(old.meta.get("val"))
+            message = (
+                f"{old.name} in {where} has shape {actual}, the plan expects {expected} (before pruning {original})"
             )
+            changes = {
+                o: {n}
+                for o, n, a in zip(original, expected, actual, strict=False)  # type: ignore[arg-type]
+                if o != n and a != n
+            }
+            return Problem(node.meta.get("prunekit_position", 0), module, message, changes)
     return None
 
 
-def _candidates(model: nn.Module, module_name: str, mismatch: Mismatch) -> list[tuple[nn.Module, str, int]]:
+def _candidates(model: nn.Module, problem: Problem) -> list[tuple[nn.Module, str, int]]:
     """``(module, attribute, new value)`` for int attributes holding an old size that the plan changes,
     innermost module first."""
-    changes = {
-        old: new
-        for old, new, actual in zip(mismatch.original, mismatch.expected, mismatch.actual, strict=False)
-        if old != new and actual != new
-    }
-    names = [module_name]
+    names = [problem.module]
     while names[-1]:
         names.append(names[-1].rpartition(".")[0])
     found = []
@@ -103,8 +125,8 @@ def _candidates(model: nn.Module, module_name: str, mismatch: Mismatch) -> list[
         except AttributeError:
             continue
         for attr, value in vars(module).items():
-            if type(value) is int and value in changes and not attr.startswith("_"):
-                found.append((module, attr, changes[value]))
+            if type(value) is int and value in problem.changes and not attr.startswith("_"):
+                found.extend((module, attr, new) for new in sorted(problem.changes[value]))
     return found
 
 
@@ -112,38 +134,46 @@ def repair_size_attributes(
     pruned: nn.Module, plan: StructuralPlan, inputs: Sequence[Any], kwargs: dict[str, Any] | None
 ) -> list[str]:
     """Update module attributes until the pruned model's every intermediate shape matches the plan. Returns
-    the repairs made (``"module.attr: old -> new"``). Raises ``ValueError`` describing the first shape that
-    could not be made to match."""
+    the repairs made (``"module.attr: old -> new"``). Raises :class:`UnrepairedProblem` with the first problem
+    that could not be repaired."""
     repairs: list[str] = []
     try:
-        mismatch = first_mismatch(pruned, plan, inputs, kwargs)
+        problem = first_problem(pruned, plan, inputs, kwargs)
     except LookupError as error:
         log.info("structure check skipped: %s", error)
         return repairs
-    tried: set[tuple[int, str]] = set()
-    while mismatch is not None and len(repairs) < MAX_REPAIRS:
+    tried: set[tuple[int, str, int]] = set()
+    while problem is not None and len(repairs) < MAX_REPAIRS:
         fixed = False
-        for module, attr, value in _candidates(pruned, mismatch.module, mismatch):
-            if (id(module), attr) in tried:
+        for module, attr, value in _candidates(pruned, problem):
+            if (id(module), attr, value) in tried:
                 continue
-            tried.add((id(module), attr))
+            tried.add((id(module), attr, value))
             old = getattr(module, attr)
             setattr(module, attr, value)
             try:
-                after = first_mismatch(pruned, plan, inputs, kwargs)
-            except Exception:  # the change broke the forward pass: undo
-                after = mismatch
-            if after is None or after.position > mismatch.position:
+                after = first_problem(pruned, plan, inputs, kwargs)
+            except LookupError:
+                after = None
+            if after is None or after.position > problem.position:
                 repairs.append(f"{_name_of(pruned, module)}.{attr}: {old} -> {value}")
                 log.info("structured: set %s", repairs[-1])
-                mismatch, fixed = after, True
+                problem, fixed = after, True
                 break
             setattr(module, attr, old)
         if not fixed:
             break
-    if mismatch is not None:
-        raise ValueError(mismatch.describe())
+    if problem is not None:
+        raise UnrepairedProblem(problem)
     return repairs
+
+
+class UnrepairedProblem(ValueError):
+    """The pruned model departs from the plan where no attribute repair helps."""
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem.message)
+        self.problem = problem
 
 
 def _name_of(model: nn.Module, module: nn.Module) -> str:

@@ -1,0 +1,108 @@
+"""One call from a model to its structurally pruned copy: graph, importance, plan, surgery, and what to do
+when a module's own code disagrees with the plan.
+
+Most modules compute their sizes from their weights or their inputs and need nothing. Some read a width from
+their input and split it with an attribute (``head_dim = C // num_heads`` in Swin or MaxViT attention), which
+only works when their inner width equals the stream's. When the pruned model departs from the plan in such a
+module, :func:`prune_structurally` retries with the widths of every module of that class tied to their
+inputs' (:func:`~prunekit.structured.graph.tie_widths`), and as a last resort keeps the module whole. Every such
+adjustment is returned, and logged, so nothing is silently left unpruned.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from prunekit.errors import StructuralPruningError
+from prunekit.structured.graph import DependencyGraph, build_dependency_graph
+from prunekit.structured.importance import Aggregation, Criterion, Normalization, unit_importance
+from prunekit.structured.plan import DEFAULT_KINDS, Policy, StructuralPlan, plan_pruning
+from prunekit.structured.surgery import apply_plan
+
+log = logging.getLogger(__name__)
+
+#: Plans tried before giving up (each adjustment costs one more trace of the model).
+MAX_ATTEMPTS = 12
+
+
+@dataclass
+class StructuralResult:
+    """The pruned model (a new one), the plan it follows, and the adjustments that made it work."""
+
+    model: nn.Module
+    plan: StructuralPlan
+    graph: DependencyGraph
+    tied: list[str] = field(default_factory=list)
+    kept_whole: list[str] = field(default_factory=list)
+
+
+def prune_structurally(
+    model: nn.Module,
+    example_inputs: Sequence[Any],
+    ratio: float,
+    *,
+    example_kwargs: dict[str, Any] | None = None,
+    criterion: Criterion = "l2",
+    aggregation: Aggregation = "mean",
+    normalization: Normalization = "mean",
+    policy: Policy = "uniform",
+    round_to: int = 1,
+    kinds: Sequence[str] = DEFAULT_KINDS,
+    ignored: Sequence[str] = (),
+    min_keep_ratio: float = 0.1,
+) -> StructuralResult:
+    """Remove ``ratio`` of the units of every prunable space of ``model`` (``policy="uniform"``; or of all of
+    them together, ``"global"``), the least important by ``criterion`` first. ``model`` is not modified.
+
+    ``ignored`` lists modules (or parameter names) to keep whole. Raises
+    :class:`~prunekit.errors.StructuralPruningError` if no plan gives a model that runs as planned.
+    """
+    tied: list[str] = []
+    kept_whole: list[str] = []
+    for _ in range(MAX_ATTEMPTS):
+        graph = build_dependency_graph(
+            model, example_inputs, example_kwargs, ignored=[*ignored, *kept_whole], tied=tied
+        )
+        scores = unit_importance(graph, model, criterion, aggregation=aggregation, normalization=normalization)
+        plan = plan_pruning(
+            graph, scores, ratio, policy=policy, round_to=round_to, kinds=kinds, min_keep_ratio=min_keep_ratio
+        )
+        try:
+            pruned = apply_plan(model, plan, example_inputs, example_kwargs)
+        except StructuralPruningError as error:
+            module = error.module_name
+            if module is None:
+                raise
+            if module not in tied and _has_linear_to_tie(model, module):
+                same_code = _same_class(model, module)  # the problem is in the class's code: tie them all
+                log.warning(
+                    "structured: %s reads its width from its input; tying the widths of its %d %s modules",
+                    module or "<root>",
+                    len(same_code),
+                    type(model.get_submodule(module)).__name__,
+                )
+                tied.extend(n for n in same_code if n not in tied)
+                continue
+            if module not in kept_whole:
+                log.warning("structured: keeping %s whole (%s)", module or "<root>", error)
+                kept_whole.append(module)
+                continue
+            raise
+        return StructuralResult(pruned, plan, graph, tied, kept_whole)
+    raise StructuralPruningError(f"no workable plan after {MAX_ATTEMPTS} attempts (kept whole: {kept_whole})")
+
+
+def _same_class(model: nn.Module, name: str) -> list[str]:
+    cls = type(model.get_submodule(name) if name else model)
+    return [n for n, m in model.named_modules() if type(m) is cls]
+
+
+def _has_linear_to_tie(model: nn.Module, name: str) -> bool:
+    module = model.get_submodule(name) if name else model
+    children = [module] if isinstance(module, nn.Linear) else list(module.children())
+    return any(isinstance(c, nn.Linear) and c.out_features % c.in_features == 0 for c in children)
