@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.errors import StructuralPruningError, UntraceableModuleError
+from prunekit.errors import ModelLoadError, OutputError, StructuralPruningError, UntraceableModuleError
+from prunekit.onnx_export import export_onnx, run_onnx
 from prunekit.structured import (
     apply_plan,
     build_dependency_graph,
@@ -19,6 +20,7 @@ from prunekit.structured import (
     prune_structurally,
     unit_importance,
 )
+from prunekit.structured.saving import load_pruned, save_pruned
 
 
 def zero_units(model: nn.Module, graph, units: set[int]) -> None:
@@ -345,7 +347,8 @@ def test_bn_scale_and_taylor_importance():
     bn = unit_importance(graph, model, "bn_scale", normalization="none")
     assert [bn[u] for u in space.units] == [3.0, 0.5]
     model.train()
-    model(x).sum().backward()
+    with torch.enable_grad():
+        model(x).sum().backward()
     taylor = unit_importance(graph, model, "taylor", normalization="none", aggregation="sum")
     expected = []
     for c in range(2):
@@ -453,6 +456,50 @@ def test_prelu_slopes_follow_their_channels():
     result = prune_structurally(model, (x,), 0.5)
     assert result.model[1].weight.shape == (4,) and result.model[1].num_parameters == 4
     assert result.model[0].out_channels == 4
+
+
+def test_save_then_rebuild_from_the_constructor(tmp_path):
+    torch.manual_seed(0)
+    model = MobileBlock().eval()
+    x = torch.randn(2, 3, 4, 4)
+    pruned = prune_structurally(model, (x,), 0.5).model
+    save_pruned(pruned, tmp_path / "pruned")
+    assert not (tmp_path / "pruned" / "model.pt").exists()
+    rebuilt = load_pruned(MobileBlock().eval(), tmp_path / "pruned")
+    assert rebuilt.depthwise.groups == pruned.depthwise.groups == 12
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), pruned(x), rtol=0, atol=0)
+    with pytest.raises(OutputError):
+        save_pruned(pruned, tmp_path / "pruned")
+    with pytest.raises(ModelLoadError, match="constructor"):
+        load_pruned(DenseBlock(), tmp_path / "pruned")
+
+
+def test_rebuild_keeps_repaired_attributes_and_ties(tmp_path):
+    torch.manual_seed(0)
+    model = TinyViT().eval()
+    x = torch.randn(2, 3, 8, 8)
+    pruned = prune_structurally(model, (x,), 0.5).model
+    assert pruned.attn.heads == 2
+    save_pruned(pruned, tmp_path / "vit")
+    rebuilt = load_pruned(TinyViT().eval(), tmp_path / "vit")
+    assert rebuilt.attn.heads == 2
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), pruned(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("make", [ResNetBlock, lambda: TinyViT(mha=True)])
+def test_onnx_export_of_a_pruned_model_matches(tmp_path, make):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(1, 3, 8, 8)
+    pruned = prune_structurally(model, (x,), 0.5).model
+    path = export_onnx(pruned, (x,), tmp_path / "pruned.onnx")
+    (got,) = run_onnx(path, (x,))
+    with torch.no_grad():
+        np.testing.assert_allclose(got, pruned(x).numpy(), atol=1e-4, rtol=1e-3)
 
 
 class LeavesTorch(nn.Module):

@@ -24,7 +24,9 @@ from prunekit.eval.perplexity import PerplexityResult, perplexity
 from prunekit.masks import Mask
 from prunekit.models.loading import LoadedModel, load_model
 from prunekit.oneshot import LayerResult, PruneResult, prune
+from prunekit.onnx_export import export_onnx
 from prunekit.patterns import NM, Unstructured, parse_pattern
+from prunekit.structured import StructuralResult, load_pruned, prune_structurally, save_pruned
 
 __all__ = [
     "NM",
@@ -45,12 +47,17 @@ __all__ = [
     "PruneResult",
     "PrunekitError",
     "Recipe",
+    "StructuralResult",
     "TargetError",
     "Unstructured",
     "calibration_windows",
+    "export_onnx",
     "load_model",
+    "load_pruned",
     "parse_pattern",
     "perplexity",
     "prune",
+    "prune_structurally",
     "run_recipe",
+    "save_pruned",
 ]

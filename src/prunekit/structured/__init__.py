@@ -15,6 +15,7 @@ from prunekit.structured.graph import DependencyGraph, Space, build_dependency_g
 from prunekit.structured.importance import unit_importance
 from prunekit.structured.plan import StructuralPlan, kept_count, plan_pruning, plan_removing
 from prunekit.structured.prune import StructuralResult, prune_structurally
+from prunekit.structured.saving import load_pruned, save_pruned
 from prunekit.structured.surgery import apply_plan
 
 __all__ = [
@@ -25,8 +26,10 @@ __all__ = [
     "apply_plan",
     "build_dependency_graph",
     "kept_count",
+    "load_pruned",
     "plan_pruning",
     "plan_removing",
     "prune_structurally",
+    "save_pruned",
     "unit_importance",
 ]

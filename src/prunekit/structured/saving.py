@@ -1,0 +1,111 @@
+"""Save a structurally pruned model and rebuild it from the original constructor, without pickle.
+
+A pruned model no longer matches its class's constructor: ``resnet18()`` builds 64-channel convs, the
+checkpoint holds 32. Saving therefore writes two files:
+
+- ``model.safetensors``: the weights and buffers (:func:`safetensors.torch.save_model`, tied tensors once);
+- ``prunekit_structure.json``: the shape of every parameter and buffer and the size attributes of every
+  module (``in_features``, ``out_channels``, ``groups``, ``num_heads``... any public attribute that is an
+  integer or a tuple of integers, which is where module code keeps its sizes).
+
+:func:`load_pruned` takes a freshly constructed, *unpruned* model (``torchvision.models.resnet18()``),
+applies the saved attributes and shapes to it, and loads the weights with ``strict`` checking. Nothing is
+unpickled and no code is run from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from prunekit.errors import ModelLoadError
+from prunekit.export import write_atomically
+
+STRUCTURE_FILE = "prunekit_structure.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+def _size_like(value: Any) -> bool:
+    if type(value) is int:
+        return True
+    return isinstance(value, (tuple, list)) and len(value) > 0 and all(type(v) is int for v in value)
+
+
+def structure_of(model: nn.Module) -> dict[str, Any]:
+    """Shapes of all parameters and buffers, and the integer attributes of all modules."""
+    tensors = {name: list(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
+    attributes = {}
+    for name, module in model.named_modules():
+        sizes = {
+            k: list(v) if isinstance(v, (tuple, list)) else v
+            for k, v in vars(module).items()
+            if not k.startswith("_") and _size_like(v)
+        }
+        if sizes:
+            attributes[name] = sizes
+    return {"format": FORMAT_VERSION, "class": type(model).__qualname__, "tensors": tensors, "attributes": attributes}
+
+
+def save_pruned(model: nn.Module, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Write ``model``'s weights and structure into ``directory`` (new or empty unless ``overwrite``),
+    atomically: into a temporary sibling that is then renamed."""
+
+    def write(tmp: Path) -> None:
+        save_model(model, str(tmp / WEIGHTS_FILE))
+        (tmp / STRUCTURE_FILE).write_text(json.dumps(structure_of(model), indent=1))
+
+    return write_atomically(directory, write, overwrite)
+
+
+def load_pruned(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
+    """Turn ``model`` (freshly built by the original constructor) into the saved pruned model, in place,
+    and return it."""
+    folder = Path(directory)
+    structure_path = folder / STRUCTURE_FILE
+    if not structure_path.is_file():
+        raise ModelLoadError(f"{folder} has no {STRUCTURE_FILE}: it was not written by prunekit.save_pruned")
+    structure = json.loads(structure_path.read_text())
+    if structure.get("format") != FORMAT_VERSION:
+        raise ModelLoadError(f"{structure_path} has format {structure.get('format')}, expected {FORMAT_VERSION}")
+    if structure.get("class") != type(model).__qualname__:
+        raise ModelLoadError(
+            f"the checkpoint was saved from a {structure.get('class')}, not a {type(model).__qualname__}: build the "
+            "model with the constructor it was pruned from"
+        )
+    modules = dict(model.named_modules())
+    for name, sizes in structure["attributes"].items():
+        module = modules.get(name)
+        if module is None:
+            raise ModelLoadError(f"the checkpoint has a module {name!r} that the given model lacks")
+        for key, value in sizes.items():
+            current = getattr(module, key, None)
+            setattr(module, key, tuple(value) if isinstance(current, tuple) else value)
+    current = model.state_dict(keep_vars=True)
+    missing = set(structure["tensors"]) ^ set(current)
+    if missing:
+        raise ModelLoadError(f"the checkpoint and the model disagree on tensors: {sorted(missing)[:5]}")
+    resized: dict[int, torch.Tensor] = {}
+    for name, shape in structure["tensors"].items():
+        tensor = current[name]
+        if list(tensor.shape) == shape:
+            continue
+        module_name, _, attr = name.rpartition(".")
+        owner = modules[module_name]
+        if id(tensor) not in resized:
+            empty = torch.empty(shape, dtype=tensor.dtype, device=tensor.device)
+            resized[id(tensor)] = (
+                nn.Parameter(empty, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+            )
+        if attr in owner._parameters:
+            owner._parameters[attr] = resized[id(tensor)]
+        else:
+            owner._buffers[attr] = resized[id(tensor)]
+    load_model(model, str(folder / WEIGHTS_FILE), strict=True)
+    return model
