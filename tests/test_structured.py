@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from prunekit.errors import ModelLoadError, OutputError, StructuralPruningError, UntraceableModuleError
 from prunekit.onnx_export import export_onnx, run_onnx
@@ -20,6 +21,7 @@ from prunekit.structured import (
     prune_structurally,
     unit_importance,
 )
+from prunekit.structured.cost import original_size, planned_macs, planned_parameters
 from prunekit.structured.saving import load_pruned, save_pruned
 
 
@@ -500,6 +502,43 @@ def test_onnx_export_of_a_pruned_model_matches(tmp_path, make):
     (got,) = run_onnx(path, (x,))
     with torch.no_grad():
         np.testing.assert_allclose(got, pruned(x).numpy(), atol=1e-4, rtol=1e-3)
+
+
+def measured_macs(model: nn.Module, x: torch.Tensor) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() // 2
+
+
+@pytest.mark.parametrize(
+    ("make", "shape"), [(ResNetBlock, (2, 3, 8, 8)), (MobileBlock, (2, 3, 4, 4)), (DenseBlock, (2, 3, 6, 6))]
+)
+def test_planned_cost_equals_the_measured_cost(make, shape):
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(shape)
+    graph = build_dependency_graph(model, (x,))
+    plan = plan_pruning(graph, unit_importance(graph, model), 0.5)
+    pruned = apply_plan(model, plan, (x,))
+    assert original_size(plan) == (sum(p.numel() for p in model.parameters()), measured_macs(model, x))
+    assert planned_parameters(plan) == sum(p.numel() for p in pruned.parameters())
+    assert planned_macs(plan) == measured_macs(pruned, x)
+
+
+@pytest.mark.parametrize("target", ["macs", "params"])
+def test_a_cost_target_is_reached_with_the_least_channel_ratio(target):
+    torch.manual_seed(0)
+    model = ResNetBlock().eval()
+    x = torch.randn(1, 3, 8, 8)
+    result = prune_structurally(model, (x,), 0.5, target=target)
+    measure = (
+        (lambda m: sum(p.numel() for p in m.parameters())) if target == "params" else (lambda m: measured_macs(m, x))
+    )
+    kept = measure(result.model) / measure(model)
+    assert kept <= 0.5
+    # the bisection stops at the least channel ratio that reaches the target: no large overshoot
+    assert kept > 0.5 - 0.15
 
 
 class LeavesTorch(nn.Module):

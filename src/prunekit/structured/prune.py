@@ -14,11 +14,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from torch import nn
 
 from prunekit.errors import StructuralPruningError
+from prunekit.structured.cost import original_size, planned_macs, planned_parameters
 from prunekit.structured.graph import DependencyGraph, build_dependency_graph
 from prunekit.structured.importance import Aggregation, Criterion, Normalization, unit_importance
 from prunekit.structured.plan import DEFAULT_KINDS, Policy, StructuralPlan, plan_pruning
@@ -28,6 +29,11 @@ log = logging.getLogger(__name__)
 
 #: Plans tried before giving up (each adjustment costs one more trace of the model).
 MAX_ATTEMPTS = 12
+
+Target = Literal["channels", "params", "macs"]
+
+#: Bisection steps when the target is a parameter or MAC reduction (the channel ratio is found to 1/2^14).
+SEARCH_STEPS = 14
 
 
 @dataclass
@@ -51,6 +57,7 @@ def prune_structurally(
     aggregation: Aggregation = "mean",
     normalization: Normalization = "mean",
     policy: Policy = "uniform",
+    target: Target = "channels",
     round_to: int = 1,
     kinds: Sequence[str] = DEFAULT_KINDS,
     ignored: Sequence[str] = (),
@@ -58,6 +65,10 @@ def prune_structurally(
 ) -> StructuralResult:
     """Remove ``ratio`` of the units of every prunable space of ``model`` (``policy="uniform"``; or of all of
     them together, ``"global"``), the least important by ``criterion`` first. ``model`` is not modified.
+
+    With ``target="params"`` or ``"macs"``, ``ratio`` is the fraction of parameters or multiply-accumulates
+    to remove instead: the channel ratio that reaches it (or the least over it) is found by bisection on
+    the planned cost (:mod:`~prunekit.structured.cost`).
 
     ``ignored`` lists modules (or parameter names) to keep whole. Raises
     :class:`~prunekit.errors.StructuralPruningError` if no plan gives a model that runs as planned.
@@ -69,9 +80,8 @@ def prune_structurally(
             model, example_inputs, example_kwargs, ignored=[*ignored, *kept_whole], tied=tied
         )
         scores = unit_importance(graph, model, criterion, aggregation=aggregation, normalization=normalization)
-        plan = plan_pruning(
-            graph, scores, ratio, policy=policy, round_to=round_to, kinds=kinds, min_keep_ratio=min_keep_ratio
-        )
+        options = {"policy": policy, "round_to": round_to, "kinds": kinds, "min_keep_ratio": min_keep_ratio}
+        plan = plan_to_target(graph, scores, ratio, target, **options)
         try:
             pruned = apply_plan(model, plan, example_inputs, example_kwargs)
         except StructuralPruningError as error:
@@ -95,6 +105,38 @@ def prune_structurally(
             raise
         return StructuralResult(pruned, plan, graph, tied, kept_whole)
     raise StructuralPruningError(f"no workable plan after {MAX_ATTEMPTS} attempts (kept whole: {kept_whole})")
+
+
+def plan_to_target(
+    graph: DependencyGraph, scores: dict[int, float], ratio: float, target: Target, **options: Any
+) -> StructuralPlan:
+    """The plan removing ``ratio`` of the channels, or the smallest channel ratio whose plan removes at least
+    ``ratio`` of the parameters or MACs."""
+    if target == "channels":
+        return plan_pruning(graph, scores, ratio, **options)
+    if target not in ("params", "macs"):
+        raise ValueError(f"unknown target {target!r}: use 'channels', 'params' or 'macs'")
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"a {target} reduction must be in (0, 1), got {ratio}")
+    cost = planned_parameters if target == "params" else planned_macs
+    base = original_size(plan_pruning(graph, scores, 0.0, **options))[0 if target == "params" else 1]
+    goal = base * (1.0 - ratio)
+    low, high = 0.0, 0.99
+    best = plan_pruning(graph, scores, high, **options)
+    if cost(best) > goal:
+        log.warning(
+            "structured: even a %.2f channel ratio keeps more than %.0f%% of the %s", high, 100 * (1 - ratio), target
+        )
+        return best
+    for _ in range(SEARCH_STEPS):
+        middle = (low + high) / 2
+        plan = plan_pruning(graph, scores, middle, **options)
+        if cost(plan) <= goal:
+            high, best = middle, plan
+        else:
+            low = middle
+    log.info("structured: channel ratio %.4f removes %.1f%% of the %s", high, 100 * (1 - cost(best) / base), target)
+    return best
 
 
 def _same_class(model: nn.Module, name: str) -> list[str]:

@@ -1,0 +1,81 @@
+"""What a plan will cost before any weight is cut: parameters and multiply-accumulates of the pruned model.
+
+Parameters come from the planned shapes. MACs come from the traced graph: every matrix product, convolution
+and attention node is re-costed at its planned shapes with the formulas of
+:mod:`torch.utils.flop_counter` (the same ones ``FlopCounterMode`` uses; MACs = FLOPs / 2), so the
+prediction equals a measurement of the pruned model with that counter.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.fx
+from torch.utils.flop_counter import flop_registry
+
+from prunekit.structured.plan import StructuralPlan
+from prunekit.structured.verify import expected_shape
+
+
+def planned_parameters(plan: StructuralPlan) -> int:
+    """Number of parameters after the plan (tied parameters once)."""
+    graph = plan.graph
+    total = 0
+    for name in graph.parameter_names & set(graph.state_dims):
+        removed = graph.removed_indices(name, plan.removed)
+        total += math.prod(int((~m).sum()) for m in removed)
+    return total
+
+
+def _meta(shape: tuple[int, ...] | None, like: Any) -> Any:
+    if shape is None:
+        return like
+    dtype = like.dtype if isinstance(like, torch.Tensor) else torch.float32
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def planned_macs(plan: StructuralPlan) -> int:
+    """Multiply-accumulates of one forward pass on the example inputs, after the plan."""
+    graph = plan.graph
+    table, removed = graph.table, plan.removed
+    flops = 0
+    for node in graph.traced.graph.nodes:
+        if node.op != "call_function":
+            continue
+        formula = flop_registry.get(getattr(node.target, "overloadpacket", None))
+        if formula is None:
+            continue
+
+        def planned(arg: Any) -> Any:
+            if isinstance(arg, torch.fx.Node):
+                value = arg.meta.get("val")
+                if isinstance(value, torch.Tensor):
+                    return _meta(expected_shape(table, graph.node_dims.get(arg.name), removed), value)
+                return value
+            if isinstance(arg, (list, tuple)):
+                return type(arg)(planned(a) for a in arg)
+            return arg
+
+        args = [planned(a) for a in node.args]
+        kwargs = {k: planned(v) for k, v in node.kwargs.items()}
+        value = node.meta.get("val")
+        dims = graph.node_dims.get(node.name)
+        if isinstance(value, torch.Tensor):
+            out = _meta(expected_shape(table, dims, removed), value)
+        elif isinstance(value, (tuple, list)):
+            out = type(value)(
+                _meta(expected_shape(table, d, removed), v) if isinstance(v, torch.Tensor) else v
+                for v, d in zip(value, dims if isinstance(dims, list) else [None] * len(value), strict=False)
+            )
+        else:
+            out = value
+        flops += int(formula(*args, out_val=out, **kwargs))
+    return flops // 2
+
+
+def original_size(plan: StructuralPlan) -> tuple[int, int]:
+    """``(parameters, MACs)`` of the model before the plan."""
+    empty = StructuralPlan(plan.graph, [], set())
+    return planned_parameters(empty), planned_macs(empty)
