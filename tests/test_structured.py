@@ -452,6 +452,17 @@ def test_attention_that_reads_its_width_from_the_stream_gets_tied():
     assert result.model(x).shape == (2, 2)
 
 
+class Restride(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3), keepdim=True).as_strided((x.shape[0], x.shape[1], 1, 1), (x.shape[1], 1, 1, 1))
+
+
+def test_a_restride_after_pooling_keeps_channels_prunable():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), Restride(), nn.Flatten(), nn.Linear(8, 2))
+    result = prune_structurally(model, (torch.randn(1, 3, 4, 4),), 0.5)
+    assert result.model[0].out_channels == 4 and result.model[3].in_features == 4
+
+
 def test_prelu_slopes_follow_their_channels():
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.PReLU(8), nn.Conv2d(8, 4, 1))
     x = torch.randn(1, 3, 4, 4)

@@ -185,6 +185,13 @@ def out_shape(ctx: RuleContext, index: int | None = None) -> tuple[int, ...]:
     return shape_of(value)  # type: ignore[return-value]
 
 
+def rule_restride(ctx: RuleContext, args: list[Any], kwargs: dict[str, Any]) -> Any:
+    """``as_strided`` that only changes strides (memory format after a pooling): same dimensions."""
+    if tuple(a.size for a in args[0]) == out_shape(ctx):
+        return args[0]
+    return rule_unknown(ctx, args, kwargs)
+
+
 def rule_prelu(ctx: RuleContext, args: list[Any], kwargs: dict[str, Any]) -> Any:
     """``prelu(x, weight)``: one slope per channel (dim 1), or one for all."""
     x, weight = args[0], args[1]
@@ -650,6 +657,7 @@ RULE_NAMES: dict[str, str] = {
     # activations without torch's ``pointwise`` tag
     "pointwise": "hardswish hardsigmoid hardtanh relu6 silu gelu mish elu selu celu leaky_relu softplus threshold",
     "prelu": "_prelu_kernel prelu",
+    "restride": "as_strided as_strided_ as_strided_copy",
 }
 
 
