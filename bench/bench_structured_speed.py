@@ -1,0 +1,181 @@
+"""Benchmark: does removing half the MACs make the model faster? (issue 5, benchmark 2)
+
+ResNet-50, MobileNetV2 and ViT-B/16 (random weights) pruned to about 50% of their MACs by prunekit
+(``target="macs"``, L2 magnitude, channel counts rounded to multiples of 8) and by Torch-Pruning 1.6.1's
+MagnitudePruner (its channel ratio bisected to the same MAC reduction; it has no MAC target), each tool in
+its own process and venv (same torch and torchvision). CPU latency with ``torch.utils.benchmark`` at batch 1
+and 32, threads fixed, dense and pruned measured in the same process. The figure of merit is
+``speed-up / MACs reduction`` = ``(t_dense / t_pruned) / (MACs_dense / MACs_pruned)``: 1.0 means every MAC
+removed is time saved.
+
+    .venv-tv/bin/python bench/bench_structured_speed.py --peer-python .venv-tp/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "structured_speed.json"
+MODELS = ("resnet50", "mobilenet_v2", "vit_b_16")
+
+
+def child(tool: str, name: str, macs_ratio: float, batches: list[int], threads: int, min_time: float) -> dict:
+    import torch
+    import torchvision
+    from torch.utils import benchmark
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    x = torch.randn(1, 3, 224, 224)
+
+    def macs(m: torch.nn.Module) -> int:
+        # with autograd on: under no_grad nn.MultiheadAttention takes a fused fast path whose projections
+        # FlopCounterMode does not count
+        counter = FlopCounterMode(display=False)
+        with counter, torch.enable_grad():
+            m(x)
+        return counter.get_total_flops() // 2
+
+    def params(m: torch.nn.Module) -> int:
+        return sum(p.numel() for p in m.parameters())
+
+    dense_macs = macs(model)
+    if tool == "prunekit":
+        from prunekit.structured import prune_structurally
+
+        pruned = prune_structurally(model, (x,), macs_ratio, target="macs", round_to=8).model
+        setting = {"target": "macs", "ratio": macs_ratio, "round_to": 8}
+    else:
+        import copy
+
+        import torch_pruning as tp
+
+        def tp_prune(ratio: float) -> torch.nn.Module:
+            m = copy.deepcopy(model)
+            keep = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear) and mod.out_features == 1000]
+            heads = {}
+            for mod in m.modules():
+                if isinstance(mod, torch.nn.MultiheadAttention):
+                    heads[mod] = mod.num_heads
+            pruner = tp.pruner.MagnitudePruner(
+                m,
+                x,
+                importance=tp.importance.MagnitudeImportance(p=2),
+                pruning_ratio=ratio,
+                ignored_layers=keep,
+                round_to=8,
+                num_heads=heads,
+                prune_head_dims=True,
+                prune_num_heads=False,
+            )
+            pruner.step()
+            for mod in m.modules():  # Torch-Pruning's own recipe for torchvision ViT
+                if isinstance(mod, torch.nn.MultiheadAttention):
+                    mod.head_dim = mod.embed_dim // mod.num_heads
+            if hasattr(m, "hidden_dim") and hasattr(m, "conv_proj"):
+                m.hidden_dim = m.conv_proj.out_channels
+            return m
+
+        low, high, best = 0.0, 0.9, None
+        for _ in range(7):
+            middle = (low + high) / 2
+            candidate = tp_prune(middle)
+            if macs(candidate) <= dense_macs * (1 - macs_ratio):
+                high, best = middle, candidate
+            else:
+                low = middle
+        pruned = best if best is not None else tp_prune(high)
+        setting = {"pruning_ratio": high, "round_to": 8}
+    pruned_macs = macs(pruned)
+    rows = []
+    for batch in batches:
+        xb = torch.randn(batch, 3, 224, 224)
+        times = {}
+        for label, m in (("dense", model), ("pruned", pruned)):
+            with torch.no_grad():
+                m(xb)  # warm-up
+                timer = benchmark.Timer("m(xb)", globals={"m": m, "xb": xb}, num_threads=threads)
+                times[label] = timer.blocked_autorange(min_run_time=min_time).median
+        speedup = times["dense"] / times["pruned"]
+        reduction = dense_macs / pruned_macs
+        rows.append(
+            {
+                "batch": batch,
+                "dense_s": times["dense"],
+                "pruned_s": times["pruned"],
+                "speedup": speedup,
+                "macs_reduction": reduction,
+                "speedup_over_macs_reduction": speedup / reduction,
+            }
+        )
+    return {
+        "setting": setting,
+        "macs": dense_macs,
+        "pruned_macs": pruned_macs,
+        "params": params(model),
+        "pruned_params": params(pruned),
+        "rows": rows,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", nargs=2, metavar=("TOOL", "MODEL"))
+    parser.add_argument("--peer-python")
+    parser.add_argument("--models", nargs="*", default=list(MODELS))
+    parser.add_argument("--macs-ratio", type=float, default=0.5)
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 32])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--min-time", type=float, default=2.0, help="seconds of timing per measurement")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if args.child:
+        out = child(args.child[0], args.child[1], args.macs_ratio, args.batches, args.threads, args.min_time)
+        print("RESULT " + json.dumps(out), flush=True)
+        return
+    tools = [("prunekit", sys.executable)] + ([("torch-pruning", args.peer_python)] if args.peer_python else [])
+    results: dict[str, dict] = {}
+    for name in args.models:
+        for tool, python in tools:
+            cmd = [
+                python,
+                str(Path(__file__).resolve()),
+                "--child",
+                tool,
+                name,
+                "--macs-ratio",
+                str(args.macs_ratio),
+                "--threads",
+                str(args.threads),
+                "--min-time",
+                str(args.min_time),
+                "--batches",
+                *map(str, args.batches),
+            ]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode or not lines:
+                result = {"ok": False, "error": " | ".join(proc.stderr.strip().splitlines()[-3:])[-600:]}
+                print(f"{name:14s} {tool:14s} FAIL {result['error'][:300]}", flush=True)
+            else:
+                result = {"ok": True, **json.loads(lines[-1][7:])}
+                for row in result["rows"]:
+                    print(
+                        f"{name:14s} {tool:14s} batch {row['batch']:3d} MACs /{row['macs_reduction']:.2f} "
+                        f"speed-up x{row['speedup']:.2f} ratio {row['speedup_over_macs_reduction']:.2f}",
+                        flush=True,
+                    )
+            results.setdefault(name, {})[tool] = result
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"threads": args.threads, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
