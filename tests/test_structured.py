@@ -552,6 +552,28 @@ def test_a_cost_target_is_reached_with_the_least_channel_ratio(target):
     assert kept > 0.5 - 0.15
 
 
+def test_structural_report(tmp_path):
+    from prunekit.report import write_report
+    from prunekit.structured.report import plot_widths, render_markdown, size_on_disk, structural_report
+
+    torch.manual_seed(0)
+    model = ResNetBlock().eval()
+    x = torch.randn(1, 3, 8, 8)
+    result = prune_structurally(model, (x,), 0.5)
+    report = structural_report(model, result, (x,), min_run_time=0.05)
+    s = report["summary"]
+    assert s["params_before"] == sum(p.numel() for p in model.parameters())
+    assert s["params_after"] == sum(p.numel() for p in result.model.parameters())
+    assert s["macs_after"] == measured_macs(result.model, x) and s["macs_before"] == measured_macs(model, x)
+    assert s["bytes_after"] < s["bytes_before"] and s["latency_after_s"] > 0
+    save_pruned(result.model, tmp_path / "saved")
+    assert abs((tmp_path / "saved" / "model.safetensors").stat().st_size - size_on_disk(result.model)) < 2048
+    widths = {r["layer"]: (r["out"], r["out_kept"]) for r in report["layers"]}
+    assert widths["stem"] == (16, 8) and widths["fc"] == (10, 10)
+    out = write_report(report, tmp_path / "report", render=render_markdown, plot=plot_widths)
+    assert "| parameters |" in (out / "report.md").read_text() and (out / "layers.png").stat().st_size > 0
+
+
 class LeavesTorch(nn.Module):
     def __init__(self) -> None:
         super().__init__()

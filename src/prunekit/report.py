@@ -10,6 +10,7 @@ import json
 import logging
 import shlex
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -166,12 +167,20 @@ def plot_report(report: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def write_report(report: dict[str, Any], directory: str | Path, overwrite: bool = False) -> Path:
-    """Write ``report.json``, ``report.md`` and ``layers.png`` into ``directory`` atomically."""
+def write_report(
+    report: dict[str, Any],
+    directory: str | Path,
+    overwrite: bool = False,
+    *,
+    render: Callable[[dict[str, Any]], str] = render_markdown,
+    plot: Callable[[dict[str, Any], Path], bool] = plot_report,
+) -> Path:
+    """Write ``report.json``, ``report.md`` (``render``) and ``layers.png`` (``plot``) into ``directory``
+    atomically. The defaults render a one-shot run; structural runs pass their own."""
 
     def write(tmp: Path) -> None:
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
-        (tmp / "report.md").write_text(render_markdown(report))
-        plot_report(report, tmp / "layers.png")
+        (tmp / "report.md").write_text(render(report))
+        plot(report, tmp / "layers.png")
 
     return write_atomically(directory, write, overwrite)

@@ -1,0 +1,176 @@
+"""What structural pruning bought: parameters, MACs, size on disk and CPU (or GPU) latency before and after,
+and the width kept by every layer, as JSON, Markdown and a PNG (written by :func:`prunekit.report.write_report`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+from torch.utils import benchmark
+
+from prunekit.measure import versions
+from prunekit.structured.cost import original_size, planned_macs, planned_parameters
+from prunekit.structured.prune import StructuralResult
+
+log = logging.getLogger(__name__)
+
+
+def size_on_disk(model: nn.Module) -> int:
+    """Bytes of the model's safetensors file (tied tensors once, as :func:`~prunekit.save_pruned` writes)."""
+    unique: dict[int, tuple[str, torch.Tensor]] = {}
+    for name, tensor in model.state_dict(keep_vars=False).items():
+        unique.setdefault(tensor.data_ptr() if tensor.numel() else id(tensor), (name, tensor))
+    return len(safetensors_bytes({name: t.detach().cpu().contiguous() for name, t in unique.values()}))
+
+
+def latency(
+    model: nn.Module,
+    inputs: Sequence[Any],
+    kwargs: dict[str, Any] | None = None,
+    *,
+    threads: int | None = None,
+    min_run_time: float = 1.0,
+) -> float:
+    """Median seconds of one forward pass (``torch.utils.benchmark``, after a warm-up; CUDA synchronised)."""
+    threads = threads or torch.get_num_threads()
+    call_kwargs = dict(kwargs or {})
+    with torch.no_grad():
+        model(*inputs, **call_kwargs)
+        timer = benchmark.Timer(
+            "model(*inputs, **kwargs)",
+            globals={"model": model, "inputs": inputs, "kwargs": call_kwargs},
+            num_threads=threads,
+        )
+        return float(timer.blocked_autorange(min_run_time=min_run_time).median)
+
+
+def layer_widths(original: nn.Module, pruned: nn.Module) -> list[dict[str, Any]]:
+    """Input and output width of every Linear and conv, before and after, in module order."""
+    rows = []
+    after = dict(pruned.named_modules())
+    for name, module in original.named_modules():
+        if isinstance(module, nn.Linear):
+            old, new = (module.in_features, module.out_features), after[name]
+            rows.append(
+                {"layer": name, "in": old[0], "out": old[1], "in_kept": new.in_features, "out_kept": new.out_features}
+            )
+        elif isinstance(module, nn.modules.conv._ConvNd):
+            new = after[name]
+            rows.append(
+                {
+                    "layer": name,
+                    "in": module.in_channels,
+                    "out": module.out_channels,
+                    "in_kept": new.in_channels,
+                    "out_kept": new.out_channels,
+                }
+            )
+    return rows
+
+
+def structural_report(
+    original: nn.Module,
+    result: StructuralResult,
+    example_inputs: Sequence[Any],
+    example_kwargs: dict[str, Any] | None = None,
+    *,
+    measure_latency: bool = True,
+    min_run_time: float = 1.0,
+) -> dict[str, Any]:
+    """Everything about one structural pruning run, as a JSON-ready dict."""
+    params_before, macs_before = original_size(result.plan)
+    summary: dict[str, Any] = {
+        "params_before": params_before,
+        "params_after": planned_parameters(result.plan),
+        "macs_before": macs_before,
+        "macs_after": planned_macs(result.plan),
+        "bytes_before": size_on_disk(original),
+        "bytes_after": size_on_disk(result.model),
+    }
+    if measure_latency:
+        before = latency(original, example_inputs, example_kwargs, min_run_time=min_run_time)
+        after = latency(result.model, example_inputs, example_kwargs, min_run_time=min_run_time)
+        summary.update({"latency_before_s": before, "latency_after_s": after, "speedup": before / after})
+    spaces = [
+        {
+            "space": p.space.index,
+            "kind": p.space.kind,
+            "units": p.space.size,
+            "kept": len(p.keep),
+            "where": [f"{n}[{d}]" for n, d in p.space.where[:4]],
+        }
+        for p in result.plan.spaces
+        if p.removed
+    ]
+    return {
+        "model": type(original).__name__,
+        "summary": summary,
+        "tied": result.tied,
+        "kept_whole": result.kept_whole,
+        "unknown_ops": result.graph.unknown_ops,
+        "spaces": spaces,
+        "layers": layer_widths(original, result.model),
+        "versions": versions(),
+    }
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    s = report["summary"]
+    lines = [
+        f"# Structural pruning of {report['model']}",
+        "",
+        "| | before | after | ratio |",
+        "|---|---|---|---|",
+        f"| parameters | {s['params_before']:,} | {s['params_after']:,} | {s['params_after'] / s['params_before']:.3f} |",
+        f"| MACs | {s['macs_before']:,} | {s['macs_after']:,} | {s['macs_after'] / max(1, s['macs_before']):.3f} |",
+        f"| bytes on disk | {s['bytes_before']:,} | {s['bytes_after']:,} | {s['bytes_after'] / s['bytes_before']:.3f} |",
+    ]
+    if "latency_before_s" in s:
+        lines.append(
+            f"| latency (s) | {s['latency_before_s']:.5f} | {s['latency_after_s']:.5f} | speed-up x{s['speedup']:.2f} |"
+        )
+    if report["tied"] or report["kept_whole"]:
+        lines += [
+            "",
+            f"Widths tied to their input: {report['tied'] or 'none'}; kept whole: {report['kept_whole'] or 'none'}.",
+        ]
+    if report["unknown_ops"]:
+        lines += [
+            "",
+            "Operations without a coupling rule (their tensors kept whole): "
+            + ", ".join(f"{k} x{v}" for k, v in report["unknown_ops"].items()),
+        ]
+    lines += ["", "| layer | in | out | in kept | out kept |", "|---|---|---|---|---|"]
+    lines += [f"| {r['layer']} | {r['in']} | {r['out']} | {r['in_kept']} | {r['out_kept']} |" for r in report["layers"]]
+    lines += ["", "## Versions", ""] + [f"- {k}: {v}" for k, v in report["versions"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot_widths(report: dict[str, Any], path: Path) -> bool:
+    """Fraction of output width kept per layer, as a PNG. False if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed; skipping the plot (pip install 'prunekit[plots]')")
+        return False
+    layers = report["layers"]
+    fig, ax = plt.subplots(figsize=(max(8, len(layers) * 0.12), 3.5), constrained_layout=True)
+    ax.bar(range(len(layers)), [r["out_kept"] / r["out"] for r in layers], color="tab:green")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("output width kept")
+    ax.set_xlabel("layer (module order)")
+    ax.set_title(
+        f"{report['model']}: {report['summary']['params_after'] / report['summary']['params_before']:.2f} of the parameters kept"
+    )
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
