@@ -574,6 +574,58 @@ def test_structural_report(tmp_path):
     assert "| parameters |" in (out / "report.md").read_text() and (out / "layers.png").stat().st_size > 0
 
 
+def test_llm_width_pruning_saves_a_checkpoint_plain_transformers_loads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from prunekit.structured.llm import prune_causal_lm_width
+
+    model = tiny_llama()
+    calibration = torch.randint(0, 64, (4, 16))
+    result = prune_causal_lm_width(model, calibration, 0.5, target="channels")
+    config = result.model.config
+    assert (config.hidden_size, config.intermediate_size) == (16, 24)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (2, 1, 8)
+    assert model.config.hidden_size == 32  # the input model and its config are untouched
+    result.model.save_pretrained(tmp_path / "pruned")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    ids = torch.randint(0, 64, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, result.model(ids, use_cache=False).logits)
+
+
+def test_llm_hidden_size_stays_a_multiple_of_the_heads():
+    from prunekit.structured.llm import prune_causal_lm_width
+
+    model = tiny_llama()
+    result = prune_causal_lm_width(model, torch.randint(0, 64, (2, 16)), 0.3, target="channels")
+    config = result.model.config
+    assert config.hidden_size % config.num_attention_heads == 0 and config.hidden_size < 32
+
+
+def test_block_influence_removes_the_layer_that_does_nothing(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from prunekit.structured.llm import block_influence, prune_causal_lm_depth
+
+    model = tiny_llama()
+    with torch.no_grad():  # layer 1 adds nothing to the residual stream: output == input
+        model.model.layers[1].self_attn.o_proj.weight.zero_()
+        model.model.layers[1].mlp.down_proj.weight.zero_()
+    calibration = torch.randint(0, 64, (2, 16))
+    scores = block_influence(model, calibration)
+    assert scores[1] == pytest.approx(0.0, abs=1e-6) and scores[0] > 0.01
+    pruned, removed = prune_causal_lm_depth(model, calibration, 0.2)
+    assert removed == [1] and pruned.config.num_hidden_layers == 1 and len(model.model.layers) == 2
+    ids = torch.randint(0, 64, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-4)
+    pruned.save_pretrained(tmp_path / "short")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "short").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, pruned(ids).logits)
+        assert pruned.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 11)
+
+
 class LeavesTorch(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -15,13 +15,16 @@ Criteria:
 - ``taylor``: first-order Taylor expansion of the loss change, ``(sum_s g_s w_s)^2`` over the unit's weights
   (Molchanov et al. 2019, "Importance Estimation for Neural Network Pruning", Eq. 4); needs ``.grad`` set by
   a backward pass of the user's loss;
+- ``activation``: like ``l2``, but a Linear's input columns are weighted by how strongly calibration data
+  drives them, ``||W[:, j]||_2 x ||X_j||_2`` (the Wanda score of Sun et al. 2023, Eq. 1, summed over a
+  column as in its structured variant; :func:`collect_input_norms` gathers ``||X_j||^2``);
 - ``random``: a control.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Literal
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -29,7 +32,7 @@ from torch import nn
 
 from prunekit.structured.graph import DependencyGraph
 
-Criterion = Literal["l1", "l2", "bn_scale", "taylor", "random"]
+Criterion = Literal["l1", "l2", "bn_scale", "taylor", "activation", "random"]
 Aggregation = Literal["mean", "sum", "max"]
 Normalization = Literal["none", "mean", "max"]
 
@@ -37,13 +40,21 @@ _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 def slice_scores(
-    tensor: torch.Tensor, dim: int, criterion: Criterion, grad: torch.Tensor | None = None
+    tensor: torch.Tensor,
+    dim: int,
+    criterion: Criterion,
+    grad: torch.Tensor | None = None,
+    input_norms: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One score per index of ``dim`` of ``tensor``: the criterion applied to each slice."""
+    """One score per index of ``dim`` of ``tensor``: the criterion applied to each slice. ``input_norms``
+    (``||X_j||^2`` per input column of a 2-D weight) weights the squared entries for ``activation``."""
+    if criterion == "activation" and input_norms is not None and tensor.dim() == 2:
+        weighted = tensor.detach().float().square() * input_norms.to(tensor.device, torch.float32).unsqueeze(0)
+        return weighted.movedim(dim, 0).reshape(tensor.shape[dim], -1).sum(1)
     t = tensor.detach().float().movedim(dim, 0).reshape(tensor.shape[dim], -1)
     if criterion == "l1":
         return t.abs().sum(1)
-    if criterion in ("l2", "bn_scale"):
+    if criterion in ("l2", "bn_scale", "activation"):
         return t.square().sum(1)  # squared: summed over the slices of a unit, square-rooted at the end
     if criterion == "taylor":
         if grad is None:
@@ -69,6 +80,7 @@ def unit_importance(
     aggregation: Aggregation = "mean",
     normalization: Normalization = "mean",
     seed: int = 0,
+    input_norms: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[int, float]:
     """Score every unit of ``graph`` (a model traced by :func:`build_dependency_graph`) with ``criterion``.
 
@@ -93,7 +105,8 @@ def unit_importance(
             leaves_per_index = [graph.table.leaves(a) for a in atoms.tolist()]
             if not any(leaves_per_index):
                 continue
-            scores = slice_scores(tensor, d, criterion, grad).tolist()
+            norms = input_norms.get(name) if input_norms is not None else None
+            scores = slice_scores(tensor, d, criterion, grad, norms).tolist()
             totals: dict[int, float] = {}
             for leaves, score in zip(leaves_per_index, scores, strict=False):
                 for leaf in leaves:
@@ -111,11 +124,41 @@ def unit_importance(
 
 
 def _finish(criterion: Criterion, value: float) -> float:
-    if criterion in ("l2", "bn_scale"):
+    if criterion in ("l2", "bn_scale", "activation"):
         return float(np.sqrt(value))
     if criterion == "taylor":
         return float(value * value)
     return float(value)
+
+
+def collect_input_norms(
+    model: nn.Module, batches: Iterable[tuple[tuple[Any, ...], dict[str, Any]]]
+) -> dict[str, torch.Tensor]:
+    """``||X_j||^2`` per input column of every ``nn.Linear``, summed over all tokens of ``batches``
+    (``(args, kwargs)`` pairs the model is called with), keyed by the weight's parameter name."""
+    sums: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def hook(name: str) -> Any:
+        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].detach()
+            flat = x.reshape(-1, x.shape[-1]).double()
+            total = flat.square().sum(0)
+            sums[name] = sums[name] + total if name in sums else total
+
+        return record
+
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            handles.append(module.register_forward_pre_hook(hook(f"{module_name}.weight" if module_name else "weight")))
+    try:
+        with torch.no_grad():
+            for args, kwargs in batches:
+                model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: total.float() for name, total in sums.items()}
 
 
 def importance_from_mapping(scores: Mapping[int, float], graph: DependencyGraph) -> dict[int, float]:

@@ -104,7 +104,7 @@ def plan_pruning(
             r = ratios.get(space.index, ratio) if _prunable(space, kinds) else 0.0
             rt = round_to if space.kind == "plain" else 1
             keep_n = kept_count(space.size, r, rt) if r > 0 else space.size
-            plans.append(_keep_best(space, importance, keep_n))
+            plans.append(keep_best(space, importance, keep_n))
     elif policy == "global":
         prunable = [s for s in graph.spaces if _prunable(s, kinds)]
         total = sum(s.size for s in prunable)
@@ -129,9 +129,9 @@ def plan_pruning(
                 keep_n = space.size - removed_per_space[space.index]
                 if space.kind == "plain" and round_to > 1:
                     keep_n = min(space.size, math.ceil(keep_n / round_to) * round_to)
-                plans.append(_keep_best(space, importance, keep_n))
+                plans.append(keep_best(space, importance, keep_n))
             else:
-                plans.append(_keep_best(space, importance, space.size))
+                plans.append(keep_best(space, importance, space.size))
     else:
         raise ValueError(f"unknown policy {policy!r}: use 'uniform' or 'global'")
     removed_units = {u for p in plans for u in p.removed}
@@ -142,7 +142,7 @@ def _space_scale(space: Space, importance: Mapping[int, float]) -> float:
     return float(np.mean([importance[u] for u in space.units]))
 
 
-def _keep_best(space: Space, importance: Mapping[int, float], keep_n: int) -> SpacePlan:
+def keep_best(space: Space, importance: Mapping[int, float], keep_n: int) -> SpacePlan:
     """Keep the ``keep_n`` most important units (ties: lower unit first), in their original order."""
     order = sorted(space.units, key=lambda u: (-importance.get(u, 0.0), u))
     keep = sorted(order[:keep_n])

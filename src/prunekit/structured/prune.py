@@ -12,10 +12,11 @@ adjustment is returned, and logged, so nothing is silently left unpruned.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
 from prunekit.errors import StructuralPruningError
@@ -62,6 +63,7 @@ def prune_structurally(
     kinds: Sequence[str] = DEFAULT_KINDS,
     ignored: Sequence[str] = (),
     min_keep_ratio: float = 0.1,
+    input_norms: Mapping[str, torch.Tensor] | None = None,
 ) -> StructuralResult:
     """Remove ``ratio`` of the units of every prunable space of ``model`` (``policy="uniform"``; or of all of
     them together, ``"global"``), the least important by ``criterion`` first. ``model`` is not modified.
@@ -70,7 +72,8 @@ def prune_structurally(
     to remove instead: the channel ratio that reaches it (or the least over it) is found by bisection on
     the planned cost (:mod:`~prunekit.structured.cost`).
 
-    ``ignored`` lists modules (or parameter names) to keep whole. Raises
+    ``ignored`` lists modules (or parameter names) to keep whole. ``input_norms`` feeds the ``activation``
+    criterion (:func:`~prunekit.structured.importance.collect_input_norms`). Raises
     :class:`~prunekit.errors.StructuralPruningError` if no plan gives a model that runs as planned.
     """
     tied: list[str] = []
@@ -79,7 +82,9 @@ def prune_structurally(
         graph = build_dependency_graph(
             model, example_inputs, example_kwargs, ignored=[*ignored, *kept_whole], tied=tied
         )
-        scores = unit_importance(graph, model, criterion, aggregation=aggregation, normalization=normalization)
+        scores = unit_importance(
+            graph, model, criterion, aggregation=aggregation, normalization=normalization, input_norms=input_norms
+        )
         options = {"policy": policy, "round_to": round_to, "kinds": kinds, "min_keep_ratio": min_keep_ratio}
         plan = plan_to_target(graph, scores, ratio, target, **options)
         try:
@@ -108,21 +113,29 @@ def prune_structurally(
 
 
 def plan_to_target(
-    graph: DependencyGraph, scores: dict[int, float], ratio: float, target: Target, **options: Any
+    graph: DependencyGraph,
+    scores: dict[int, float],
+    ratio: float,
+    target: Target,
+    *,
+    make: Callable[[float], StructuralPlan] | None = None,
+    **options: Any,
 ) -> StructuralPlan:
     """The plan removing ``ratio`` of the channels, or the smallest channel ratio whose plan removes at least
-    ``ratio`` of the parameters or MACs."""
+    ``ratio`` of the parameters or MACs. ``make(channel_ratio)`` builds a plan (default: :func:`plan_pruning`
+    with ``options``)."""
+    build = make or (lambda r: plan_pruning(graph, scores, r, **options))
     if target == "channels":
-        return plan_pruning(graph, scores, ratio, **options)
+        return build(ratio)
     if target not in ("params", "macs"):
         raise ValueError(f"unknown target {target!r}: use 'channels', 'params' or 'macs'")
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"a {target} reduction must be in (0, 1), got {ratio}")
     cost = planned_parameters if target == "params" else planned_macs
-    base = original_size(plan_pruning(graph, scores, 0.0, **options))[0 if target == "params" else 1]
+    base = original_size(build(0.0))[0 if target == "params" else 1]
     goal = base * (1.0 - ratio)
     low, high = 0.0, 0.99
-    best = plan_pruning(graph, scores, high, **options)
+    best = build(high)
     if cost(best) > goal:
         log.warning(
             "structured: even a %.2f channel ratio keeps more than %.0f%% of the %s", high, 100 * (1 - ratio), target
@@ -130,7 +143,7 @@ def plan_to_target(
         return best
     for _ in range(SEARCH_STEPS):
         middle = (low + high) / 2
-        plan = plan_pruning(graph, scores, middle, **options)
+        plan = build(middle)
         if cost(plan) <= goal:
             high, best = middle, plan
         else:
