@@ -1,0 +1,264 @@
+"""Benchmark: structural pruning of SmolLM2-135M-Instruct, 25% of the parameters removed (issue 5, benchmark 3).
+
+Three pruned models, each made in its own process:
+
+- ``prunekit-width``: hidden size, MLP width and attention heads (whole KV groups), L2 magnitude weighted by
+  calibration activations (``criterion="activation"``), 25% of the parameters;
+- ``prunekit-depth``: whole decoder layers of lowest Block Influence (ShortGPT) until >= 25% of parameters;
+- ``torch-pruning``: Torch-Pruning 1.6.1 following its own LLM example (``examples/LLMs/prune_llm.py``:
+  MetaPruner, GroupMagnitudeImportance(p=2) (1.6.1 name of the example's GroupNormImportance), heads pruned, head dims kept, ``lm_head`` ignored, round_to 4), its
+  ratio bisected to the same 25% of parameters;
+
+then scored in this process by the same code: perplexity on 40 x 2048 windows of ``wikitext2_test.txt`` (no
+fine-tuning) and greedy decode speed (batch 1, 128-token prompt, 64 new tokens; dense and pruned
+interleaved, median of the repeats).
+
+    .venv-tv/bin/python bench/bench_structured_llm.py --peer-python .venv-tp/bin/python   (peer venv also
+    needs transformers: .venv-tp/bin/pip install transformers==5.24.0)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results" / "structured_llm.json"
+DATA = ROOT.parent / "shared" / "data"
+
+
+def child_prunekit(kind: str, source: Path, out: Path, ratio: float, nsamples: int, seqlen: int) -> dict:
+    import torch
+
+    import prunekit
+    from prunekit.structured.llm import prune_causal_lm_depth, prune_causal_lm_width
+
+    loaded = prunekit.load_model(str(source))
+    model = loaded.model.eval()
+    calib = prunekit.calibration_windows(loaded.tokenizer, DATA / "wikitext2_valid.txt", nsamples, seqlen, seed=0)
+    before = sum(p.numel() for p in model.parameters())
+    start = time.perf_counter()
+    if kind == "width":
+        pruned = prune_causal_lm_width(model, calib, ratio, target="params").model
+        extra: dict = {}
+    else:
+        pruned, removed = prune_causal_lm_depth(model, calib, ratio)
+        extra = {"removed_layers": removed}
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        pruned.save_pretrained(out)
+    return {"params": before, "pruned_params": sum(p.numel() for p in pruned.parameters()), "prune_s": seconds, **extra}
+
+
+def child_torch_pruning(source: Path, ratio: float, ppl_windows: int, repeats: int) -> dict:
+    import copy
+
+    import torch
+    import torch_pruning as tp
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(source, torch_dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    inputs = torch.tensor(tokenizer.encode("Hello world.")).unsqueeze(0)
+    before = sum(p.numel() for p in base.parameters())
+
+    def prune(pruning_ratio: float, heads: bool) -> torch.nn.Module:
+        model = copy.deepcopy(base)
+        num_heads = {}
+        attention = []
+        for name, m in model.named_modules():
+            if name.endswith("self_attn"):
+                num_heads[m.q_proj] = model.config.num_attention_heads
+                num_heads[m.k_proj] = model.config.num_key_value_heads
+                num_heads[m.v_proj] = model.config.num_key_value_heads
+                attention += [m.q_proj, m.k_proj, m.v_proj]
+        pruner = tp.pruner.MetaPruner(
+            model,
+            example_inputs=inputs,
+            importance=tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean"),
+            global_pruning=False,
+            pruning_ratio=pruning_ratio,
+            ignored_layers=[model.lm_head] + ([] if heads else attention),
+            num_heads=num_heads,
+            prune_num_heads=heads,
+            prune_head_dims=False,
+            head_pruning_ratio=pruning_ratio if heads else 0.0,
+            round_to=4,
+            forward_fn=lambda m, x: m(x, use_cache=False),
+            output_transform=lambda out: out.logits,
+        )
+        for group in pruner.step(interactive=True):
+            group.prune()
+        # attribute updates as in the example
+        model.config.hidden_size = model.lm_head.in_features
+        for name, m in model.named_modules():
+            if name.endswith("self_attn"):
+                m.hidden_size = m.q_proj.out_features
+                m.num_heads = m.hidden_size // m.head_dim
+                model.config.num_attention_heads = m.num_heads
+                m.num_key_value_heads = m.k_proj.out_features // m.head_dim
+                model.config.num_key_value_heads = m.num_key_value_heads
+                m.num_key_value_groups = m.num_heads // m.num_key_value_heads
+            elif name.endswith("mlp"):
+                model.config.intermediate_size = m.gate_proj.out_features
+        return model
+
+    # The example's setting (heads pruned) first; if Torch-Pruning fails on it, the closest that runs: heads kept
+    heads, failure = True, None
+    try:
+        prune(0.2, heads=True)
+    except Exception as error:
+        heads, failure = False, f"{type(error).__name__}: {error}"
+
+    start = time.perf_counter()
+    low, high, best = 0.0, 0.9, None
+    for _ in range(8):
+        middle = (low + high) / 2
+        candidate = prune(middle, heads)
+        if sum(p.numel() for p in candidate.parameters()) <= before * (1 - ratio):
+            high, best = middle, candidate
+        else:
+            low = middle
+    model = best if best is not None else prune(high, heads)
+    seconds = time.perf_counter() - start
+    result = {
+        "params": before,
+        "pruned_params": sum(p.numel() for p in model.parameters()),
+        "prune_s": seconds,
+        "pruning_ratio": high,
+        "heads_pruned": heads,
+        "example_setting_failure": failure,
+        "hidden_size": model.lm_head.in_features,
+        "intermediate_size": model.model.layers[0].mlp.gate_proj.out_features,
+        "num_attention_heads": model.config.num_attention_heads,
+    }
+    # transformers refuses to save a config whose hidden size is not a multiple of the heads (Torch-Pruning's
+    # result here): score it in this process, with prunekit's evaluation code on the path (PYTHONPATH)
+    runs = {"dense": {"ok": True}, "torch-pruning": {"ok": True}}
+    scores = measure({"dense": base, "torch-pruning": model.eval()}, tokenizer, ppl_windows, repeats)
+    for name in runs:
+        runs[name].update(scores[name])
+    result.update({k: v for k, v in runs["torch-pruning"].items() if k != "ok"})
+    result["dense_in_this_process"] = runs["dense"]
+    return result
+
+
+def measure(models: dict, tokenizer, ppl_windows: int, repeats: int) -> dict[str, dict]:
+    """Perplexity and decode speed of each model (decode rounds interleaved, median)."""
+    import torch
+
+    import prunekit
+    from prunekit.speed import measure_decode
+
+    torch.set_num_threads(2)
+    out: dict[str, dict] = {name: {} for name in models}
+    for name, model in models.items():
+        result = prunekit.perplexity(model, tokenizer, DATA / "wikitext2_test.txt", 2048, ppl_windows, progress=False)
+        out[name]["perplexity"] = result.perplexity
+        print(f"{name:16s} perplexity {result.perplexity:.3f}", file=sys.stderr, flush=True)
+    timings: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(repeats):  # interleaved rounds: drift hits every model alike
+        for name, model in models.items():
+            timings[name].append(measure_decode(model, 1, 128, 64, warmup=1, repeats=1).tokens_per_s)
+    for name in models:
+        values = sorted(timings[name])
+        out[name]["decode_tok_s"] = values[len(values) // 2]
+        out[name]["decode_tok_s_all"] = timings[name]
+    for name in models:
+        if name != "dense" and "dense" in out:
+            out[name]["decode_gain"] = out[name]["decode_tok_s"] / out["dense"]["decode_tok_s"]
+    return out
+
+
+def evaluate(dense_dir: Path, runs: dict[str, dict], ppl_windows: int, repeats: int) -> None:
+    import prunekit
+
+    dense = prunekit.load_model(str(dense_dir))
+    models = {"dense": dense.model.eval()}
+    for name, run in runs.items():
+        if run.get("ok") and "dir" in run:
+            models[name] = prunekit.load_model(run["dir"]).model.eval()
+    for name, scores in measure(models, dense.tokenizer, ppl_windows, repeats).items():
+        runs.setdefault(name, {"ok": True}).update(scores)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", choices=["prunekit-width", "prunekit-depth", "torch-pruning"])
+    parser.add_argument("--source", type=Path)
+    parser.add_argument("--dir", type=Path)
+    parser.add_argument("--peer-python")
+    parser.add_argument("--ratio", type=float, default=0.25)
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--ppl-windows", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--work", type=Path, default=HERE / "work" / "structured_llm")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if args.child:
+        if args.child == "torch-pruning":
+            result = child_torch_pruning(args.source, args.ratio, args.ppl_windows, args.repeats)
+        else:
+            kind = args.child.split("-")[1]
+            result = child_prunekit(kind, args.source, args.dir, args.ratio, args.nsamples, args.seqlen)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    from prunekit.models.loading import prepare_bundled_model
+
+    source = prepare_bundled_model()
+    if args.work.exists():
+        shutil.rmtree(args.work)
+    args.work.mkdir(parents=True)
+    runs: dict[str, dict] = {}
+    jobs = [("prunekit-width", sys.executable), ("prunekit-depth", sys.executable)]
+    if args.peer_python:
+        jobs.append(("torch-pruning", args.peer_python))
+    for name, python in jobs:
+        out = args.work / name
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}  # the peer scores with prunekit's evaluation code
+        cmd = [
+            python,
+            str(Path(__file__).resolve()),
+            "--child",
+            name,
+            "--source",
+            str(source),
+            "--dir",
+            str(out),
+            "--ratio",
+            str(args.ratio),
+            "--nsamples",
+            str(args.nsamples),
+            "--seqlen",
+            str(args.seqlen),
+            "--ppl-windows",
+            str(args.ppl_windows),
+            "--repeats",
+            str(args.repeats),
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            runs[name] = {"ok": False, "error": " | ".join(proc.stderr.strip().splitlines()[-4:])[-800:]}
+            print(f"{name}: FAIL {runs[name]['error']}", flush=True)
+            continue
+        runs[name] = {"ok": True, **({"dir": str(out)} if out.exists() else {}), **json.loads(lines[-1][7:])}
+        run = runs[name]
+        print(f"{name}: params {run['pruned_params'] / run['params']:.3f} in {run['prune_s']:.1f} s", flush=True)
+    evaluate(source, runs, args.ppl_windows, args.repeats)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"ratio": args.ratio, "runs": runs}, indent=1))
+    print(json.dumps({k: {x: v.get(x) for x in ("perplexity", "decode_gain")} for k, v in runs.items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
