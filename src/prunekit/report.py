@@ -136,8 +136,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_report(report: dict[str, Any], path: Path) -> bool:
-    """Per-layer sparsity and reconstruction error, and time per block, as a PNG. False if no matplotlib."""
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend, or ``None`` (with a warning) if not installed."""
     try:
         import matplotlib
 
@@ -145,6 +145,14 @@ def plot_report(report: dict[str, Any], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         log.warning("matplotlib is not installed; skipping the plot (pip install 'prunekit[plots]')")
+        return None
+    return plt
+
+
+def plot_report(report: dict[str, Any], path: Path) -> bool:
+    """Per-layer sparsity and reconstruction error, and time per block, as a PNG. False if no matplotlib."""
+    plt = pyplot()
+    if plt is None:
         return False
     layers = report["layers"]
     panels = 3 if report["blocks"] else 2

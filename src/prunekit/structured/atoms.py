@@ -100,13 +100,7 @@ class AtomTable:
             self._alias[ra] = alias_a if alias_a is not None else alias_b  # type: ignore[assignment]
             return
         self._alias[ra] = alias_a
-        leaves_a, leaves_b = self._expand(alias_a), self._expand(alias_b)
-        if len(leaves_a) == len(leaves_b):
-            for x, y in zip(leaves_a, leaves_b, strict=False):
-                self.union(x, y)
-        else:
-            self.conflicts.append(f"layouts {len(leaves_a)} and {len(leaves_b)} units wide do not match")
-            self.freeze(ra)
+        self._unify_components(alias_a, alias_b, [ra])
 
     def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
         """Unify two dimensions index by index (they must have the same length)."""
@@ -146,6 +140,16 @@ class AtomTable:
             seen.add(r)
             stack.extend(self.find(c) for c in self._alias.get(r, ()))
         return False
+
+    def _unify_components(self, a: tuple[int, ...], b: tuple[int, ...], on_conflict: list[int]) -> None:
+        """One index described as two tuples: unify them unit by unit, or freeze ``on_conflict`` when they
+        are not made of the same number of units (a layout split two incompatible ways)."""
+        leaves_a, leaves_b = self._expand(a), self._expand(b)
+        if len(leaves_a) == len(leaves_b):
+            for x, y in zip(leaves_a, leaves_b, strict=True):
+                self.union(x, y)
+        else:
+            self._conflict(f"an index split two ways ({len(leaves_a)} vs {len(leaves_b)} units)", on_conflict)
 
     def _conflict(self, message: str, atoms: Iterable[int]) -> None:
         self.conflicts.append(message)
@@ -194,15 +198,7 @@ class AtomTable:
         if existing is None:
             self._alias[root] = target
             return
-        leaves_a, leaves_b = self._expand(existing), self._expand(target)
-        if len(leaves_a) == len(leaves_b):
-            for x, y in zip(leaves_a, leaves_b, strict=False):
-                self.union(x, y)
-        else:
-            self.conflicts.append(f"an index split two ways ({len(leaves_a)} vs {len(leaves_b)} units)")
-            self.freeze(root)
-            for component in components:
-                self.freeze(component)
+        self._unify_components(existing, target, [root, *target])
 
     def removed(self, atoms: np.ndarray, pruned: set[int]) -> np.ndarray:
         """Boolean mask over a dimension: which indices go when the units in ``pruned`` are removed."""

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils import benchmark
 
 from prunekit.measure import versions
+from prunekit.report import pyplot
 from prunekit.structured.cost import original_size, planned_macs, planned_parameters
 from prunekit.structured.prune import StructuralResult
 
@@ -154,13 +155,8 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def plot_widths(report: dict[str, Any], path: Path) -> bool:
     """Fraction of output width kept per layer, as a PNG. False if matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed; skipping the plot (pip install 'prunekit[plots]')")
+    plt = pyplot()
+    if plt is None:
         return False
     layers = report["layers"]
     fig, ax = plt.subplots(figsize=(max(8, len(layers) * 0.12), 3.5), constrained_layout=True)
