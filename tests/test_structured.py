@@ -367,6 +367,26 @@ def test_bn_scale_and_taylor_importance():
     np.testing.assert_allclose([taylor[u] for u in space.units], expected, rtol=1e-5)
 
 
+def test_beta_rank_by_hand():
+    from prunekit.structured.importance import collect_output_spread
+
+    model = nn.Sequential(nn.Conv2d(1, 3, 1, bias=False), nn.Flatten(), nn.Linear(3 * 4, 2))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([1.0, -2.0, 3.0]).reshape(3, 1, 1, 1))
+    x = torch.randn(5, 1, 2, 2)
+    spread = collect_output_spread(model, [((x,), {})])
+    # out[:, c] = w_c x: its batch std at each pixel is |w_c| std(x_p); summed over pixels, over std(x)
+    per_pixel = x.double().flatten(1).std(0, unbiased=False).sum() / x.double().std(unbiased=False)
+    torch.testing.assert_close(
+        spread["0.weight"].double(), torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64) * per_pixel, rtol=1e-5, atol=0
+    )
+    graph = build_dependency_graph(model, (x,))
+    (space,) = graph.spaces
+    scores = unit_importance(graph, model, "beta_rank", output_spread=spread)
+    # L1 x spread = |w_c| x |w_c| x const = 1, 4, 9: min-max -> 0, 3/8, 1
+    np.testing.assert_allclose([scores[u] for u in space.units], [0.0, 3 / 8, 1.0], atol=1e-6)
+
+
 def test_global_policy_keeps_a_floor_per_space():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 40), nn.ReLU(), nn.Linear(40, 10), nn.ReLU(), nn.Linear(10, 2))

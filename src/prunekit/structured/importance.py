@@ -18,6 +18,12 @@ Criteria:
 - ``activation``: like ``l2``, but a Linear's input columns are weighted by how strongly calibration data
   drives them, ``||W[:, j]||_2 x ||X_j||_2`` (the Wanda score of Sun et al. 2023, Eq. 1, summed over a
   column as in its structured variant; :func:`collect_input_norms` gathers ``||X_j||^2``);
+- ``beta_rank``: Beta-Rank (Homayounfar et al. 2023, "Beta-Rank: A Robust Convolutional Filter Pruning
+  Method for Imbalanced Medical Image Analysis"), as its reference code's ``std_filters`` ranks a filter:
+  its L1 norm times how much it spreads the data, ``sum_p std_batch(out[:, c, p]) / std(in)`` over the
+  output positions ``p`` (here one input std per layer, where the reference takes the std of each input
+  window), min-max normalised per layer; :func:`collect_output_spread` gathers the spread. Units without a
+  filter of their own (a depthwise group's position...) fall back to min-max normalised L1;
 - ``random``: a control.
 """
 
@@ -32,7 +38,7 @@ from torch import nn
 
 from prunekit.structured.graph import DependencyGraph
 
-Criterion = Literal["l1", "l2", "bn_scale", "taylor", "activation", "random"]
+Criterion = Literal["l1", "l2", "bn_scale", "taylor", "activation", "beta_rank", "random"]
 Aggregation = Literal["mean", "sum", "max"]
 Normalization = Literal["none", "mean", "max"]
 
@@ -81,6 +87,7 @@ def unit_importance(
     normalization: Normalization = "mean",
     seed: int = 0,
     input_norms: Mapping[str, torch.Tensor] | None = None,
+    output_spread: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[int, float]:
     """Score every unit of ``graph`` (a model traced by :func:`build_dependency_graph`) with ``criterion``.
 
@@ -89,6 +96,10 @@ def unit_importance(
     max so that large and small layers weigh alike; ``aggregation`` combines the places of a unit.
     """
     units = [u for s in graph.spaces for u in s.units]
+    if criterion == "beta_rank":
+        if output_spread is None:
+            raise ValueError("beta_rank needs output_spread: run collect_output_spread on calibration data first")
+        return _beta_rank(graph, model, units, output_spread, aggregation)
     if criterion == "random":
         rng = np.random.default_rng(seed)
         return dict(zip(units, rng.random(len(units)).tolist(), strict=False))
@@ -121,6 +132,88 @@ def unit_importance(
                 per_place[u].append(v)
     reduce = {"mean": np.mean, "sum": np.sum, "max": np.max}[aggregation]
     return {u: float(reduce(v)) if v else 0.0 for u, v in per_place.items()}
+
+
+def _min_max(values: dict[int, float]) -> dict[int, float]:
+    low, high = min(values.values()), max(values.values())
+    return {u: (v - low) / (high - low) if high > low else 1.0 for u, v in values.items()}
+
+
+def _beta_rank(
+    graph: DependencyGraph,
+    model: nn.Module,
+    units: list[int],
+    output_spread: Mapping[str, torch.Tensor],
+    aggregation: Aggregation,
+) -> dict[int, float]:
+    """Filter places (dim 0 of a weight with a recorded spread) score ``L1 x spread``; units met at none of
+    them are scored by min-max normalised L1 over all their places."""
+    parameters = dict(model.named_parameters())
+    wanted = set(units)
+    ranked: dict[int, list[float]] = {u: [] for u in units}
+    fallback: dict[int, list[float]] = {u: [] for u in units}
+    for name, dims in graph.state_dims.items():
+        if name not in parameters:
+            continue
+        tensor = parameters[name]
+        for d, atoms in enumerate(dims):
+            leaves_per_index = [graph.table.leaves(a) for a in atoms.tolist()]
+            if not any(leaves_per_index):
+                continue
+            l1 = slice_scores(tensor, d, "l1")
+            spread = output_spread.get(name) if d == 0 else None
+            scores = (l1 * spread.to(l1.dtype) if spread is not None else l1).tolist()
+            totals: dict[int, float] = {}
+            for leaves, score in zip(leaves_per_index, scores, strict=True):
+                for leaf in leaves:
+                    if leaf in wanted:
+                        totals[leaf] = totals.get(leaf, 0.0) + score
+            if not totals:
+                continue
+            target = ranked if spread is not None else fallback
+            for u, v in _min_max(totals).items():
+                target[u].append(v)
+    reduce = {"mean": np.mean, "sum": np.sum, "max": np.max}[aggregation]
+    return {u: float(reduce(ranked[u] or fallback[u])) if (ranked[u] or fallback[u]) else 0.0 for u in units}
+
+
+def collect_output_spread(
+    model: nn.Module, batches: Iterable[tuple[tuple[Any, ...], dict[str, Any]]]
+) -> dict[str, torch.Tensor]:
+    """Beta-Rank's spread of every conv filter and Linear row, keyed by weight name: ``sum_p
+    std_batch(out[:, c, p]) / std(in)`` (conv: ``p`` the output pixels, the batch the samples; Linear:
+    every leading index a sample, one position), averaged over ``batches``."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    handles = []
+
+    def hook(name: str, conv: bool) -> Any:
+        def record(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+            x, y = args[0].detach().double(), output.detach().double()
+            if conv:  # (B, C, *pixels) -> std over the batch per (channel, pixel), summed over pixels
+                spread = y.flatten(2).std(dim=0, unbiased=False).sum(-1)
+            else:  # (..., C) -> std over all leading indices per channel
+                spread = y.reshape(-1, y.shape[-1]).std(dim=0, unbiased=False)
+            scale = float(x.std(unbiased=False))
+            value = spread / scale if scale > 0 else torch.zeros_like(spread)
+            sums[name] = sums[name] + value if name in sums else value
+            counts[name] = counts.get(name, 0) + 1
+
+        return record
+
+    for module_name, module in model.named_modules():
+        conv = isinstance(module, nn.modules.conv._ConvNd) and not module.transposed
+        if conv or isinstance(module, nn.Linear):
+            name = f"{module_name}.weight" if module_name else "weight"
+            handles.append(module.register_forward_hook(hook(name, conv)))
+    try:
+        with torch.no_grad():
+            for args, kwargs in batches:
+                model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: (total / counts[name]).float() for name, total in sums.items()}
 
 
 def _finish(criterion: Criterion, value: float) -> float:

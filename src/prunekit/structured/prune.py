@@ -64,6 +64,7 @@ def prune_structurally(
     ignored: Sequence[str] = (),
     min_keep_ratio: float = 0.1,
     input_norms: Mapping[str, torch.Tensor] | None = None,
+    output_spread: Mapping[str, torch.Tensor] | None = None,
 ) -> StructuralResult:
     """Remove ``ratio`` of the units of every prunable space of ``model`` (``policy="uniform"``; or of all of
     them together, ``"global"``), the least important by ``criterion`` first. ``model`` is not modified.
@@ -73,7 +74,8 @@ def prune_structurally(
     the planned cost (:mod:`~prunekit.structured.cost`).
 
     ``ignored`` lists modules (or parameter names) to keep whole. ``input_norms`` feeds the ``activation``
-    criterion (:func:`~prunekit.structured.importance.collect_input_norms`). Raises
+    criterion (:func:`~prunekit.structured.importance.collect_input_norms`), ``output_spread`` the
+    ``beta_rank`` one (:func:`~prunekit.structured.importance.collect_output_spread`). Raises
     :class:`~prunekit.errors.StructuralPruningError` if no plan gives a model that runs as planned.
     """
     tied: list[str] = []
@@ -83,7 +85,13 @@ def prune_structurally(
             model, example_inputs, example_kwargs, ignored=[*ignored, *kept_whole], tied=tied
         )
         scores = unit_importance(
-            graph, model, criterion, aggregation=aggregation, normalization=normalization, input_norms=input_norms
+            graph,
+            model,
+            criterion,
+            aggregation=aggregation,
+            normalization=normalization,
+            input_norms=input_norms,
+            output_spread=output_spread,
         )
         options = {"policy": policy, "round_to": round_to, "kinds": kinds, "min_keep_ratio": min_keep_ratio}
         plan = plan_to_target(graph, scores, ratio, target, **options)
