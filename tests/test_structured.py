@@ -659,3 +659,50 @@ def test_untraceable_module_is_named():
     model = nn.Sequential(nn.Linear(3, 3), LeavesTorch())
     with pytest.raises(UntraceableModuleError, match=r"1 \(LeavesTorch\)"):
         build_dependency_graph(model, (torch.randn(2, 3),))
+
+
+@pytest.mark.parametrize("mode", ["width", "depth"])
+def test_structured_command_on_a_causal_lm(tmp_path, mode):
+    import json
+
+    import transformers
+
+    from models import sample_text, save_tiny_checkpoint
+    from prunekit.cli import main
+
+    model_dir = save_tiny_checkpoint(tmp_path / "tiny", "llama")
+    text = sample_text()
+    (tmp_path / "calib.txt").write_text(text[: len(text) // 2])
+    (tmp_path / "test.txt").write_text(text[len(text) // 2 :])
+    out = tmp_path / f"out-{mode}"
+    ratio = {"width": 0.3, "depth": 0.2}[mode]  # two layers: depth can only remove one (26% of the parameters)
+    argv = [
+        "-q",
+        "structured",
+        str(model_dir),
+        "--mode",
+        mode,
+        "--ratio",
+        str(ratio),
+        "--calib",
+        str(tmp_path / "calib.txt"),
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--ppl",
+        str(tmp_path / "test.txt"),
+        "--ppl-windows",
+        "2",
+        "--ppl-seqlen",
+        "64",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    report = json.loads((out / "prunekit-report" / "report.json").read_text())
+    assert report["summary"]["params_after"] <= (1 - ratio) * report["summary"]["params_before"]
+    assert report["perplexity"]["after"] > 0 and (out / "prunekit-report" / "layers.png").is_file()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)  # plain transformers, no prunekit
+    assert sum(p.numel() for p in reloaded.parameters()) == report["summary"]["params_after"]
+    assert main(argv) == 2  # refuses to clobber the output

@@ -1,4 +1,4 @@
-"""Command line: ``prunekit prune``, ``prunekit eval``, ``prunekit bench-speed``, ``prunekit recipe``.
+"""Command line: ``prunekit prune``, ``prunekit eval``, ``prunekit bench-speed``, ``prunekit structured``.
 
 Every flag maps onto one field of :class:`prunekit.config.Recipe`; a YAML recipe (``--recipe``) gives the
 starting values and flags given on the command line override them.
@@ -156,6 +156,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="CUDA (compute capability >= 8.0), float16/bfloat16: also run 2:4 weights on sparse kernels",
     )
     b.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    s = sub.add_parser("structured", help="remove channels, heads or layers (structural pruning) and save")
+    _add_verbosity_flags(s, argparse.SUPPRESS)
+    _add_model_flags(s)
+    s.add_argument("--torchvision", default=None, help="prune this torchvision classifier instead (e.g. resnet50)")
+    s.add_argument("--weights", default=None, help="torchvision weights name (downloaded by torchvision)")
+    s.add_argument("--input-size", type=int, default=224, help="torchvision example image size (default 224)")
+    s.add_argument("--ratio", type=float, default=0.25, help="fraction to remove (default 0.25)")
+    s.add_argument("--target", choices=["params", "macs", "channels"], default="params", help="what --ratio counts")
+    s.add_argument("--mode", choices=["width", "depth"], default="width", help="LMs: channels/heads or whole layers")
+    s.add_argument("--criterion", default=None, help="importance: l1, l2, bn_scale, taylor, activation (LM default)")
+    s.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of this (e.g. 8)")
+    s.add_argument("--calib", default=None, help="LMs: calibration text file")
+    s.add_argument("--nsamples", type=int, default=32, help="LMs: calibration windows (default 32)")
+    s.add_argument("--seqlen", type=int, default=512, help="LMs: calibration window length (default 512)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--ppl", default=None, help="LMs: text file to report perplexity before and after on")
+    s.add_argument("--ppl-windows", type=int, default=40, help="LMs: perplexity windows (default 40)")
+    s.add_argument("--ppl-seqlen", type=int, default=2048, help="LMs: perplexity window length (default 2048)")
+    s.add_argument("--onnx", action="store_true", help="torchvision: also export model.onnx (checked with onnxruntime)")
+    s.add_argument("--out", required=True, help="new or empty output directory")
+    s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    s.add_argument("--device", default="auto", help="LMs: auto (default), cpu, cuda")
     return parser
 
 
@@ -298,6 +321,46 @@ def _cmd_bench_speed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_structured(args: argparse.Namespace) -> int:
+    from prunekit.structured.job import StructuredJob, run_structured_job
+
+    job = StructuredJob(
+        out=args.out,
+        ratio=args.ratio,
+        target=args.target,
+        mode=args.mode,
+        criterion=args.criterion,
+        model=args.model,
+        torchvision=args.torchvision,
+        weights=args.weights,
+        input_size=args.input_size,
+        calib=args.calib,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        seed=args.seed,
+        ppl=args.ppl,
+        ppl_windows=args.ppl_windows,
+        ppl_seqlen=args.ppl_seqlen,
+        round_to=args.round_to,
+        onnx=args.onnx,
+        overwrite=args.overwrite,
+        dtype=args.dtype or "auto",
+        device=args.device,
+    )
+    report = run_structured_job(job)
+    s = report["summary"]
+    print(f"parameters {s['params_before']:,} -> {s['params_after']:,} ({s['params_after'] / s['params_before']:.3f})")
+    if s.get("macs_before"):
+        print(f"MACs {s['macs_before']:,} -> {s['macs_after']:,} ({s['macs_after'] / s['macs_before']:.3f})")
+    print(f"latency x{s['speedup']:.2f} faster; bytes on disk {s['bytes_after'] / s['bytes_before']:.3f} of before")
+    if "perplexity" in report:
+        print(f"perplexity {report['perplexity']['before']:.3f} -> {report['perplexity']['after']:.3f}")
+    if report.get("removed_layers"):
+        print(f"removed layers: {report['removed_layers']}")
+    print(f"saved to {args.out} (report: {args.out}/prunekit-report)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``prunekit`` command; returns the exit status (2 on bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -311,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "prune":
             return _cmd_prune(args, argv)
-        commands = {"eval": _cmd_eval, "bench-speed": _cmd_bench_speed}
+        commands = {"eval": _cmd_eval, "bench-speed": _cmd_bench_speed, "structured": _cmd_structured}
         return commands[args.command](args)
     except PrunekitError as exc:
         print(f"prunekit: error: {exc}", file=sys.stderr)

@@ -1,0 +1,197 @@
+"""The ``prunekit structured`` job: load, prune structurally, measure, save, report.
+
+Two kinds of model:
+
+- a causal LM (a Hugging Face directory, ``.gguf``, hub id or the bundled SmolLM2): width (``--mode width``:
+  hidden size, MLP width, heads) or depth (``--mode depth``: whole layers), calibrated on text windows, saved
+  with ``save_pretrained`` (plain ``transformers`` loads it) and its tokenizer;
+- a torchvision classifier by name (``--torchvision resnet50``): saved with :func:`save_pruned` (rebuild it
+  with :func:`load_pruned` from ``torchvision.models.get_model(name)``), optionally exported to ONNX.
+
+The report (``prunekit-report/``: JSON, Markdown, PNG of kept widths) records parameters, MACs where known,
+size on disk, latency before and after, and perplexity for LMs when a test text is given.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.errors import ConfigError
+from prunekit.export import check_output_dir, save_pretrained, write_atomically
+from prunekit.report import write_report
+from prunekit.structured.importance import Criterion
+from prunekit.structured.prune import Target, prune_structurally
+from prunekit.structured.report import (
+    latency,
+    layer_widths,
+    plot_widths,
+    render_markdown,
+    size_on_disk,
+    structural_report,
+)
+from prunekit.structured.saving import save_pruned
+
+log = logging.getLogger(__name__)
+
+REPORT_DIR = "prunekit-report"
+
+
+@dataclass
+class StructuredJob:
+    """Settings of one ``prunekit structured`` run (the command-line flags)."""
+
+    out: str
+    ratio: float = 0.25
+    target: Target = "params"
+    mode: str = "width"
+    criterion: Criterion | None = None
+    model: str | None = None
+    torchvision: str | None = None
+    weights: str | None = None
+    input_size: int = 224
+    calib: str | None = None
+    nsamples: int = 32
+    seqlen: int = 512
+    seed: int = 0
+    ppl: str | None = None
+    ppl_windows: int | None = 40
+    ppl_seqlen: int = 2048
+    round_to: int = 1
+    onnx: bool = False
+    overwrite: bool = False
+    dtype: str = "auto"
+    device: str = "auto"
+
+
+def run_structured_job(job: StructuredJob) -> dict[str, Any]:
+    """Run ``job``; returns the report (also written under ``<out>/prunekit-report``)."""
+    if not 0.0 < job.ratio < 1.0:
+        raise ConfigError(f"--ratio must be in (0, 1), got {job.ratio}")
+    check_output_dir(job.out, job.overwrite)
+    if job.torchvision:
+        return _vision_job(job)
+    return _llm_job(job)
+
+
+def _vision_job(job: StructuredJob) -> dict[str, Any]:
+    try:
+        import torchvision
+    except ImportError:
+        raise ConfigError("--torchvision needs torchvision installed (pip install torchvision)") from None
+    model = torchvision.models.get_model(job.torchvision, weights=job.weights).eval()
+    example = torch.randn(1, 3, job.input_size, job.input_size)
+    criterion = job.criterion or "l2"
+    if criterion in ("activation", "beta_rank", "taylor"):
+        raise ConfigError(
+            f"--criterion {criterion} needs calibration images; the command line supports l1, l2, bn_scale, random"
+        )
+    result = prune_structurally(
+        model, (example,), job.ratio, target=job.target, criterion=criterion, round_to=job.round_to
+    )
+    report = structural_report(model, result, (example,))
+    report["command"] = {
+        "torchvision": job.torchvision,
+        "ratio": job.ratio,
+        "target": job.target,
+        "criterion": criterion,
+    }
+
+    def write(tmp: Path) -> None:
+        save_pruned(result.model, tmp / "model")
+        if job.onnx:
+            from prunekit.onnx_export import export_onnx
+
+            export_onnx(result.model, (example,), tmp / "model.onnx")
+        write_report(report, tmp / REPORT_DIR, render=render_markdown, plot=plot_widths)
+
+    write_atomically(job.out, write, job.overwrite)
+    return report
+
+
+def _llm_job(job: StructuredJob) -> dict[str, Any]:
+    from prunekit.api import calibration_windows
+    from prunekit.eval.perplexity import perplexity
+    from prunekit.models.loading import load_model
+    from prunekit.structured.llm import prune_causal_lm_depth, prune_causal_lm_width
+
+    loaded = load_model(job.model, dtype=job.dtype, device=job.device)
+    model, tokenizer = loaded.model.eval(), loaded.tokenizer
+    if not job.calib:
+        raise ConfigError("a causal LM needs calibration text: pass --calib FILE (e.g. wikitext2_valid.txt)")
+    device = next(model.parameters()).device
+    calib = calibration_windows(tokenizer, job.calib, job.nsamples, job.seqlen, job.seed).to(device)
+    example = calib[:1]
+    ppl = {}
+    if job.ppl:
+        ppl["before"] = perplexity(model, tokenizer, job.ppl, job.ppl_seqlen, job.ppl_windows).perplexity
+    if job.mode == "width":
+        result = prune_causal_lm_width(
+            model, calib, job.ratio, target=job.target, criterion=job.criterion or "activation", round_to=job.round_to
+        )
+        report = structural_report(model, result, (example,), {"use_cache": False})
+        pruned = result.model
+    elif job.mode == "depth":
+        if job.target != "params":
+            raise ConfigError("--mode depth removes whole layers to a parameter target: use --target params")
+        pruned, removed = prune_causal_lm_depth(model, calib, job.ratio)
+        report = _depth_report(model, pruned, removed, example)
+    else:
+        raise ConfigError(f"--mode must be width or depth, got {job.mode!r}")
+    if job.ppl:
+        ppl["after"] = perplexity(pruned, tokenizer, job.ppl, job.ppl_seqlen, job.ppl_windows).perplexity
+        report["perplexity"] = ppl
+    report["command"] = {"model": loaded.source, "mode": job.mode, "ratio": job.ratio, "target": job.target}
+
+    def extra(directory: Path) -> None:
+        write_report(report, directory / REPORT_DIR, render=render_markdown, plot=plot_widths)
+
+    save_pretrained(pruned, tokenizer, job.out, job.overwrite, extra=extra)
+    return report
+
+
+def _depth_report(original: nn.Module, pruned: nn.Module, removed: list[int], example: torch.Tensor) -> dict[str, Any]:
+    from prunekit.measure import versions
+
+    kwargs = {"use_cache": False}
+    before, after = latency(original, (example,), kwargs), latency(pruned, (example,), kwargs)
+    return {
+        "model": type(original).__name__,
+        "summary": {
+            "params_before": sum(p.numel() for p in original.parameters()),
+            "params_after": sum(p.numel() for p in pruned.parameters()),
+            "macs_before": 0,
+            "macs_after": 0,
+            "bytes_before": size_on_disk(original),
+            "bytes_after": size_on_disk(pruned),
+            "latency_before_s": before,
+            "latency_after_s": after,
+            "speedup": before / after,
+        },
+        "removed_layers": removed,
+        "tied": [],
+        "kept_whole": [],
+        "unknown_ops": {},
+        "spaces": [],
+        "layers": _depth_widths(original, removed),
+        "versions": versions(),
+    }
+
+
+def _depth_widths(original: nn.Module, removed: list[int]) -> list[dict[str, Any]]:
+    """Every Linear's widths, zero for the layers of removed blocks."""
+    from prunekit.models.blocks import find_decoder_blocks
+
+    blocks_name, _ = find_decoder_blocks(original)
+    gone = tuple(f"{blocks_name}.{i}." for i in removed)
+    rows = []
+    for row in layer_widths(original, original):
+        if row["layer"].startswith(gone):
+            row = {**row, "in_kept": 0, "out_kept": 0}
+        rows.append(row)
+    return rows
