@@ -28,7 +28,7 @@ from prunekit.report import write_report
 from prunekit.structured.importance import Criterion
 from prunekit.structured.prune import Target, prune_structurally
 from prunekit.structured.report import (
-    latency,
+    compare_latency,
     layer_widths,
     plot_widths,
     render_markdown,
@@ -158,8 +158,7 @@ def _llm_job(job: StructuredJob) -> dict[str, Any]:
 def _depth_report(original: nn.Module, pruned: nn.Module, removed: list[int], example: torch.Tensor) -> dict[str, Any]:
     from prunekit.measure import versions
 
-    kwargs = {"use_cache": False}
-    before, after = latency(original, (example,), kwargs), latency(pruned, (example,), kwargs)
+    timing = compare_latency(original, pruned, (example,), {"use_cache": False})
     return {
         "model": type(original).__name__,
         "summary": {
@@ -169,9 +168,7 @@ def _depth_report(original: nn.Module, pruned: nn.Module, removed: list[int], ex
             "macs_after": 0,
             "bytes_before": size_on_disk(original),
             "bytes_after": size_on_disk(pruned),
-            "latency_before_s": before,
-            "latency_after_s": after,
-            "speedup": before / after,
+            **timing,
         },
         "removed_layers": removed,
         "tied": [],

@@ -38,17 +38,37 @@ def latency(
     threads: int | None = None,
     min_run_time: float = 1.0,
 ) -> float:
-    """Median seconds of one forward pass (``torch.utils.benchmark``, after a warm-up; CUDA synchronised)."""
+    """Median seconds of one forward pass (``torch.utils.benchmark``, after three warm-up passes; CUDA
+    synchronised)."""
     threads = threads or torch.get_num_threads()
     call_kwargs = dict(kwargs or {})
     with torch.no_grad():
-        model(*inputs, **call_kwargs)
+        for _ in range(3):
+            model(*inputs, **call_kwargs)
         timer = benchmark.Timer(
             "model(*inputs, **kwargs)",
             globals={"model": model, "inputs": inputs, "kwargs": call_kwargs},
             num_threads=threads,
         )
         return float(timer.blocked_autorange(min_run_time=min_run_time).median)
+
+
+def compare_latency(
+    before: nn.Module,
+    after: nn.Module,
+    inputs: Sequence[Any],
+    kwargs: dict[str, Any] | None = None,
+    min_run_time: float = 1.0,
+    rounds: int = 2,
+) -> dict[str, float]:
+    """Latency of two models measured in alternation (``rounds`` each, best median kept), so that a
+    machine that speeds up or slows down during the measurement favours neither."""
+    times: dict[str, list[float]] = {"before": [], "after": []}
+    for _ in range(rounds):
+        times["before"].append(latency(before, inputs, kwargs, min_run_time=min_run_time))
+        times["after"].append(latency(after, inputs, kwargs, min_run_time=min_run_time))
+    best_before, best_after = min(times["before"]), min(times["after"])
+    return {"latency_before_s": best_before, "latency_after_s": best_after, "speedup": best_before / best_after}
 
 
 def layer_widths(original: nn.Module, pruned: nn.Module) -> list[dict[str, Any]]:
@@ -95,9 +115,7 @@ def structural_report(
         "bytes_after": size_on_disk(result.model),
     }
     if measure_latency:
-        before = latency(original, example_inputs, example_kwargs, min_run_time=min_run_time)
-        after = latency(result.model, example_inputs, example_kwargs, min_run_time=min_run_time)
-        summary.update({"latency_before_s": before, "latency_after_s": after, "speedup": before / after})
+        summary.update(compare_latency(original, result.model, example_inputs, example_kwargs, min_run_time))
     spaces = [
         {
             "space": p.space.index,
