@@ -646,6 +646,18 @@ def test_block_influence_removes_the_layer_that_does_nothing(tmp_path):
         assert pruned.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 11)
 
 
+def test_iterative_pruning_reaches_the_ratio_in_steps():
+    from prunekit.structured.prune import prune_iteratively
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 64), nn.ReLU(), nn.Linear(64, 2))
+    seen = []
+    result = prune_iteratively(
+        model, (torch.randn(3, 4),), 0.75, 3, between_steps=lambda m, i: seen.append(m[0].out_features)
+    )
+    assert seen == [48, 32] and result.model[0].out_features == 16 and model[0].out_features == 64
+
+
 class LeavesTorch(nn.Module):
     def __init__(self) -> None:
         super().__init__()

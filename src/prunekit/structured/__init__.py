@@ -14,7 +14,7 @@ pruned = apply_plan(model, plan, (example,))
 from prunekit.structured.graph import DependencyGraph, Space, build_dependency_graph
 from prunekit.structured.importance import unit_importance
 from prunekit.structured.plan import StructuralPlan, kept_count, plan_pruning, plan_removing
-from prunekit.structured.prune import StructuralResult, prune_structurally
+from prunekit.structured.prune import StructuralResult, prune_iteratively, prune_structurally
 from prunekit.structured.saving import load_pruned, save_pruned
 from prunekit.structured.surgery import apply_plan
 
@@ -29,6 +29,7 @@ __all__ = [
     "load_pruned",
     "plan_pruning",
     "plan_removing",
+    "prune_iteratively",
     "prune_structurally",
     "save_pruned",
     "unit_importance",

@@ -169,3 +169,41 @@ def _has_linear_to_tie(model: nn.Module, name: str) -> bool:
     module = model.get_submodule(name) if name else model
     children = [module] if isinstance(module, nn.Linear) else list(module.children())
     return any(isinstance(c, nn.Linear) and c.out_features % c.in_features == 0 for c in children)
+
+
+def prune_iteratively(
+    model: nn.Module,
+    example_inputs: Sequence[Any],
+    ratio: float,
+    steps: int,
+    *,
+    between_steps: Callable[[nn.Module, int], None] | None = None,
+    target: Target = "channels",
+    **options: Any,
+) -> StructuralResult:
+    """Reach ``ratio`` in ``steps`` equal steps (linear schedule: after step ``i`` a fraction ``ratio x i /
+    steps`` of the original channels, parameters or MACs is gone), recomputing importance each time, with
+    ``between_steps(model, i)`` (e.g. a few epochs of fine-tuning) after every step but the last. The
+    returned result's ``model`` is the final one; ``model`` itself is not modified."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    current = model
+    base: float | None = None
+    result: StructuralResult | None = None
+    for step in range(1, steps + 1):
+        goal = ratio * step / steps  # fraction of the original gone after this step
+        if target == "channels":
+            done = ratio * (step - 1) / steps
+            step_ratio = 1.0 - (1.0 - goal) / (1.0 - done)
+        else:
+            probe = build_dependency_graph(current, example_inputs, options.get("example_kwargs"))
+            size = original_size(StructuralPlan(probe, [], set()))[0 if target == "params" else 1]
+            base = base or size
+            step_ratio = 1.0 - base * (1.0 - goal) / size
+        result = prune_structurally(current, example_inputs, step_ratio, target=target, **options)
+        current = result.model
+        log.info("structured: step %d/%d removed %.1f%% (%s)", step, steps, 100 * goal, target)
+        if between_steps is not None and step < steps:
+            between_steps(current, step)
+    assert result is not None
+    return result
