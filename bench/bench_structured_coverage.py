@@ -63,7 +63,12 @@ def child(tool: str, name: str, ratio: float) -> dict:
     else:
         import torch_pruning as tp
 
-        classifier = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1000]
+        classifier = [  # whatever makes the 1000 class scores: a Linear, or SqueezeNet's final conv
+            m
+            for m in model.modules()
+            if (isinstance(m, torch.nn.Linear) and m.out_features == 1000)
+            or (isinstance(m, torch.nn.Conv2d) and m.out_channels == 1000)
+        ]
         pruner = tp.pruner.MagnitudePruner(
             model,
             x,
