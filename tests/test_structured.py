@@ -322,6 +322,12 @@ def test_planned_widths_exact_with_round_to():
     assert (pruned[0].out_features, pruned[2].out_features, pruned[4].in_features) == (32, 32, 32)
 
 
+def test_round_to_applies_to_depthwise_groups():
+    model = MobileBlock().eval()
+    result = prune_structurally(model, (torch.randn(1, 3, 4, 4),), 0.5, round_to=8)
+    assert result.model.depthwise.groups == 16 and result.model.stem.out_channels == 8  # 12 -> 16; 4 -> 8
+
+
 def test_l2_importance_by_hand():
     model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
     with torch.no_grad():

@@ -4,7 +4,8 @@ can read before anything is cut.
 Two policies:
 
 - ``uniform``: every prunable space keeps ``ceil_to(size x (1 - ratio), round_to)`` units, its most
-  important ones (a 64-channel layer at ratio 0.5 keeps 32);
+  important ones (a 64-channel layer at ratio 0.5 keeps 32); ``round_to`` applies to channels and to the
+  groups of grouped convs, not to heads;
 - ``global``: one ranking of all units by normalised importance, removed from the bottom until the
   ratio of all prunable units is reached, each space keeping at least ``min_keep_ratio`` of its units
   (and a multiple of ``round_to``).
@@ -102,7 +103,7 @@ def plan_pruning(
     if policy == "uniform":
         for space in graph.spaces:
             r = ratios.get(space.index, ratio) if _prunable(space, kinds) else 0.0
-            rt = round_to if space.kind == "plain" else 1
+            rt = _rounding(space, round_to)
             keep_n = kept_count(space.size, r, rt) if r > 0 else space.size
             plans.append(keep_best(space, importance, keep_n))
     elif policy == "global":
@@ -110,7 +111,7 @@ def plan_pruning(
         total = sum(s.size for s in prunable)
         to_remove = round(total * ratio)
         floors = {
-            s.index: kept_count(s.size, 1.0 - min_keep_ratio, round_to if s.kind == "plain" else 1) for s in prunable
+            s.index: kept_count(s.size, 1.0 - min_keep_ratio, _rounding(s, round_to)) for s in prunable
         }
         ranked = sorted(
             (importance[u] / (_space_scale(s, importance) or 1.0), s.index, u) for s in prunable for u in s.units
@@ -127,8 +128,9 @@ def plan_pruning(
         for space in graph.spaces:
             if space.index in removed_per_space:
                 keep_n = space.size - removed_per_space[space.index]
-                if space.kind == "plain" and round_to > 1:
-                    keep_n = min(space.size, math.ceil(keep_n / round_to) * round_to)
+                step = _rounding(space, round_to)
+                if step > 1:
+                    keep_n = min(space.size, math.ceil(keep_n / step) * step)
                 plans.append(keep_best(space, importance, keep_n))
             else:
                 plans.append(keep_best(space, importance, space.size))
@@ -136,6 +138,12 @@ def plan_pruning(
         raise ValueError(f"unknown policy {policy!r}: use 'uniform' or 'global'")
     removed_units = {u for p in plans for u in p.removed}
     return StructuralPlan(graph, plans, removed_units)
+
+
+def _rounding(space: Space, round_to: int) -> int:
+    """``round_to`` applies to channel counts: plain channels and the groups of depthwise convs (one channel
+    each); counts of heads or of positions inside groups are not rounded."""
+    return round_to if space.kind in ("plain", "group") else 1
 
 
 def _space_scale(space: Space, importance: Mapping[int, float]) -> float:
