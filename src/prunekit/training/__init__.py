@@ -2,7 +2,9 @@
 GraNet regrowth (Liu et al. 2021), a :class:`Sparsifier` that wires them to a model and optimizer, lottery tickets
 with rewinding (Frankle & Carbin 2019; Frankle et al. 2020), DDP mask agreement and a Hugging Face callback;
 the PQ Index and its adaptive rule SAP (Diao et al. 2023), distillation (Hinton et al. 2015), data pruning
-(EL2N, Paul et al. 2021), and CIFAR-10 data and models for experiments (``cifar``, ``cifar_models``).
+(EL2N, Paul et al. 2021), CIFAR-10 data and models for experiments (``cifar``, ``cifar_models``), a plain training
+loop for image classifiers (:func:`train`, :func:`evaluate`; ``loop``) and its report (``report``: JSON, Markdown,
+PNG).
 
 ``prunekit.training.hf_callback.sparsifier_callback`` imports transformers only when called.
 """
@@ -17,6 +19,7 @@ from prunekit.training.distributions import (
     uniform_sparsities,
 )
 from prunekit.training.hf_callback import sparsifier_callback
+from prunekit.training.loop import DistillConfig, StepRecord, TrainConfig, TrainHistory, evaluate, train
 from prunekit.training.lottery import (
     LotteryConfig,
     LotteryTicket,
@@ -48,6 +51,7 @@ from prunekit.training.sparsifier import (
 
 __all__ = [
     "CubicSchedule",
+    "DistillConfig",
     "LayerSparsity",
     "LinearSchedule",
     "LotteryConfig",
@@ -58,11 +62,15 @@ __all__ = [
     "Sparsifier",
     "SparsifierConfig",
     "SparsityReport",
+    "StepRecord",
     "TargetSelectionError",
+    "TrainConfig",
+    "TrainHistory",
     "capture_rewind_point",
     "cosine_regrow_fraction",
     "el2n_scores",
     "erk_densities",
+    "evaluate",
     "global_magnitude_masks",
     "gradient_regrowth",
     "imp_round",
@@ -84,5 +92,6 @@ __all__ = [
     "select_parameters",
     "sparsifier_callback",
     "sparsity_at",
+    "train",
     "uniform_sparsities",
 ]

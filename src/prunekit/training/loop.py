@@ -1,0 +1,593 @@
+"""A small plain-PyTorch training loop for image classifiers on in-memory tensors (CIFAR-sized, CPU-friendly).
+
+:func:`train` runs SGD with momentum on ``(images, labels)`` tensors (``uint8`` or float ``(N, C, H, W)``),
+optionally driving a :class:`~prunekit.training.sparsifier.Sparsifier` (stepped after every ``optimizer.step()``),
+distilling from a teacher (Hinton et al. 2015) and capturing a lottery-ticket rewind point (Frankle et al. 2020).
+It returns a :class:`TrainHistory`: per logged step the training loss, learning rate, sparsity and PQ Index
+(Diao et al. 2023) of the prunable weights, and the test accuracy where evaluated. :func:`evaluate` gives the
+top-1 accuracy.
+
+**Optimisation** (defaults of :class:`TrainConfig`): SGD, batch 128, peak learning rate 0.1, Nesterov momentum
+0.9, weight decay ``5e-4`` on every parameter (the usual value for short CIFAR schedules; He et al. 2016 use
+``1e-4`` over 164 epochs), cross-entropy. The learning rate follows a **one-cycle** schedule (Smith & Topin 2019,
+"Super-Convergence"): linear warm-up from ``lr / warmup_steps`` to ``lr`` over the first ``warmup`` fraction of the
+steps, then linear decay to zero at the last step. In a budget of a few epochs the final accuracy is set mostly by
+annealing the learning rate to zero by the end, and a piecewise-linear cycle is what the fast CIFAR-10 recipes use
+(Page 2018, "How to train your ResNet": 94% in 24 epochs); the warm-up lets batch-norm networks start at
+``lr = 0.1`` without early instability (Goyal et al. 2017). ``lr_schedule="cosine"`` (same warm-up, then
+``lr/2 (1 + cos(π p))``, Loshchilov & Hutter 2017) and ``"constant"`` are available.
+
+**Determinism.** The loop draws nothing from the global RNG (a model with dropout does: seed it). Step ``t`` (0-based) takes its batch from the permutation of epoch
+``t // steps_per_epoch`` (a ``torch.Generator`` seeded from ``(seed, epoch)``) and its augmentation (pad-4 random
+crop and horizontal flip, He et al. 2016 Sec. 4.2) from a generator seeded from ``(seed, t)``. So a run is
+reproducible bit for bit given the seed and the thread count, and starting at ``start_step = k`` (rewinding)
+replays exactly the batches of the uninterrupted run from step ``k`` on. Epochs drop their last partial batch.
+
+**Data parallelism.** ``batch_size`` is the *global* batch. Under ``torch.distributed`` every rank draws the same
+global batch and augmentation and takes its contiguous ``1/world`` slice; the model is wrapped in
+``DistributedDataParallel`` (which averages gradients: ``Σ_r g_r / W``). ``accumulation_steps = a`` splits each
+rank's slice into ``a`` micro-batches, each forwarded separately (batch-norm statistics per micro-batch) with its
+loss scaled by ``1/a``. One process with ``accumulation_steps = 2`` and two DDP ranks with 1 each therefore see
+the same half-batches, and since halving is exact in floating point, the gradients ``g1/2 + g2/2`` are the same
+bits (only batch-norm *running* statistics differ: DDP keeps rank 0's, accumulation folds both halves in).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunekit.errors import ConfigError
+from prunekit.training import ddp
+from prunekit.training.cifar import CIFAR10_MEAN, CIFAR10_STD, normalize, random_crop, random_hflip
+from prunekit.training.distill import kd_loss, teacher_logits
+from prunekit.training.lottery import capture_rewind_point
+from prunekit.training.pqi import model_pq_index
+from prunekit.training.sparsifier import Sparsifier, select_parameters
+
+logger = logging.getLogger(__name__)
+
+LRSchedule = Literal["onecycle", "cosine", "constant"]
+
+__all__ = [
+    "DistillConfig",
+    "LRSchedule",
+    "LabelledImages",
+    "StepRecord",
+    "TrainConfig",
+    "TrainHistory",
+    "derive_seed",
+    "evaluate",
+    "global_batch_indices",
+    "lr_at",
+    "measure_sparsity",
+    "rank_slice",
+    "state_difference",
+    "steps_per_epoch",
+    "total_steps",
+    "train",
+    "weights_pq_index",
+]
+
+# Independent random streams derived from the run's seed.
+_PERMUTATION, _AUGMENTATION, _EVAL_SUBSET = 0, 1, 2
+
+
+class LabelledImages(Protocol):
+    """Anything with ``images`` ``(N, C, H, W)`` and ``labels`` ``(N,)`` tensors (e.g. ``cifar.ImageSet``)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+Data = LabelledImages | tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """How to train (see the module docstring for the choices and their papers).
+
+    ``epochs`` (may be fractional) or ``steps`` (optimizer steps; overrides ``epochs``) set the length.
+    ``batch_size`` is the global batch (all ranks, all micro-batches). ``lr`` is the peak learning rate of
+    ``lr_schedule`` (``"onecycle"``: linear up over ``warmup`` of the steps, linear down to 0; ``"cosine"``: same
+    warm-up, cosine down to 0; ``"constant"``: warm-up then flat). ``momentum``/``nesterov``/``weight_decay``:
+    SGD's (decay on every parameter). ``seed`` fixes the data order and augmentation; ``threads`` sets
+    ``torch.set_num_threads`` for the run (restored afterwards; ``None`` leaves it). ``accumulation_steps``:
+    micro-batches per optimizer step (per rank). ``augment``: pad-``padding`` random crop + horizontal flip;
+    ``mean``/``std``: per-channel normalisation (uint8 images are divided by 255 first). ``log_every``: a
+    :class:`StepRecord` every so many steps and wherever the measured sparsity changed; ``eval_every``: test accuracy every so many steps (0: only at the
+    end), on ``eval_samples`` seeded test examples (``None``: all); the final evaluation always uses the whole
+    test set. ``eval_batch_size``: evaluation batch.
+    """
+
+    epochs: float = 1.0
+    steps: int | None = None
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    lr_schedule: LRSchedule = "onecycle"
+    warmup: float = 0.2
+    seed: int = 0
+    threads: int | None = None
+    accumulation_steps: int = 1
+    augment: bool = True
+    padding: int = 4
+    mean: tuple[float, ...] = CIFAR10_MEAN
+    std: tuple[float, ...] = CIFAR10_STD
+    log_every: int = 10
+    eval_every: int = 0
+    eval_samples: int | None = None
+    eval_batch_size: int = 1000
+
+    def __post_init__(self) -> None:
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, (int, float)) or not self.epochs > 0:
+            raise ConfigError(f"epochs must be > 0 (fractions allowed), got {self.epochs!r}")
+        for name, least in (
+            ("batch_size", 1),
+            ("accumulation_steps", 1),
+            ("log_every", 1),
+            ("eval_every", 0),
+            ("eval_batch_size", 1),
+            ("padding", 0),
+        ):
+            _check_int(name, getattr(self, name), least)
+        for name in ("steps", "threads", "eval_samples"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1)
+        _check_int("seed", self.seed, 0)
+        if self.lr_schedule not in ("onecycle", "cosine", "constant"):
+            raise ConfigError(f"lr_schedule must be 'onecycle', 'cosine' or 'constant', got {self.lr_schedule!r}")
+        if not (self.lr > 0 and 0.0 <= self.momentum < 1.0 and self.weight_decay >= 0 and 0.0 <= self.warmup < 1.0):
+            raise ConfigError(
+                f"need lr > 0, 0 <= momentum < 1, weight_decay >= 0 and 0 <= warmup < 1, got lr={self.lr!r}, "
+                f"momentum={self.momentum!r}, weight_decay={self.weight_decay!r}, warmup={self.warmup!r}"
+            )
+        if self.nesterov and self.momentum == 0:
+            raise ConfigError("Nesterov momentum needs momentum > 0: set nesterov=False or a momentum")
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        if len(self.mean) != len(self.std) or not all(s > 0 for s in self.std):
+            raise ConfigError(f"mean and std need one entry per channel and std > 0, got {self.mean}, {self.std}")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Hinton et al. 2015 distillation: loss ``alpha T^2 KL(p_teacher^T || p_student^T) + (1 - alpha) CE``
+    (:func:`~prunekit.training.distill.kd_loss`); the paper tunes both, so both are required."""
+
+    alpha: float
+    temperature: float
+
+
+def _check_int(name: str, value: object, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ConfigError(f"{name} must be a whole number >= {least}, got {value!r}")
+
+
+# -------------------------------------------------------------------------------------------- pure schedule
+
+
+def derive_seed(seed: int, stream: int, index: int) -> int:
+    """A 63-bit seed for item ``index`` of random stream ``stream`` of a run seeded ``seed`` (SHA-256, so streams
+    and items never collide and nothing depends on Python's hash randomisation)."""
+    digest = hashlib.sha256(f"prunekit/{seed}/{stream}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Optimizer steps in one pass over ``num_examples`` (the last partial batch is dropped)."""
+    steps = num_examples // batch_size
+    if steps < 1:
+        raise ConfigError(f"batch_size {batch_size} exceeds the {num_examples} training examples: lower it")
+    return steps
+
+
+def total_steps(config: TrainConfig, num_examples: int) -> int:
+    """Optimizer steps of the whole run: ``config.steps``, else ``round(epochs · steps_per_epoch)`` (at least 1)."""
+    if config.steps is not None:
+        return config.steps
+    return max(1, round(config.epochs * steps_per_epoch(num_examples, config.batch_size)))
+
+
+def lr_at(step: int, total: int, config: TrainConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-based) of ``total`` (see :class:`TrainConfig`).
+
+    With ``w = max(1, round(warmup · total))`` warm-up steps: ``lr (step + 1) / w`` while ``step < w``; then
+    one-cycle ``lr (total - step) / (total - w)`` (Smith & Topin 2019, linear annealing to 0), cosine
+    ``lr/2 (1 + cos(π (step - w) / (total - w)))`` (Loshchilov & Hutter 2017), or ``lr``.
+    """
+    warm = max(1, round(config.warmup * total)) if config.warmup > 0 else 0
+    if step < warm:
+        return config.lr * (step + 1) / warm
+    if config.lr_schedule == "constant" or total <= warm:
+        return config.lr
+    progress = (step - warm) / (total - warm)  # in [0, 1)
+    if config.lr_schedule == "onecycle":
+        return config.lr * (1.0 - progress)
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def global_batch_indices(
+    step: int, num_examples: int, batch_size: int, seed: int, cache: dict[int, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Example indices of global batch ``step``: slice ``step mod E`` of the permutation of epoch
+    ``step // E`` (``E`` = :func:`steps_per_epoch`), drawn from a generator seeded ``derive_seed(seed, 0, epoch)``.
+    ``cache`` (epoch -> permutation) avoids drawing a permutation again."""
+    per_epoch = steps_per_epoch(num_examples, batch_size)
+    epoch, position = divmod(step, per_epoch)
+    order = None if cache is None else cache.get(epoch)
+    if order is None:
+        generator = torch.Generator().manual_seed(derive_seed(seed, _PERMUTATION, epoch))
+        order = torch.randperm(num_examples, generator=generator)
+        if cache is not None:
+            cache.clear()  # one epoch at a time
+            cache[epoch] = order
+    return order[position * batch_size : (position + 1) * batch_size]
+
+
+def rank_slice(batch: int, rank: int, world: int) -> slice:
+    """The contiguous part of a global batch of ``batch`` examples that rank ``rank`` of ``world`` trains on."""
+    if batch % world:
+        raise ConfigError(f"the global batch {batch} does not split evenly over {world} ranks")
+    part = batch // world
+    return slice(rank * part, (rank + 1) * part)
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+
+@torch.no_grad()
+def measure_sparsity(model: nn.Module, names: Sequence[str]) -> float:
+    """Fraction of exact zeros over the named parameters of ``model`` (measured from the weights)."""
+    zeros = total = 0
+    for name in names:
+        weight = model.get_parameter(name)
+        zeros += int((weight == 0).sum())
+        total += weight.numel()
+    return zeros / max(1, total)
+
+
+@torch.no_grad()
+def weights_pq_index(model: nn.Module, names: Sequence[str]) -> float | None:
+    """Whole-model PQ Index (Diao et al. 2023, ``p = 0.5, q = 1``) of the non-zero entries of the named weights
+    (pruned entries, exact zeros, are left out); ``None`` when a weight is all zero."""
+    weights = {name: model.get_parameter(name).detach() for name in names}
+    masks = {name: w != 0 for name, w in weights.items()}
+    if any(not bool(m.any()) for m in masks.values()):
+        return None
+    return model_pq_index(weights, masks).model
+
+
+def _unpack(data: Data) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = data if isinstance(data, tuple) else (data.images, data.labels)
+    if images.dim() != 4 or labels.dim() != 1 or images.shape[0] != labels.shape[0]:
+        raise ConfigError(
+            f"expected images (N, C, H, W) and labels (N,), got {tuple(images.shape)} and {tuple(labels.shape)}"
+        )
+    return images, labels
+
+
+def _device(model: nn.Module) -> torch.device:
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    return torch.device("cpu") if tensor is None else tensor.device
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    test_set: Data,
+    *,
+    batch_size: int = 1000,
+    mean: Sequence[float] = CIFAR10_MEAN,
+    std: Sequence[float] = CIFAR10_STD,
+) -> float:
+    """Top-1 accuracy (a fraction in [0, 1]) of ``model`` on ``test_set`` in eval mode, images normalised with
+    ``mean``/``std`` (:func:`~prunekit.training.cifar.normalize`). The model's train/eval flag is restored."""
+    images, labels = _unpack(test_set)
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    correct = 0
+    try:
+        for start in range(0, images.shape[0], batch_size):
+            x = normalize(images[start : start + batch_size], mean, std).to(device)
+            y = labels[start : start + batch_size].to(device)
+            correct += int((model(x).argmax(dim=1) == y).sum())
+    finally:
+        model.train(was_training)
+    return correct / max(1, images.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------- history
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One logged point: after ``step`` optimizer steps (``epoch`` = step / steps per epoch), the mean training
+    ``loss`` since the previous record (``None`` at the start), the learning rate of the last step, the sparsity
+    and PQ Index of the prunable weights, the test ``accuracy`` when evaluated here (on ``eval_examples``
+    examples), and the seconds since training began."""
+
+    step: int
+    epoch: float
+    loss: float | None
+    lr: float
+    sparsity: float
+    pqi: float | None
+    accuracy: float | None = None
+    eval_examples: int | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class TrainHistory:
+    """What :func:`train` returns: the records, the final accuracy on the whole test set (``None`` without one),
+    the steps run (``start_step`` to ``end_step``), wall seconds, the names whose sparsity was logged, and the
+    rewind point (``state_dict`` copy after ``rewind_step`` steps) when one was asked for."""
+
+    records: list[StepRecord] = field(default_factory=list)
+    final_accuracy: float | None = None
+    start_step: int = 0
+    end_step: int = 0
+    seconds: float = 0.0
+    targets: tuple[str, ...] = ()
+    rewind_state: dict[str, torch.Tensor] | None = None
+
+    @property
+    def final_sparsity(self) -> float | None:
+        """Sparsity of the last record."""
+        return self.records[-1].sparsity if self.records else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: everything but the rewind tensors."""
+        return {
+            "final_accuracy": self.final_accuracy,
+            "final_sparsity": self.final_sparsity,
+            "start_step": self.start_step,
+            "end_step": self.end_step,
+            "seconds": self.seconds,
+            "targets": list(self.targets),
+            "records": [asdict(r) for r in self.records],
+        }
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+@contextlib.contextmanager
+def _num_threads(threads: int | None) -> Iterator[None]:
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _global_mean(value: float, count: int) -> float:
+    """Mean over ranks of a per-rank mean (the rank's own value outside ``torch.distributed``)."""
+    if not ddp.is_distributed():
+        return value / max(1, count)
+    t = torch.tensor([value, float(count)], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return float(t[0] / t[1].clamp(min=1))
+
+
+def _transform(images: torch.Tensor, step: int, config: TrainConfig) -> torch.Tensor:
+    if config.augment:
+        generator = torch.Generator().manual_seed(derive_seed(config.seed, _AUGMENTATION, step))
+        images = random_hflip(random_crop(images, generator, config.padding), generator)
+    return normalize(images, config.mean, config.std)
+
+
+def train(
+    model: nn.Module,
+    train_set: Data,
+    test_set: Data | None,
+    config: TrainConfig,
+    *,
+    sparsifier: Sparsifier | None = None,
+    targets: Sequence[str] | None = None,
+    on_step: Callable[[int, nn.Module], None] | None = None,
+    teacher: nn.Module | None = None,
+    distill: DistillConfig | None = None,
+    rewind_step: int | None = None,
+    start_step: int = 0,
+    progress: bool = True,
+    desc: str = "train",
+) -> TrainHistory:
+    """Train ``model`` in place on ``train_set`` and return its :class:`TrainHistory` (see the module docstring).
+
+    ``sparsifier`` (built on ``model``) gets the optimizer attached and ``step()`` after every optimizer step;
+    ``on_step(steps_done, model)`` runs after that (e.g. ``lambda s, m: ticket.apply_masks()`` for IMP).
+    ``targets``: parameter names whose sparsity and PQI are logged (default: the sparsifier's targets, else every
+    Linear/Conv weight). ``teacher`` with ``distill``: the Hinton et al. 2015 loss from the teacher's logits
+    (teacher run frozen, in eval mode). ``rewind_step = k``: copy the model's ``state_dict`` after ``k`` steps
+    into ``history.rewind_state`` (Frankle et al. 2020). ``start_step = k``: begin at step ``k`` of the learning-rate
+    schedule and data order, as when training from a rewind point (a fresh optimizer; the sparsifier keeps its
+    own step count). ``test_set = None`` skips evaluation. Under ``torch.distributed`` the model is wrapped in
+    ``DistributedDataParallel`` for the run; only rank 0 shows progress.
+    """
+    images, labels = _unpack(train_set)
+    n = images.shape[0]
+    total = total_steps(config, n)
+    per_epoch = steps_per_epoch(n, config.batch_size)
+    if not 0 <= start_step <= total:
+        raise ConfigError(f"start_step must be in [0, {total}], got {start_step}")
+    if rewind_step is not None and not start_step <= rewind_step <= total:
+        raise ConfigError(f"rewind_step must be in [{start_step}, {total}], got {rewind_step}")
+    if teacher is not None and distill is None:
+        raise ConfigError("a teacher needs distill=DistillConfig(alpha, temperature) (no universal default)")
+    world = torch.distributed.get_world_size() if ddp.is_distributed() else 1
+    rank = torch.distributed.get_rank() if ddp.is_distributed() else 0
+    part = rank_slice(config.batch_size, rank, world)
+    micro = (part.stop - part.start) // config.accumulation_steps
+    if micro * config.accumulation_steps != part.stop - part.start:
+        raise ConfigError(
+            f"each rank's {part.stop - part.start} examples do not split into {config.accumulation_steps} "
+            "equal micro-batches: make batch_size a multiple of world_size x accumulation_steps"
+        )
+    if sparsifier is not None and sparsifier.model is not model:
+        raise ConfigError("the sparsifier was built on another model: build it on the model being trained")
+    names = tuple(targets) if targets is not None else _default_targets(model, sparsifier)
+    test_pair = None if test_set is None else _unpack(test_set)
+    eval_subset = _eval_subset(test_pair, config)
+
+    device = _device(model)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=lr_at(start_step, total, config),
+        momentum=config.momentum,
+        nesterov=config.nesterov,
+        weight_decay=config.weight_decay,
+    )
+    if sparsifier is not None:
+        sparsifier.attach_optimizer(optimizer)
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model)
+
+    history = TrainHistory(start_step=start_step, end_step=total, targets=names)
+    permutations: dict[int, torch.Tensor] = {}
+    began = time.perf_counter()
+    loss_sum, loss_count = 0.0, 0
+
+    def record(step: int, lr: float, evaluate_now: bool) -> StepRecord:
+        nonlocal loss_sum, loss_count
+        loss = _global_mean(loss_sum, loss_count) if step > start_step else None
+        loss_sum, loss_count = 0.0, 0
+        accuracy = examples = None
+        if evaluate_now and eval_subset is not None:
+            accuracy = evaluate(model, eval_subset, batch_size=config.eval_batch_size, mean=config.mean, std=config.std)
+            examples = int(eval_subset[1].shape[0])
+        entry = StepRecord(
+            step=step,
+            epoch=step / per_epoch,
+            loss=loss,
+            lr=lr,
+            sparsity=measure_sparsity(model, names),
+            pqi=weights_pq_index(model, names),
+            accuracy=accuracy,
+            eval_examples=examples,
+            seconds=time.perf_counter() - began,
+        )
+        history.records.append(entry)
+        logger.debug("%s step %d: %s", desc, step, entry)
+        return entry
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total - start_step, desc=desc, unit="step", disable=not progress or rank != 0, leave=False)
+    with _num_threads(config.threads):
+        model.train()
+        if rewind_step == start_step:
+            history.rewind_state = capture_rewind_point(model)
+        record(start_step, lr_at(start_step, total, config), evaluate_now=config.eval_every > 0)
+        for step in range(start_step, total):
+            lr = lr_at(step, total, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            index = global_batch_indices(step, n, config.batch_size, config.seed, permutations)
+            x = _transform(images[index], step, config)[part]
+            y = labels[index][part]
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for m in range(config.accumulation_steps):
+                xs = x[m * micro : (m + 1) * micro].to(device)
+                ys = y[m * micro : (m + 1) * micro].to(device)
+                last = m == config.accumulation_steps - 1
+                with contextlib.nullcontext() if last or world == 1 else net.no_sync():
+                    logits = net(xs)
+                    if teacher is not None and distill is not None:
+                        soft = teacher_logits(teacher, xs)
+                        loss = kd_loss(logits, soft, ys, alpha=distill.alpha, temperature=distill.temperature)
+                    else:
+                        loss = F.cross_entropy(logits, ys)
+                    if config.accumulation_steps > 1:
+                        loss = loss / config.accumulation_steps
+                    loss.backward()
+                step_loss += float(loss.detach())
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(
+                    f"{desc}: the training loss became {step_loss} at step {step}: lower the learning rate"
+                )
+            optimizer.step()
+            if sparsifier is not None:
+                sparsifier.step()
+            done = step + 1
+            if on_step is not None:
+                on_step(done, model)
+            if rewind_step == done:
+                history.rewind_state = capture_rewind_point(model)
+            loss_sum += step_loss
+            loss_count += 1
+            evaluate_now = config.eval_every > 0 and done % config.eval_every == 0 and done < total
+            changed = measure_sparsity(model, names) != history.records[-1].sparsity  # every mask change is logged
+            if changed or done % config.log_every == 0 or evaluate_now or done == total:
+                entry = record(done, lr, evaluate_now)
+                bar.set_postfix(loss=f"{entry.loss:.3f}", sparsity=f"{entry.sparsity:.3f}", refresh=False)
+            bar.update(1)
+        bar.close()
+        if test_pair is not None:
+            history.final_accuracy = evaluate(
+                model, test_pair, batch_size=config.eval_batch_size, mean=config.mean, std=config.std
+            )
+            last = history.records[-1]
+            history.records[-1] = StepRecord(
+                **{**asdict(last), "accuracy": history.final_accuracy, "eval_examples": int(test_pair[1].shape[0])}
+            )
+    history.seconds = time.perf_counter() - began
+    logger.info(
+        "%s: %d steps in %.1f s, accuracy %s, sparsity %.4f",
+        desc,
+        total - start_step,
+        history.seconds,
+        "n/a" if history.final_accuracy is None else f"{history.final_accuracy:.4f}",
+        history.records[-1].sparsity,
+    )
+    return history
+
+
+def _default_targets(model: nn.Module, sparsifier: Sparsifier | None) -> tuple[str, ...]:
+    if sparsifier is not None:
+        return tuple(sparsifier.masks)
+    return tuple(p.name for p in select_parameters(model))
+
+
+def _eval_subset(
+    test: tuple[torch.Tensor, torch.Tensor] | None, config: TrainConfig
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if test is None or config.eval_every == 0:
+        return None
+    images, labels = test
+    if config.eval_samples is None or config.eval_samples >= labels.shape[0]:
+        return images, labels
+    generator = torch.Generator().manual_seed(derive_seed(config.seed, _EVAL_SUBSET, 0))
+    index = torch.randperm(labels.shape[0], generator=generator)[: config.eval_samples].sort().values
+    return images[index], labels[index]
+
+
+def state_difference(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    """Largest absolute difference between two state dicts with the same keys (floating-point entries)."""
+    worst = 0.0
+    for name, value in a.items():
+        if value.is_floating_point():
+            worst = max(worst, float((value - b[name]).abs().max()) if value.numel() else 0.0)
+    return worst
