@@ -42,7 +42,6 @@ weight). For the structured runs, "sparsity" is the fraction of parameters remov
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import logging
@@ -120,24 +119,6 @@ def new_resnet20(seed: int) -> nn.Module:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return resnet20()
-
-
-@torch.no_grad()
-def kaiming_init(model: nn.Module, seed: int) -> nn.Module:
-    """Re-initialise ``model`` as ``cifar_models`` does (Kaiming normal fan-out for convolutions, batch norm 1/0,
-    PyTorch's default for linear layers), under ``seed``; batch-norm running statistics reset."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        for m in model.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                m.reset_running_stats()
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                m.reset_parameters()
-    return model
 
 
 def target_names(model: nn.Module) -> list[str]:
@@ -410,10 +391,12 @@ class Bench:
         )
 
     def scratch(self) -> dict[str, Any]:
+        from prunekit.training.cifar_models import init_weights
+        from prunekit.training.lottery import scratch_init
         from prunekit.training.report import history_entry
 
         dense, pruned = self.pruned_architecture()
-        model = kaiming_init(copy.deepcopy(pruned), self.args.seed + 2)
+        model = scratch_init(pruned, self.args.seed + 2, init=init_weights)
         epochs = self.args.epochs + self.args.finetune_epochs
         history = self._train(model, "scratch50", train_config(self.args, epochs))
         return history_entry(

@@ -89,6 +89,32 @@ def test_scratch_init_is_the_same_architecture_freshly_initialised():
     assert torch.equal(scratch_init(model, seed=1)[3].weight, fresh[3].weight)
 
 
+def test_controls_use_the_models_own_initialiser_when_given():
+    def init(model: torch.nn.Module) -> None:
+        for p in model.parameters():
+            torch.nn.init.constant_(p, 0.5)
+
+    model = model_with_bn()
+    masks = {"0.weight": torch.rand(10, 6, generator=torch.Generator().manual_seed(0)) > 0.5}
+    random_reinit(model, masks, seed=3, init=init)
+    kept = masks["0.weight"]
+    assert torch.all(model[0].weight[kept] == 0.5) and torch.all(model[0].weight[~kept] == 0)
+    fresh = scratch_init(model_with_bn(), seed=3, init=init)
+    assert all(torch.all(p == 0.5) for p in fresh.parameters())
+
+
+def test_cifar_init_weights_redraws_kaiming_fan_out_not_pytorchs_default():
+    from prunekit.training.cifar_models import init_weights, resnet20
+
+    fresh = scratch_init(resnet20(), seed=5, init=init_weights)
+    again = scratch_init(resnet20(), seed=5, init=init_weights)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), again.state_dict().values(), strict=True))
+    # a 16 -> 16 3x3 conv: Kaiming normal fan-out has std sqrt(2 / 144) = 0.118; PyTorch's default
+    # (uniform, bound 1 / sqrt(fan_in) = 1/12) would give 0.048
+    std = float(fresh.blocks[0].conv1.weight.std())
+    assert 0.105 < std < 0.131
+
+
 def test_lottery_ticket_reaches_the_target_density_in_the_expected_rounds():
     assert rounds_to_reach(0.8**5, 0.2) == 5
     assert rounds_to_reach(0.5, 0.2) == 4  # 0.8^3 = 0.512 > 0.5 >= 0.8^4

@@ -38,6 +38,7 @@ __all__ = [
     "BasicBlock",
     "CifarResNet",
     "CifarVGG",
+    "init_weights",
     "resnet20",
     "resnet32",
     "resnet56",
@@ -46,13 +47,20 @@ __all__ = [
 ]
 
 
-def _init(module: nn.Module) -> None:
+@torch.no_grad()
+def init_weights(module: nn.Module) -> None:
+    """The initialisation these models are built with (He et al. 2015 Kaiming normal, fan-out, for convolutions;
+    batch norm scale 1, shift 0, running statistics reset; PyTorch's default for linear layers). Pass it as
+    ``init`` to :func:`prunekit.training.lottery.random_reinit` / ``scratch_init``."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         elif isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            m.reset_parameters()
 
 
 class _PadShortcut(nn.Module):
@@ -118,7 +126,7 @@ class CifarResNet(nn.Module):
                 channels = out_channels
         self.blocks = nn.Sequential(*blocks)
         self.fc = nn.Linear(channels, num_classes)
-        _init(self)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn(self.conv(x)))  # (N, w, 32, 32)
@@ -168,7 +176,7 @@ class CifarVGG(nn.Module):
                 channels = out
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(channels, num_classes)
-        _init(self)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.features(x)  # (N, 8w, 1, 1) after five 2x2 pools of 32x32

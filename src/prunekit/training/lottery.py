@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -84,28 +84,36 @@ def rewind(model: nn.Module, snapshot: Mapping[str, torch.Tensor], masks: Mappin
     apply_masks_(model, masks)
 
 
-def _reinitialise(model: nn.Module, seed: int) -> None:
+def _reinitialise(model: nn.Module, seed: int, init: Callable[[nn.Module], None] | None) -> None:
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices), torch.no_grad():  # the caller's RNG streams are left untouched
         torch.manual_seed(seed)
+        if init is not None:
+            init(model)
+            return
         for module in model.modules():
             reset = getattr(module, "reset_parameters", None)
             if callable(reset):
                 reset()
 
 
-def random_reinit(model: nn.Module, masks: Mapping[str, torch.Tensor], seed: int) -> None:
+def random_reinit(
+    model: nn.Module, masks: Mapping[str, torch.Tensor], seed: int, init: Callable[[nn.Module], None] | None = None
+) -> None:
     """Control of Frankle & Carbin 2019 (sec. 2, "random reinitialization"): the same masks on a fresh draw from
-    the model's initialisation (every module's ``reset_parameters``, seeded; the global RNG is not disturbed)."""
-    _reinitialise(model, seed)
+    the model's initialisation, seeded (the global RNG is not disturbed). ``init(model)`` is that initialisation
+    (e.g. :func:`prunekit.training.cifar_models.init_weights`); without it every module's ``reset_parameters``
+    runs, which is PyTorch's default, not necessarily the one the model was built with."""
+    _reinitialise(model, seed, init)
     apply_masks_(model, masks)
 
 
-def scratch_init(model: nn.Module, seed: int) -> nn.Module:
+def scratch_init(model: nn.Module, seed: int, init: Callable[[nn.Module], None] | None = None) -> nn.Module:
     """ "Train from scratch" control (Liu et al. 2019, "Rethinking the Value of Network Pruning"): a copy of the
-    (structurally pruned) architecture with every module's ``reset_parameters`` applied under ``seed``."""
+    (structurally pruned) architecture, freshly initialised under ``seed`` by ``init(model)`` (default: every
+    module's ``reset_parameters``)."""
     fresh = copy.deepcopy(model)
-    _reinitialise(fresh, seed)
+    _reinitialise(fresh, seed, init)
     return fresh
 
 
