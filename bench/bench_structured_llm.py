@@ -13,8 +13,8 @@ then scored in this process by the same code: perplexity on 40 x 2048 windows of
 fine-tuning) and greedy decode speed (batch 1, 128-token prompt, 64 new tokens; dense and pruned
 interleaved, median of the repeats).
 
-    .venv-tv/bin/python bench/bench_structured_llm.py --peer-python .venv-tp/bin/python   (peer venv also
-    needs transformers: .venv-tp/bin/pip install transformers==5.24.0)
+    bash bench/setup_structured.sh   # .venv-tv (prunekit) and .venv-tp (Torch-Pruning, transformers)
+    .venv-tv/bin/python bench/bench_structured_llm.py --peer-python .venv-tp/bin/python
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ def child_prunekit(kind: str, source: Path, out: Path, ratio: float, nsamples: i
     seconds = time.perf_counter() - start
     with torch.no_grad():
         pruned.save_pretrained(out)
+    loaded.tokenizer.save_pretrained(out)
     return {"params": before, "pruned_params": sum(p.numel() for p in pruned.parameters()), "prune_s": seconds, **extra}
 
 

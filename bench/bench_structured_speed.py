@@ -1,13 +1,17 @@
 """Benchmark: does removing half the MACs make the model faster? (issue 5, benchmark 2)
 
 ResNet-50, MobileNetV2 and ViT-B/16 (random weights) pruned to about 50% of their MACs by prunekit
-(``target="macs"``, L2 magnitude, channel counts rounded to multiples of 8) and by Torch-Pruning 1.6.1's
-MagnitudePruner (its channel ratio bisected to the same MAC reduction; it has no MAC target), each tool in
-its own process and venv (same torch and torchvision). CPU latency with ``torch.utils.benchmark`` at batch 1
-and 32, threads fixed, dense and pruned measured in the same process. The figure of merit is
-``speed-up / MACs reduction`` = ``(t_dense / t_pruned) / (MACs_dense / MACs_pruned)``: 1.0 means every MAC
-removed is time saved.
+(``target="macs"``, L2 magnitude) and by Torch-Pruning 1.6.1's MagnitudePruner (its channel ratio bisected to
+the same MAC reduction; it has no MAC target), each tool in its own process and venv (same torch and
+torchvision), with channel counts rounded to multiples of each ``--round-to`` value (both tools alike). CPU
+latency at batch 1 and 32, threads fixed, dense and pruned in the same process, both in ``--memory-format``
+(channels_last by default: PyTorch's fast CPU layout for convolutions; the same for the dense model, the
+pruned one and both tools), measured by ``prunekit.structured.report.compare_latency``: adjacent
+dense/pruned pairs (15 at batch 1, 7 at batch 32), the speed-up being the median of the per-pair ratios, so
+a machine whose speed drifts favours neither model. The figure of merit is ``speed-up / MACs reduction`` =
+``(t_dense / t_pruned) / (MACs_dense / MACs_pruned)``: 1.0 means every MAC removed is time saved.
 
+    bash bench/setup_structured.sh
     .venv-tv/bin/python bench/bench_structured_speed.py --peer-python .venv-tp/bin/python
 """
 
@@ -15,20 +19,32 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 RESULTS = HERE / "results" / "structured_speed.json"
 MODELS = ("resnet50", "mobilenet_v2", "vit_b_16")
 
 
-def child(tool: str, name: str, macs_ratio: float, batches: list[int], threads: int, min_time: float) -> dict:
+def child(
+    tool: str,
+    name: str,
+    macs_ratio: float,
+    batches: list[int],
+    threads: int,
+    min_time: float,
+    round_to: int,
+    memory_format: str,
+) -> dict:
     import torch
     import torchvision
-    from torch.utils import benchmark
     from torch.utils.flop_counter import FlopCounterMode
+
+    from prunekit.structured.report import compare_latency  # on PYTHONPATH in the peer's venv
 
     torch.manual_seed(0)
     torch.set_num_threads(threads)
@@ -50,8 +66,8 @@ def child(tool: str, name: str, macs_ratio: float, batches: list[int], threads: 
     if tool == "prunekit":
         from prunekit.structured import prune_structurally
 
-        pruned = prune_structurally(model, (x,), macs_ratio, target="macs", round_to=8).model
-        setting = {"target": "macs", "ratio": macs_ratio, "round_to": 8}
+        pruned = prune_structurally(model, (x,), macs_ratio, target="macs", round_to=round_to).model
+        setting = {"target": "macs", "ratio": macs_ratio, "round_to": round_to}
     else:
         import copy
 
@@ -70,7 +86,7 @@ def child(tool: str, name: str, macs_ratio: float, batches: list[int], threads: 
                 importance=tp.importance.MagnitudeImportance(p=2),
                 pruning_ratio=ratio,
                 ignored_layers=keep,
-                round_to=8,
+                round_to=round_to,
                 num_heads=heads,
                 prune_head_dims=True,
                 prune_num_heads=False,
@@ -92,27 +108,29 @@ def child(tool: str, name: str, macs_ratio: float, batches: list[int], threads: 
             else:
                 low = middle
         pruned = best if best is not None else tp_prune(high)
-        setting = {"pruning_ratio": high, "round_to": 8}
+        setting = {"pruning_ratio": high, "round_to": round_to}
     pruned_macs = macs(pruned)
+    pruned.eval()
+    layout = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+    model, pruned = model.to(memory_format=layout), pruned.to(memory_format=layout)
     rows = []
     for batch in batches:
-        xb = torch.randn(batch, 3, 224, 224)
-        times = {}
-        for label, m in (("dense", model), ("pruned", pruned)):
-            with torch.no_grad():
-                m(xb)  # warm-up
-                timer = benchmark.Timer("m(xb)", globals={"m": m, "xb": xb}, num_threads=threads)
-                times[label] = timer.blocked_autorange(min_run_time=min_time).median
-        speedup = times["dense"] / times["pruned"]
+        xb = torch.randn(batch, 3, 224, 224).contiguous(memory_format=layout)
+        timing = compare_latency(
+            model, pruned, (xb,), min_run_time=min_time, rounds=7 if batch > 1 else 15, threads=threads
+        )
+        speedup = timing["speedup"]
         reduction = dense_macs / pruned_macs
         rows.append(
             {
                 "batch": batch,
-                "dense_s": times["dense"],
-                "pruned_s": times["pruned"],
+                "dense_s": timing["latency_before_s"],
+                "pruned_s": timing["latency_after_s"],
                 "speedup": speedup,
                 "macs_reduction": reduction,
                 "speedup_over_macs_reduction": speedup / reduction,
+                "rounds": timing["rounds"],
+                "calls_per_round": timing["calls_per_round"],
             }
         )
     return {
@@ -133,48 +151,54 @@ def main() -> None:
     parser.add_argument("--macs-ratio", type=float, default=0.5)
     parser.add_argument("--batches", type=int, nargs="*", default=[1, 32])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--min-time", type=float, default=2.0, help="seconds of timing per measurement")
+    parser.add_argument("--min-time", type=float, default=3.0, help="seconds of timing per model and batch size")
+    parser.add_argument("--round-to", type=int, nargs="*", default=[8, 32], help="channel multiples, both tools")
+    parser.add_argument(
+        "--memory-format", choices=["channels_last", "contiguous"], default="channels_last", help="dense and pruned"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.child:
-        out = child(args.child[0], args.child[1], args.macs_ratio, args.batches, args.threads, args.min_time)
+        tool, name, round_to = args.child[0], args.child[1], args.round_to[0]
+        out = child(
+            tool, name, args.macs_ratio, args.batches, args.threads, args.min_time, round_to, args.memory_format
+        )
         print("RESULT " + json.dumps(out), flush=True)
         return
     tools = [("prunekit", sys.executable)] + ([("torch-pruning", args.peer_python)] if args.peer_python else [])
     results: dict[str, dict] = {}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}  # both tools are timed by prunekit's compare_latency
     for name in args.models:
-        for tool, python in tools:
-            cmd = [
-                python,
-                str(Path(__file__).resolve()),
-                "--child",
-                tool,
-                name,
-                "--macs-ratio",
-                str(args.macs_ratio),
-                "--threads",
-                str(args.threads),
-                "--min-time",
-                str(args.min_time),
-                "--batches",
-                *map(str, args.batches),
-            ]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                result = {"ok": False, "error": " | ".join(proc.stderr.strip().splitlines()[-3:])[-600:]}
-                print(f"{name:14s} {tool:14s} FAIL {result['error'][:300]}", flush=True)
-            else:
-                result = {"ok": True, **json.loads(lines[-1][7:])}
-                for row in result["rows"]:
-                    print(
-                        f"{name:14s} {tool:14s} batch {row['batch']:3d} MACs /{row['macs_reduction']:.2f} "
-                        f"speed-up x{row['speedup']:.2f} ratio {row['speedup_over_macs_reduction']:.2f}",
-                        flush=True,
-                    )
-            results.setdefault(name, {})[tool] = result
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({"threads": args.threads, "results": results}, indent=1))
+        for round_to in args.round_to:
+            for tool, python in tools:
+                cmd = [
+                    python,
+                    str(Path(__file__).resolve()),
+                    "--child",
+                    tool,
+                    name,
+                    *("--macs-ratio", str(args.macs_ratio), "--threads", str(args.threads)),
+                    *("--min-time", str(args.min_time), "--round-to", str(round_to)),
+                    *("--memory-format", args.memory_format, "--batches", *map(str, args.batches)),
+                ]
+                proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+                lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+                if proc.returncode or not lines:
+                    result = {"ok": False, "error": " | ".join(proc.stderr.strip().splitlines()[-3:])[-600:]}
+                    print(f"{name:14s} {tool:14s} FAIL {result['error'][:300]}", flush=True)
+                else:
+                    result = {"ok": True, **json.loads(lines[-1][7:])}
+                    for row in result["rows"]:
+                        print(
+                            f"{name:14s} {tool:14s} round_to {round_to:2d} batch {row['batch']:3d} "
+                            f"MACs /{row['macs_reduction']:.2f} speed-up x{row['speedup']:.2f} "
+                            f"ratio {row['speedup_over_macs_reduction']:.2f}",
+                            flush=True,
+                        )
+                results.setdefault(name, {}).setdefault(f"round_to={round_to}", {})[tool] = result
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                summary = {"threads": args.threads, "memory_format": args.memory_format, "results": results}
+                args.out.write_text(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

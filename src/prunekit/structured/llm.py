@@ -28,6 +28,7 @@ from prunekit.structured.graph import build_dependency_graph
 from prunekit.structured.importance import Criterion, collect_input_norms, unit_importance
 from prunekit.structured.plan import DEFAULT_KINDS, StructuralPlan, keep_best, plan_pruning
 from prunekit.structured.prune import StructuralResult, Target, plan_to_target
+from prunekit.structured.reconstruct import refit_pruned_linears
 from prunekit.structured.surgery import apply_plan
 
 log = logging.getLogger(__name__)
@@ -48,13 +49,15 @@ def prune_causal_lm_width(
     round_to: int = 1,
     prune_hidden: bool = True,
     batch_size: int = 1,
+    reconstruct: bool = True,
 ) -> StructuralResult:
     """Remove ``ratio`` of the parameters (``target="params"``), MACs or channels of a causal LM's width:
     MLP width, attention heads (query heads with their key/value head) and, with ``prune_hidden``, the
     hidden size (embeddings and head included), the least important first by ``criterion`` measured on the
     ``(n, seqlen)`` ``calibration`` windows. The hidden size is kept a multiple of the number of heads
-    (transformers requires it). The returned model's config is updated (:func:`update_config`); ``model``
-    is not modified."""
+    (transformers requires it). With ``reconstruct``, every linear layer that lost inputs is then refitted by
+    least squares on the calibration windows (:mod:`~prunekit.structured.reconstruct`). The returned model's
+    config is updated (:func:`update_config`); ``model`` is not modified."""
     norms = collect_input_norms(model, _batches(calibration, batch_size)) if criterion == "activation" else None
     if criterion == "taylor":
         model.zero_grad(set_to_none=True)
@@ -90,6 +93,8 @@ def prune_causal_lm_width(
 
     plan = plan_to_target(graph, scores, ratio, target, make=make)
     pruned = apply_plan(model, plan, (example,), kwargs)
+    if reconstruct:
+        refit_pruned_linears(model, pruned, graph, plan, _batches(calibration, batch_size))
     update_config(pruned)
     return StructuralResult(pruned, plan, graph)
 

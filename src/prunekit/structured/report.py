@@ -5,6 +5,8 @@ and the width kept by every layer, as JSON, Markdown and a PNG (written by :func
 from __future__ import annotations
 
 import logging
+import statistics
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -53,22 +55,59 @@ def latency(
         return float(timer.blocked_autorange(min_run_time=min_run_time).median)
 
 
+def _seconds_per_call(model: nn.Module, inputs: Sequence[Any], kwargs: dict[str, Any], calls: int) -> float:
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        model(*inputs, **kwargs)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / calls
+
+
 def compare_latency(
     before: nn.Module,
     after: nn.Module,
     inputs: Sequence[Any],
     kwargs: dict[str, Any] | None = None,
     min_run_time: float = 1.0,
-    rounds: int = 2,
+    rounds: int = 15,
+    *,
+    threads: int | None = None,
 ) -> dict[str, float]:
-    """Latency of two models measured in alternation (``rounds`` each, best median kept), so that a
-    machine that speeds up or slows down during the measurement favours neither."""
-    times: dict[str, list[float]] = {"before": [], "after": []}
-    for _ in range(rounds):
-        times["before"].append(latency(before, inputs, kwargs, min_run_time=min_run_time))
-        times["after"].append(latency(after, inputs, kwargs, min_run_time=min_run_time))
-    best_before, best_after = min(times["before"]), min(times["after"])
-    return {"latency_before_s": best_before, "latency_after_s": best_after, "speedup": best_before / best_after}
+    """Latency of two models measured as adjacent pairs: ``rounds`` times, ``before`` then ``after`` for about
+    ``min_run_time / rounds`` seconds each (after three warm-up calls of each). The speed-up is the median of the
+    per-pair ratios, so a machine whose speed drifts during the measurement (shared cores, frequency changes)
+    favours neither model; the latencies are the medians of each model's rounds. CUDA is synchronised."""
+    call_kwargs = dict(kwargs or {})
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            for _ in range(3):
+                before(*inputs, **call_kwargs)
+                after(*inputs, **call_kwargs)
+            first = _seconds_per_call(before, inputs, call_kwargs, 1)
+            calls = max(1, round(min_run_time / max(rounds, 1) / max(first, 1e-9)))
+            pairs = [
+                (
+                    _seconds_per_call(before, inputs, call_kwargs, calls),
+                    _seconds_per_call(after, inputs, call_kwargs, calls),
+                )
+                for _ in range(rounds)
+            ]
+    finally:
+        torch.set_num_threads(previous)
+    return {
+        "latency_before_s": statistics.median(t for t, _ in pairs),
+        "latency_after_s": statistics.median(t for _, t in pairs),
+        "speedup": statistics.median(b / a for b, a in pairs),
+        "rounds": rounds,
+        "calls_per_round": calls,
+    }
 
 
 def layer_widths(original: nn.Module, pruned: nn.Module) -> list[dict[str, Any]]:

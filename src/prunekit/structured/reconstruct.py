@@ -1,0 +1,128 @@
+"""Least-squares reconstruction of the layers whose inputs lost channels: after structural pruning, each such
+``nn.Linear`` is refitted so that its output on the kept inputs is as close as possible to the dense layer's
+output on all of them, over calibration data.
+
+For a layer ``y = W x`` whose inputs ``S`` are kept, the refit solves ``min_W' sum_t ||W x_t - W' x_t[S]||^2``,
+whose normal equations give (Kwon et al. 2022, "A Fast Post-Training Pruning Framework for Transformers",
+Sec. 4.3, "mask tuning" by layer-wise reconstruction; the same least squares as OBS / SparseGPT's update for a
+whole removed column set)::
+
+    W' = W G[:, S] (G[S, S] + lambda I)^-1,      G = sum_t x_t x_t^T  (the input Gram matrix)
+
+``lambda`` is a small dampening (``damping`` x the mean of ``diag G[S, S]``), as in SparseGPT. The removed
+inputs' contribution is thereby folded into the kept ones wherever they are correlated: a removed input that is
+a linear combination of kept ones is reconstructed exactly. Slicing (``W[:, S]``) is a feasible point of the
+same problem, so the refit's error on the calibration data is never larger (up to the dampening).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.structured.graph import DependencyGraph
+from prunekit.structured.plan import StructuralPlan
+
+log = logging.getLogger(__name__)
+
+
+def least_squares_refit(
+    weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, damping: float = 0.01
+) -> torch.Tensor:
+    """``W G[:, S] (G[S, S] + lambda I)^-1`` for ``weight`` ``W`` ``(out, in)``, input Gram ``gram`` ``(in, in)``
+    and the kept input indices ``keep`` (``S``, a boolean mask or indices); ``lambda = damping x
+    mean(diag G[S, S])``. Computed in float64, returned in ``weight``'s dtype, shape ``(out, |S|)``."""
+    if keep.dtype == torch.bool:
+        keep = keep.nonzero().flatten()
+    w = weight.detach().double()
+    g = gram.detach().double().to(w.device)
+    g_ss = g[keep][:, keep]
+    dead = g_ss.diagonal() == 0  # inputs that never fire: any weight fits them; keep the sliced one
+    lam = damping * float(g_ss.diagonal().mean()) if g_ss.numel() else 0.0
+    g_ss = g_ss + torch.eye(len(keep), dtype=g.dtype, device=g.device) * max(lam, 1e-12)
+    rhs = w @ g[:, keep]  # (out, |S|)
+    refit = torch.linalg.solve(g_ss, rhs.T).T  # G_SS is symmetric: (rhs G_SS^-1)^T = G_SS^-1 rhs^T
+    refit[:, dead] = w[:, keep][:, dead]
+    return refit.to(weight.dtype)
+
+
+def input_grams(
+    model: nn.Module, batches: Iterable[tuple[tuple[Any, ...], dict[str, Any]]], names: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """``sum_t x_t x_t^T`` (float32) of the input of each ``nn.Linear`` named in ``names``, over every token of
+    ``batches`` (``(args, kwargs)`` pairs the model is called with). Memory: ``in_features^2`` floats each."""
+    grams: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def hook(name: str) -> Any:
+        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].detach()
+            flat = x.reshape(-1, x.shape[-1]).float()
+            product = flat.T @ flat
+            grams[name] = grams[name] + product if name in grams else product
+
+        return record
+
+    for name in names:
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook(name)))
+    try:
+        with torch.no_grad():
+            for args, kwargs in batches:
+                model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return grams
+
+
+def _shared_parameters(model: nn.Module) -> set[int]:
+    seen: dict[int, int] = {}
+    for _, parameter in model.named_parameters(remove_duplicate=False):
+        seen[id(parameter)] = seen.get(id(parameter), 0) + 1
+    return {key for key, count in seen.items() if count > 1}
+
+
+def linears_with_pruned_inputs(original: nn.Module, pruned: nn.Module) -> list[str]:
+    """Names of the ``nn.Linear`` layers of ``pruned`` that lost input features, except tied ones (a weight
+    shared with an embedding, such as a tied ``lm_head``, must stay what the embedding is)."""
+    shared = _shared_parameters(pruned)
+    names = []
+    for name, module in pruned.named_modules():
+        if not isinstance(module, nn.Linear) or id(module.weight) in shared:
+            continue
+        before = original.get_submodule(name)
+        if isinstance(before, nn.Linear) and module.in_features < before.in_features:
+            names.append(name)
+    return names
+
+
+def refit_pruned_linears(
+    original: nn.Module,
+    pruned: nn.Module,
+    graph: DependencyGraph,
+    plan: StructuralPlan,
+    batches: Sequence[tuple[tuple[Any, ...], dict[str, Any]]],
+    *,
+    damping: float = 0.01,
+) -> list[str]:
+    """Refit (:func:`least_squares_refit`) every ``nn.Linear`` of ``pruned`` whose inputs were cut by ``plan``,
+    with input Grams measured on ``original`` (the dense model) over ``batches``. ``pruned`` is changed in
+    place; the refitted layer names are returned."""
+    names = [n for n in linears_with_pruned_inputs(original, pruned) if f"{n}.weight" in graph.state_dims]
+    if not names:
+        return []
+    grams = input_grams(original, batches, names)
+    for name in names:
+        dense = original.get_submodule(name).weight
+        removed_rows, removed_cols = graph.removed_indices(f"{name}.weight", plan.removed)
+        rows = torch.from_numpy(~removed_rows).to(dense.device)
+        keep = torch.from_numpy(~removed_cols).to(dense.device)
+        layer = pruned.get_submodule(name)
+        with torch.no_grad():
+            layer.weight.copy_(least_squares_refit(dense[rows], grams.pop(name), keep, damping).to(layer.weight))
+    log.info("structured: refitted %d layers whose inputs were pruned (least squares on calibration data)", len(names))
+    return names
