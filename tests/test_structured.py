@@ -607,7 +607,7 @@ def test_llm_width_pruning_saves_a_checkpoint_plain_transformers_loads(tmp_path)
 
     model = tiny_llama()
     calibration = torch.randint(0, 64, (4, 16))
-    result = prune_causal_lm_width(model, calibration, 0.5, target="channels")
+    result = prune_causal_lm_width(model, calibration, 0.5, target="channels", prune_hidden=True)
     config = result.model.config
     assert (config.hidden_size, config.intermediate_size) == (16, 24)
     assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (2, 1, 8)
@@ -623,7 +623,7 @@ def test_llm_hidden_size_stays_a_multiple_of_the_heads():
     from prunekit.structured.llm import prune_causal_lm_width
 
     model = tiny_llama()
-    result = prune_causal_lm_width(model, torch.randint(0, 64, (2, 16)), 0.3, target="channels")
+    result = prune_causal_lm_width(model, torch.randint(0, 64, (2, 16)), 0.3, target="channels", prune_hidden=True)
     config = result.model.config
     assert config.hidden_size % config.num_attention_heads == 0 and config.hidden_size < 32
 

@@ -3,7 +3,7 @@
 Two kinds of model:
 
 - a causal LM (a Hugging Face directory, ``.gguf``, hub id or the bundled SmolLM2): width (``--mode width``:
-  hidden size, MLP width, heads) or depth (``--mode depth``: whole layers), calibrated on text windows, saved
+  MLP width and heads, refitted by least squares; the hidden size too with ``--prune-hidden``) or depth (``--mode depth``: whole layers), calibrated on text windows, saved
   with ``save_pretrained`` (plain ``transformers`` loads it) and its tokenizer;
 - a torchvision classifier by name (``--torchvision resnet50``): saved with :func:`save_pruned` (rebuild it
   with :func:`load_pruned` from ``torchvision.models.get_model(name)``), optionally exported to ONNX.
@@ -63,6 +63,8 @@ class StructuredJob:
     ppl_windows: int | None = 40
     ppl_seqlen: int = 2048
     round_to: int = 1
+    prune_hidden: bool = False
+    reconstruct: bool = True
     onnx: bool = False
     overwrite: bool = False
     dtype: str = "auto"
@@ -132,7 +134,14 @@ def _llm_job(job: StructuredJob) -> dict[str, Any]:
         ppl["before"] = perplexity(model, tokenizer, job.ppl, job.ppl_seqlen, job.ppl_windows).perplexity
     if job.mode == "width":
         result = prune_causal_lm_width(
-            model, calib, job.ratio, target=job.target, criterion=job.criterion or "activation", round_to=job.round_to
+            model,
+            calib,
+            job.ratio,
+            target=job.target,
+            criterion=job.criterion or "activation",
+            round_to=job.round_to,
+            prune_hidden=job.prune_hidden,
+            reconstruct=job.reconstruct,
         )
         report = structural_report(model, result, (example,), {"use_cache": False})
         pruned = result.model
