@@ -2,8 +2,10 @@
 
 Three pruned models, each made in its own process:
 
-- ``prunekit-width``: hidden size, MLP width and attention heads (whole KV groups), L2 magnitude weighted by
-  calibration activations (``criterion="activation"``), 25% of the parameters;
+- ``prunekit-width``: MLP width and attention heads (whole KV groups), L2 magnitude weighted by calibration
+  activations (``criterion="activation"``), 25% of the parameters, the layers that lost inputs (``down_proj``,
+  ``o_proj``) refitted by least squares on the calibration windows (the defaults);
+- ``prunekit-width_hidden``: the same with the hidden size pruned too (``prune_hidden=True``);
 - ``prunekit-depth``: whole decoder layers of lowest Block Influence (ShortGPT) until >= 25% of parameters;
 - ``torch-pruning``: Torch-Pruning 1.6.1 following its own LLM example (``examples/LLMs/prune_llm.py``:
   MetaPruner, GroupMagnitudeImportance(p=2) (1.6.1 name of the example's GroupNormImportance), heads pruned, head dims kept, ``lm_head`` ignored, round_to 4), its
@@ -45,9 +47,18 @@ def child_prunekit(kind: str, source: Path, out: Path, ratio: float, nsamples: i
     calib = prunekit.calibration_windows(loaded.tokenizer, DATA / "wikitext2_valid.txt", nsamples, seqlen, seed=0)
     before = sum(p.numel() for p in model.parameters())
     start = time.perf_counter()
-    if kind == "width":
-        pruned = prune_causal_lm_width(model, calib, ratio, target="params").model
-        extra: dict = {}
+    if kind in ("width", "width_hidden"):
+        hidden = kind == "width_hidden"
+        result = prune_causal_lm_width(model, calib, ratio, target="params", prune_hidden=hidden)
+        pruned = result.model
+        c = pruned.config
+        extra: dict = {
+            "prune_hidden": hidden,
+            "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size,
+            "num_attention_heads": c.num_attention_heads,
+            "num_key_value_heads": c.num_key_value_heads,
+        }
     else:
         pruned, removed = prune_causal_lm_depth(model, calib, ratio)
         extra = {"removed_layers": removed}
@@ -175,6 +186,9 @@ def measure(models: dict, tokenizer, ppl_windows: int, repeats: int) -> dict[str
     for name in models:
         if name != "dense" and "dense" in out:
             out[name]["decode_gain"] = out[name]["decode_tok_s"] / out["dense"]["decode_tok_s"]
+            # the same rounds' dense and pruned runs are adjacent in time: their ratio cancels the machine's drift
+            paired = sorted(p / d for p, d in zip(timings[name], timings["dense"], strict=True))
+            out[name]["decode_gain_paired"] = paired[len(paired) // 2]
     return out
 
 
@@ -192,7 +206,9 @@ def evaluate(dense_dir: Path, runs: dict[str, dict], ppl_windows: int, repeats: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--child", choices=["prunekit-width", "prunekit-depth", "torch-pruning"])
+    parser.add_argument(
+        "--child", choices=["prunekit-width", "prunekit-width_hidden", "prunekit-depth", "torch-pruning"]
+    )
     parser.add_argument("--source", type=Path)
     parser.add_argument("--dir", type=Path)
     parser.add_argument("--peer-python")
@@ -208,7 +224,7 @@ def main() -> None:
         if args.child == "torch-pruning":
             result = child_torch_pruning(args.source, args.ratio, args.ppl_windows, args.repeats)
         else:
-            kind = args.child.split("-")[1]
+            kind = args.child.split("-", 1)[1]
             result = child_prunekit(kind, args.source, args.dir, args.ratio, args.nsamples, args.seqlen)
         print("RESULT " + json.dumps(result), flush=True)
         return
@@ -220,7 +236,7 @@ def main() -> None:
         shutil.rmtree(args.work)
     args.work.mkdir(parents=True)
     runs: dict[str, dict] = {}
-    jobs = [("prunekit-width", sys.executable), ("prunekit-depth", sys.executable)]
+    jobs = [(f"prunekit-{kind}", sys.executable) for kind in ("width", "width_hidden", "depth")]
     if args.peer_python:
         jobs.append(("torch-pruning", args.peer_python))
     for name, python in jobs:

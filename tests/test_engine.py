@@ -209,3 +209,16 @@ def test_layers_fed_the_same_tensor_share_one_pooled_state():
     assert [collected.count(m) for m in (block.a, block.b, block.c, block.d)] == [3, 3, 0, 3]
     assert finalized[block.c] is finalized[block.b]
     assert finalized[block.d] is not finalized[block.b]
+
+
+@pytest.mark.parametrize("propagation", ["sequential", "block"])
+def test_pruning_leaves_the_callers_grad_mode_as_it_was(propagation, calibration):
+    # every batch runs in its own greenlet and grad mode is one per thread: jobs parked inside their own
+    # ``no_grad`` blocks used to restore each other's saved modes out of order and leave autograd off
+    assert torch.is_grad_enabled()
+    config = prunekit.PruneConfig(method="wanda", sparsity=0.5, propagation=propagation, batch_size=2)
+    prunekit.prune(tiny_model("llama"), config, calibration, progress=False)
+    assert torch.is_grad_enabled()
+    with torch.no_grad():
+        prunekit.prune(tiny_model("llama"), config, calibration, progress=False)
+        assert not torch.is_grad_enabled()

@@ -243,10 +243,9 @@ def run_sequential(
                 assert x is not None
                 if release:  # the block's own frames keep what they need: no second copy while it runs
                     hidden[b] = None
-                with torch.no_grad():
-                    out = block(
-                        _to_device(x, device), *_to_device(call.args, device), **_to_device(call.kwargs, device)
-                    )
+                # no ``with torch.no_grad()`` here: grad mode is per thread, and jobs parked inside such a block
+                # would restore each other's saved modes out of order; the runner runs them all under no_grad
+                out = block(_to_device(x, device), *_to_device(call.args, device), **_to_device(call.kwargs, device))
                 del x
                 result = hidden_from_output(out)
                 return result.to("cpu") if offload_activations else result
@@ -254,7 +253,8 @@ def run_sequential(
             return job
 
         two_passes = propagation == "block"
-        outputs = runner.run([make_job(b, release=not two_passes) for b in range(n_batches)])
+        with torch.no_grad():
+            outputs = runner.run([make_job(b, release=not two_passes) for b in range(n_batches)])
         if two_passes:  # second pass: outputs of the pruned block
             outputs = [make_job(b, release=True)() for b in range(n_batches)]
         hidden = list(outputs)

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 import greenlet
+import torch
 from torch import nn
 
 T = TypeVar("T")
@@ -75,6 +76,10 @@ class LockstepRunner(Generic[T]):
         runnable: deque[int] = deque(range(len(jobs)))
 
         handles = [m.register_forward_pre_hook(self._pre_hook, with_kwargs=True) for m in self._layers]
+        # Grad mode is thread state that every greenlet shares: a job parked inside ``with torch.no_grad()``
+        # while another enters and leaves its own would have the two restore their saved modes out of order,
+        # so the caller's mode is restored here whatever the jobs do.
+        grad_mode = torch.is_grad_enabled()
         try:
             while runnable or self._waiting:
                 if not runnable:
@@ -91,6 +96,7 @@ class LockstepRunner(Generic[T]):
                     let.throw(greenlet.GreenletExit)
             raise
         finally:
+            torch.set_grad_enabled(grad_mode)
             self._current = None
             for handle in handles:
                 handle.remove()

@@ -29,7 +29,7 @@ Criteria:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -224,26 +224,27 @@ def _finish(criterion: Criterion, value: float) -> float:
     return float(value)
 
 
-def collect_input_norms(
-    model: nn.Module, batches: Iterable[tuple[tuple[Any, ...], dict[str, Any]]]
+def accumulate_linear_inputs(
+    model: nn.Module,
+    batches: Iterable[tuple[tuple[Any, ...], dict[str, Any]]],
+    names: Sequence[str],
+    statistic: Callable[[torch.Tensor], torch.Tensor],
 ) -> dict[str, torch.Tensor]:
-    """``||X_j||^2`` per input column of every ``nn.Linear``, summed over all tokens of ``batches``
-    (``(args, kwargs)`` pairs the model is called with), keyed by the weight's parameter name."""
+    """Run ``model`` on ``batches`` (``(args, kwargs)`` pairs) and sum ``statistic(x)`` over them, where ``x`` is
+    the ``(tokens, in_features)`` input of each module named in ``names``; keyed by module name."""
     sums: dict[str, torch.Tensor] = {}
     handles = []
 
     def hook(name: str) -> Any:
         def record(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0].detach()
-            flat = x.reshape(-1, x.shape[-1]).double()
-            total = flat.square().sum(0)
-            sums[name] = sums[name] + total if name in sums else total
+            value = statistic(x.reshape(-1, x.shape[-1]))
+            sums[name] = sums[name] + value if name in sums else value
 
         return record
 
-    for module_name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            handles.append(module.register_forward_pre_hook(hook(f"{module_name}.weight" if module_name else "weight")))
+    for name in names:
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook(name)))
     try:
         with torch.no_grad():
             for args, kwargs in batches:
@@ -251,7 +252,17 @@ def collect_input_norms(
     finally:
         for handle in handles:
             handle.remove()
-    return {name: total.float() for name, total in sums.items()}
+    return sums
+
+
+def collect_input_norms(
+    model: nn.Module, batches: Iterable[tuple[tuple[Any, ...], dict[str, Any]]]
+) -> dict[str, torch.Tensor]:
+    """``||X_j||^2`` per input column of every ``nn.Linear``, summed over all tokens of ``batches``
+    (``(args, kwargs)`` pairs the model is called with), keyed by the weight's parameter name."""
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    sums = accumulate_linear_inputs(model, batches, names, lambda x: x.double().square().sum(0))
+    return {f"{name}.weight" if name else "weight": total.float() for name, total in sums.items()}
 
 
 def importance_from_mapping(scores: Mapping[int, float], graph: DependencyGraph) -> dict[int, float]:

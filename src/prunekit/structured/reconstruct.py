@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from prunekit.structured.graph import DependencyGraph
+from prunekit.structured.importance import accumulate_linear_inputs
 from prunekit.structured.plan import StructuralPlan
 
 log = logging.getLogger(__name__)
@@ -55,28 +56,12 @@ def input_grams(
 ) -> dict[str, torch.Tensor]:
     """``sum_t x_t x_t^T`` (float32) of the input of each ``nn.Linear`` named in ``names``, over every token of
     ``batches`` (``(args, kwargs)`` pairs the model is called with). Memory: ``in_features^2`` floats each."""
-    grams: dict[str, torch.Tensor] = {}
-    handles = []
 
-    def hook(name: str) -> Any:
-        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0].detach()
-            flat = x.reshape(-1, x.shape[-1]).float()
-            product = flat.T @ flat
-            grams[name] = grams[name] + product if name in grams else product
+    def gram(x: torch.Tensor) -> torch.Tensor:
+        flat = x.float()
+        return flat.T @ flat
 
-        return record
-
-    for name in names:
-        handles.append(model.get_submodule(name).register_forward_pre_hook(hook(name)))
-    try:
-        with torch.no_grad():
-            for args, kwargs in batches:
-                model(*args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return grams
+    return accumulate_linear_inputs(model, batches, names, gram)
 
 
 def _shared_parameters(model: nn.Module) -> set[int]:
