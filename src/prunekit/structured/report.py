@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
-from torch.utils import benchmark
 
 from prunekit.measure import versions
 from prunekit.report import pyplot
@@ -30,29 +29,6 @@ def size_on_disk(model: nn.Module) -> int:
     for name, tensor in model.state_dict(keep_vars=False).items():
         unique.setdefault(tensor.data_ptr() if tensor.numel() else id(tensor), (name, tensor))
     return len(safetensors_bytes({name: t.detach().cpu().contiguous() for name, t in unique.values()}))
-
-
-def latency(
-    model: nn.Module,
-    inputs: Sequence[Any],
-    kwargs: dict[str, Any] | None = None,
-    *,
-    threads: int | None = None,
-    min_run_time: float = 1.0,
-) -> float:
-    """Median seconds of one forward pass (``torch.utils.benchmark``, after three warm-up passes; CUDA
-    synchronised)."""
-    threads = threads or torch.get_num_threads()
-    call_kwargs = dict(kwargs or {})
-    with torch.no_grad():
-        for _ in range(3):
-            model(*inputs, **call_kwargs)
-        timer = benchmark.Timer(
-            "model(*inputs, **kwargs)",
-            globals={"model": model, "inputs": inputs, "kwargs": call_kwargs},
-            num_threads=threads,
-        )
-        return float(timer.blocked_autorange(min_run_time=min_run_time).median)
 
 
 def _seconds_per_call(model: nn.Module, inputs: Sequence[Any], kwargs: dict[str, Any], calls: int) -> float:
