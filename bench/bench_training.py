@@ -414,7 +414,9 @@ class Bench:
 
         a = self.args
         n = min(a.ddp_subset, a.n_train)
-        data = (self.train_set[0][:n].clone(), self.train_set[1][:n].clone())
+        # a seeded random subset: the folder order is by class, so the first n examples would all be airplanes
+        index = torch.randperm(self.train_set[1].shape[0], generator=torch.Generator().manual_seed(3))[:n].sort().values
+        data = (self.train_set[0][index].clone(), self.train_set[1][index].clone())
         with tempfile.TemporaryDirectory(prefix="prunekit-ddp-") as folder:
             started = time.perf_counter()
             mp.spawn(_ddp_rank, args=(folder, data, a.ddp_steps, a.ddp_batch, a.seed), nprocs=2, join=True)
