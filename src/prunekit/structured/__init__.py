@@ -2,13 +2,13 @@
 
     result = prune_structurally(model, (example,), ratio=0.5)     # all of the below, with retries
 
-or step by step:
+or step by step::
 
-graph = build_dependency_graph(model, (example,))
-scores = unit_importance(graph, model, "l2")
-plan = plan_pruning(graph, scores, ratio=0.5, round_to=8)
-print(plan.describe())
-pruned = apply_plan(model, plan, (example,))
+    graph = build_dependency_graph(model, (example,))
+    scores = unit_importance(graph, model, "l2")
+    plan = plan_pruning(graph, scores, ratio=0.5, round_to=8)
+    logging.getLogger(__name__).info(plan.describe())   # what will be cut, space by space
+    pruned = apply_plan(model, plan, (example,))
 """
 
 from prunekit.structured.graph import DependencyGraph, Space, build_dependency_graph
