@@ -578,6 +578,55 @@ def test_a_cost_target_is_reached_with_the_least_channel_ratio(target):
     assert kept > 0.5 - 0.15
 
 
+def test_fill_to_budget_gives_back_the_most_important_units_the_budget_allows():
+    from prunekit.structured.plan import fill_to_budget
+
+    model = ResNetBlock().eval()
+    graph = build_dependency_graph(model, (torch.randn(1, 3, 8, 8),))
+    a, b = sorted(graph.spaces, key=lambda s: s.size)  # 16 stream channels, 32 inner channels
+    # importance: in each space unit i scores i + 1 (mean 8.5 in a, 16.5 in b); candidates are ranked by
+    # importance over their space's mean
+    importance = {u: float(i + 1) for s in (a, b) for i, u in enumerate(s.units)}
+    within = plan_removing(graph, set(a.units[:8]) | set(b.units[:16]))  # keeps 8 of a, 16 of b
+    over = plan_removing(graph, set(a.units[:4]) | set(b.units[:12]))  # keeps 12 of a, 20 of b
+
+    def cost(plan):  # a hand-made cost: 10 per unit of a, 1 per unit of b
+        kept = {p.space.index: len(p.keep) for p in plan.spaces}
+        return 10 * kept[a.index] + kept[b.index]
+
+    filled = fill_to_budget(within, over, importance, cost, budget=10 * 9 + 18)
+    # from cost 96: b's unit 15 (16 / 16.5 = 0.97) comes back (97), then a's unit 7 (8 / 8.5 = 0.94, ahead of
+    # b's unit 14 at 15 / 16.5 = 0.91; 107), then b's unit 14 (108); then b's 13 (109) and a's 6 (118) do not fit
+    kept = {p.space.index: p.keep for p in filled.spaces}
+    assert kept[a.index] == a.units[7:] and kept[b.index] == b.units[14:]
+    assert cost(filled) == 108 and filled.removed == set(a.units[:7]) | set(b.units[:14])
+    # never past what ``over`` keeps, whatever the budget
+    generous = fill_to_budget(within, over, importance, cost, budget=10**6)
+    assert {p.space.index: len(p.keep) for p in generous.spaces} == {a.index: 12, b.index: 20}
+
+
+@pytest.mark.parametrize(
+    ("make", "shape", "round_to"),
+    [(lambda: TinyViT(mha=True), (1, 3, 8, 8), 1), (MobileBlock, (1, 3, 4, 4), 4), (ResNetBlock, (1, 3, 8, 8), 4)],
+)
+def test_a_mac_target_is_met_closely_despite_coarse_units(make, shape, round_to):
+    """A ViT stream is made of whole heads (4 here): one shared channel ratio jumps from 3 heads to 2 and
+    removes 66% of the MACs for a 50% target; keeping 3 heads and pruning the MLP further lands near 50%."""
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(shape)
+
+    def macs(m):  # with autograd on, so that nn.MultiheadAttention's fused path is not taken (and is counted)
+        counter = FlopCounterMode(display=False)
+        with counter, torch.enable_grad():
+            m(x)
+        return counter.get_total_flops() // 2
+
+    result = prune_structurally(model, (x,), 0.5, target="macs", round_to=round_to)
+    kept = macs(result.model) / macs(model)
+    assert 0.45 < kept <= 0.5
+
+
 def test_structural_report(tmp_path):
     from prunekit.report import write_report
     from prunekit.structured.report import plot_widths, render_markdown, size_on_disk, structural_report

@@ -14,7 +14,7 @@ Two policies:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -110,9 +110,7 @@ def plan_pruning(
         prunable = [s for s in graph.spaces if _prunable(s, kinds)]
         total = sum(s.size for s in prunable)
         to_remove = round(total * ratio)
-        floors = {
-            s.index: kept_count(s.size, 1.0 - min_keep_ratio, _rounding(s, round_to)) for s in prunable
-        }
+        floors = {s.index: kept_count(s.size, 1.0 - min_keep_ratio, _rounding(s, round_to)) for s in prunable}
         ranked = sorted(
             (importance[u] / (_space_scale(s, importance) or 1.0), s.index, u) for s in prunable for u in s.units
         )
@@ -169,3 +167,56 @@ def plan_removing(graph: DependencyGraph, units: set[int] | list[int]) -> Struct
         SpacePlan(s, [u for u in s.units if u not in chosen], [u for u in s.units if u in chosen]) for s in graph.spaces
     ]
     return StructuralPlan(graph, plans, chosen)
+
+
+def fill_to_budget(
+    within: StructuralPlan,
+    over: StructuralPlan,
+    importance: Mapping[int, float],
+    cost: Callable[[StructuralPlan], float],
+    budget: float,
+    *,
+    round_to: int = 1,
+) -> StructuralPlan:
+    """Give back units to ``within`` (a plan whose ``cost`` is at most ``budget``) while the cost stays within
+    it: a unit may come back only if ``over`` (a plan that removes less, over the budget) keeps it.
+
+    A bisection over one channel ratio moves every space at once, so where units are coarse (heads, channels
+    rounded to ``round_to``) the plan it finds removes more than asked. This greedy step closes that gap:
+    each space's next ``round_to`` units (its most important removed ones) are candidates, tried in order of
+    importance normalised by the space's mean (as in the ``global`` policy), and kept when the cost allows.
+    """
+    ceilings = {p.space.index: len(p.keep) for p in over.spaces}
+    plans = {p.space.index: p for p in within.spaces}
+    order = [p.space.index for p in within.spaces]
+
+    def current() -> StructuralPlan:
+        spaces = [plans[i] for i in order]
+        return StructuralPlan(within.graph, spaces, {u for p in spaces for u in p.removed})
+
+    def candidate(index: int) -> tuple[float, SpacePlan] | None:
+        plan = plans[index]
+        room = ceilings.get(index, len(plan.keep)) - len(plan.keep)
+        if room <= 0:
+            return None
+        grown = keep_best(plan.space, importance, len(plan.keep) + min(room, _rounding(plan.space, round_to)))
+        back = [u for u in grown.keep if u not in plan.keep]
+        scale = _space_scale(plan.space, importance) or 1.0
+        return float(np.mean([importance.get(u, 0.0) for u in back])) / scale, grown
+
+    best = within
+    changed = True
+    while changed:
+        changed = False
+        ranked = sorted(
+            ((c[0], i, c[1]) for i in order if (c := candidate(i)) is not None), key=lambda t: (-t[0], t[1])
+        )
+        for _, index, grown in ranked:
+            previous = plans[index]
+            plans[index] = grown
+            trial = current()
+            if cost(trial) <= budget:
+                best, changed = trial, True
+                break
+            plans[index] = previous
+    return best

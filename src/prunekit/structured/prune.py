@@ -23,7 +23,7 @@ from prunekit.errors import StructuralPruningError
 from prunekit.structured.cost import original_size, planned_macs, planned_parameters
 from prunekit.structured.graph import DependencyGraph, build_dependency_graph
 from prunekit.structured.importance import Aggregation, Criterion, Normalization, unit_importance
-from prunekit.structured.plan import DEFAULT_KINDS, Policy, StructuralPlan, plan_pruning
+from prunekit.structured.plan import DEFAULT_KINDS, Policy, StructuralPlan, fill_to_budget, plan_pruning
 from prunekit.structured.surgery import apply_plan
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,8 @@ def prune_structurally(
 
     With ``target="params"`` or ``"macs"``, ``ratio`` is the fraction of parameters or multiply-accumulates
     to remove instead: the channel ratio that reaches it (or the least over it) is found by bisection on
-    the planned cost (:mod:`~prunekit.structured.cost`).
+    the planned cost (:mod:`~prunekit.structured.cost`), then units are given back where the cost allows
+    (:func:`~prunekit.structured.plan.fill_to_budget`), so coarse units do not overshoot the target.
 
     ``ignored`` lists modules (or parameter names) to keep whole. ``input_norms`` feeds the ``activation``
     criterion (:func:`~prunekit.structured.importance.collect_input_norms`), ``output_spread`` the
@@ -129,9 +130,14 @@ def plan_to_target(
     make: Callable[[float], StructuralPlan] | None = None,
     **options: Any,
 ) -> StructuralPlan:
-    """The plan removing ``ratio`` of the channels, or the smallest channel ratio whose plan removes at least
-    ``ratio`` of the parameters or MACs. ``make(channel_ratio)`` builds a plan (default: :func:`plan_pruning`
-    with ``options``)."""
+    """The plan removing ``ratio`` of the channels, or the plan of the smallest channel ratio that removes at
+    least ``ratio`` of the parameters or MACs. ``make(channel_ratio)`` builds a plan (default:
+    :func:`plan_pruning` with ``options``).
+
+    With the default ``make``, the cost target is then approached from below: spaces whose units are too
+    coarse for one shared ratio (a ViT's stream, made of whole heads) are kept one step wider while the
+    others are pruned further, and units are given back where the cost allows
+    (:func:`~prunekit.structured.plan.fill_to_budget`); of these plans, the one removing least wins."""
     build = make or (lambda r: plan_pruning(graph, scores, r, **options))
     if target == "channels":
         return build(ratio)
@@ -143,7 +149,7 @@ def plan_to_target(
     base = original_size(build(0.0))[0 if target == "params" else 1]
     goal = base * (1.0 - ratio)
     low, high = 0.0, 0.99
-    best = build(high)
+    best, over = build(high), build(low)
     if cost(best) > goal:
         log.warning(
             "structured: even a %.2f channel ratio keeps more than %.0f%% of the %s", high, 100 * (1 - ratio), target
@@ -155,9 +161,68 @@ def plan_to_target(
         if cost(plan) <= goal:
             high, best = middle, plan
         else:
-            low = middle
-    log.info("structured: channel ratio %.4f removes %.1f%% of the %s", high, 100 * (1 - cost(best) / base), target)
+            low, over = middle, plan
+    if make is None:  # a custom ``make`` may tie spaces together, which changing one space at a time breaks
+        step = options.get("round_to", 1)
+        candidates = [fill_to_budget(best, over, scores, cost, goal, round_to=step)]
+        pinned = _coarse_spaces(over, best, cost)
+        if pinned and options.get("policy", "uniform") == "uniform":
+            within, wider = _bisect_with_pinned(graph, scores, pinned, cost, goal, high, options)
+            if within is not None:
+                candidates.append(fill_to_budget(within, wider, scores, cost, goal, round_to=step))
+        best = max(candidates, key=cost)  # every candidate is within the goal: the closest to it wins
+    log.info("structured: the plan removes %.1f%% of the %s", 100 * (1 - cost(best) / base), target)
     return best
+
+
+def _coarse_spaces(
+    over: StructuralPlan, within: StructuralPlan, cost: Callable[[StructuralPlan], int]
+) -> dict[int, float]:
+    """Spaces whose last step of the bisection alone accounts for more than half of the cost jump between
+    ``over`` and ``within`` (few, big units: the heads that make up a ViT's stream), with the ratio that keeps
+    them as ``over`` does."""
+    base = cost(within)
+    jump = cost(over) - base
+    pinned: dict[int, float] = {}
+    for wider, narrower in zip(over.spaces, within.spaces, strict=True):
+        if len(wider.keep) <= len(narrower.keep):
+            continue
+        spaces = [wider if p is narrower else p for p in within.spaces]
+        trial = StructuralPlan(within.graph, spaces, {u for p in spaces for u in p.removed})
+        if cost(trial) - base > jump / 2:
+            pinned[wider.space.index] = 1.0 - len(wider.keep) / wider.space.size
+    return pinned
+
+
+def _bisect_with_pinned(
+    graph: DependencyGraph,
+    scores: dict[int, float],
+    pinned: dict[int, float],
+    cost: Callable[[StructuralPlan], int],
+    goal: float,
+    start: float,
+    options: dict[str, Any],
+) -> tuple[StructuralPlan | None, StructuralPlan]:
+    """With the ``pinned`` spaces kept at their wider size, the plan at the smallest ratio (from ``start`` up)
+    of the other spaces that reaches ``goal`` (``None`` if none does), and the plan just over it."""
+
+    def build(ratio: float) -> StructuralPlan:
+        return plan_pruning(graph, scores, ratio, space_ratios=pinned, **options)
+
+    low, high = start, 0.99
+    candidate = build(high)
+    if cost(candidate) > goal:
+        return None, candidate
+    wider = build(low)
+    for _ in range(SEARCH_STEPS):
+        middle = (low + high) / 2
+        plan = build(middle)
+        if cost(plan) <= goal:
+            high, candidate = middle, plan
+        else:
+            low, wider = middle, plan
+    log.info("structured: %d coarse spaces kept wider, the others at channel ratio %.4f", len(pinned), high)
+    return candidate, wider
 
 
 def _same_class(model: nn.Module, name: str) -> list[str]:
