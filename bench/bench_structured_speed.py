@@ -6,9 +6,11 @@ the same MAC reduction; it has no MAC target), each tool in its own process and 
 torchvision), with channel counts rounded to multiples of each ``--round-to`` value (both tools alike). CPU
 latency at batch 1 and 32, threads fixed, dense and pruned in the same process, both in ``--memory-format``
 (channels_last by default: PyTorch's fast CPU layout for convolutions; the same for the dense model, the
-pruned one and both tools), measured by ``prunekit.structured.report.compare_latency``: adjacent
-dense/pruned pairs (15 at batch 1, 7 at batch 32), the speed-up being the median of the per-pair ratios, so
-a machine whose speed drifts favours neither model. The figure of merit is ``speed-up / MACs reduction`` =
+pruned one and both tools), with batch norms folded into their convolutions under ``--fold-bn`` (both
+models, both tools: :func:`prunekit.structured.deploy.fold_batch_norms`, as any deployment runtime does),
+measured by ``prunekit.structured.report.compare_latency``: adjacent dense/pruned pairs (15 at batch 1, 7 at
+batch 32), the speed-up being the median of the per-pair ratios, so a machine whose speed drifts favours
+neither model. The figure of merit is ``speed-up / MACs reduction`` =
 ``(t_dense / t_pruned) / (MACs_dense / MACs_pruned)``: 1.0 means every MAC removed is time saved.
 
     bash bench/setup_structured.sh
@@ -39,6 +41,7 @@ def child(
     min_time: float,
     round_to: int,
     memory_format: str,
+    fold_bn: bool = False,
 ) -> dict:
     import torch
     import torchvision
@@ -111,6 +114,10 @@ def child(
         setting = {"pruning_ratio": high, "round_to": round_to}
     pruned_macs = macs(pruned)
     pruned.eval()
+    if fold_bn:  # the same inference preparation for both models (and both tools)
+        from prunekit.structured.deploy import fold_batch_norms
+
+        model, pruned = fold_batch_norms(model), fold_batch_norms(pruned)
     layout = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
     model, pruned = model.to(memory_format=layout), pruned.to(memory_format=layout)
     rows = []
@@ -156,12 +163,23 @@ def main() -> None:
     parser.add_argument(
         "--memory-format", choices=["channels_last", "contiguous"], default="channels_last", help="dense and pruned"
     )
+    parser.add_argument(
+        "--fold-bn", action="store_true", help="fold batch norms into their convs, dense and pruned alike"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.child:
         tool, name, round_to = args.child[0], args.child[1], args.round_to[0]
         out = child(
-            tool, name, args.macs_ratio, args.batches, args.threads, args.min_time, round_to, args.memory_format
+            tool,
+            name,
+            args.macs_ratio,
+            args.batches,
+            args.threads,
+            args.min_time,
+            round_to,
+            args.memory_format,
+            args.fold_bn,
         )
         print("RESULT " + json.dumps(out), flush=True)
         return
@@ -180,6 +198,7 @@ def main() -> None:
                     *("--macs-ratio", str(args.macs_ratio), "--threads", str(args.threads)),
                     *("--min-time", str(args.min_time), "--round-to", str(round_to)),
                     *("--memory-format", args.memory_format, "--batches", *map(str, args.batches)),
+                    *(["--fold-bn"] if args.fold_bn else []),
                 ]
                 proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
                 lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -197,7 +216,12 @@ def main() -> None:
                         )
                 results.setdefault(name, {}).setdefault(f"round_to={round_to}", {})[tool] = result
                 args.out.parent.mkdir(parents=True, exist_ok=True)
-                summary = {"threads": args.threads, "memory_format": args.memory_format, "results": results}
+                summary = {
+                    "threads": args.threads,
+                    "memory_format": args.memory_format,
+                    "fold_bn": args.fold_bn,
+                    "results": results,
+                }
                 args.out.write_text(json.dumps(summary, indent=1))
 
 
