@@ -11,6 +11,7 @@ or step by step::
     pruned = apply_plan(model, plan, (example,))
 """
 
+from prunekit.structured.deploy import fold_batch_norms
 from prunekit.structured.graph import DependencyGraph, Space, build_dependency_graph
 from prunekit.structured.importance import unit_importance
 from prunekit.structured.plan import StructuralPlan, kept_count, plan_pruning, plan_removing
@@ -25,6 +26,7 @@ __all__ = [
     "StructuralResult",
     "apply_plan",
     "build_dependency_graph",
+    "fold_batch_norms",
     "kept_count",
     "load_pruned",
     "plan_pruning",
