@@ -40,14 +40,10 @@ from prunekit.training.schedules import (
     is_update_step,
     sparsity_at,
 )
-from prunekit.training.sparsifier import (
-    LayerSparsity,
-    Sparsifier,
-    SparsifierConfig,
-    SparsityReport,
-    TargetSelectionError,
-    select_parameters,
-)
+from prunekit.training.selection import TargetSelectionError, select_parameters
+from prunekit.training.sparse_config import SparsifierConfig
+from prunekit.training.sparsifier import Sparsifier
+from prunekit.training.sparsity_report import LayerSparsity, SparsityReport
 
 __all__ = [
     "CubicSchedule",

@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from prunekit.errors import ConfigError
-from prunekit.patterns import count_to_prune, drop_lowest_k
+from prunekit.patterns import NM, count_to_prune, drop_lowest_k, nm_mask
+
+if TYPE_CHECKING:
+    from prunekit.training.sparse_config import SparsifierConfig
 
 
 def _check_fraction(name: str, value: float, *, upper_open: bool) -> None:
@@ -195,3 +199,33 @@ def channel_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     norms = norms.masked_fill(~finite.any(1), -math.inf)
     rows = drop_lowest_k(norms.unsqueeze(0), count_to_prune(sparsity, scores.shape[0])).squeeze(0)
     return rows.unsqueeze(1).expand_as(scores).clone()
+
+
+def decide_masks(
+    scores: Mapping[str, torch.Tensor],
+    shapes: Mapping[str, tuple[int, ...]],
+    sparsity: float,
+    config: SparsifierConfig,
+) -> dict[str, torch.Tensor]:
+    """Keep-masks for a global target ``sparsity`` from ``(out, in·k·k)`` score matrices (``-inf`` = already pruned).
+
+    Unstructured: per-layer counts by ``uniform``/``erk`` (:func:`~prunekit.training.distributions.layer_keep_counts`)
+    then each layer's largest scores, or Global MP with the ``min_density`` floor. N:M: ``nm_mask`` with the gradual
+    ``N' = nm_n_at(sparsity)``. Channel: rows by L2 norm, per-layer sparsity from ``uniform``/``erk``.
+    ``shapes`` are the parameters' own shapes (ERK counts kernel dimensions).
+    """
+    granularity = config.granularity
+    if isinstance(granularity, NM):
+        n = nm_n_at(sparsity, granularity.n, granularity.m)
+        return {name: nm_mask(s, n, granularity.m) for name, s in scores.items()}
+    if granularity == "channel":
+        if config.distribution == "erk":
+            densities = erk_densities(shapes, 1.0 - sparsity, config.erk_power_scale)
+            layer_sparsity = {name: 1.0 - densities[name] for name in scores}
+        else:
+            layer_sparsity = dict.fromkeys(scores, sparsity)
+        return {name: channel_mask(s, layer_sparsity[name]) for name, s in scores.items()}
+    if config.distribution == "global":
+        return global_magnitude_masks(scores, sparsity, config.min_density)
+    counts = layer_keep_counts(shapes, sparsity, config.distribution, config.erk_power_scale)
+    return magnitude_masks(scores, counts)

@@ -26,7 +26,7 @@ from torch import nn
 from prunekit.errors import ConfigError
 from prunekit.masks import Mask
 from prunekit.training.distributions import common_device, top_k_mask
-from prunekit.training.sparsifier import select_parameters
+from prunekit.training.selection import select_parameters
 
 Scope = Literal["global", "layer"]
 
@@ -130,7 +130,7 @@ def rounds_to_reach(target_density: float, rate: float) -> int:
 class LotteryConfig:
     """IMP settings: prune ``rate`` of the remaining weights per round (``scope`` global or per layer) until at most
     ``target_density`` remains; ``include``/``exclude``/``module_types`` choose the weights as in
-    :class:`~prunekit.training.sparsifier.SparsifierConfig`."""
+    :class:`~prunekit.training.sparse_config.SparsifierConfig`."""
 
     rate: float = 0.2
     target_density: float = 0.8**5
