@@ -21,6 +21,7 @@ from torch import nn
 
 from prunekit.errors import StructuralPruningError
 from prunekit.structured.cost import original_size, planned_macs, planned_parameters
+from prunekit.structured.depth import prune_depth
 from prunekit.structured.graph import DependencyGraph, build_dependency_graph
 from prunekit.structured.importance import Aggregation, Criterion, Normalization, unit_importance
 from prunekit.structured.plan import DEFAULT_KINDS, Policy, StructuralPlan, fill_to_budget, plan_pruning
@@ -46,6 +47,9 @@ class StructuralResult:
     graph: DependencyGraph
     tied: list[str] = field(default_factory=list)
     kept_whole: list[str] = field(default_factory=list)
+    #: blocks removed whole before the width was pruned (``blocks=``); the plan and graph are of the model
+    #: without them
+    removed_blocks: list[str] = field(default_factory=list)
 
 
 def prune_structurally(
@@ -65,6 +69,7 @@ def prune_structurally(
     min_keep_ratio: float = 0.1,
     input_norms: Mapping[str, torch.Tensor] | None = None,
     output_spread: Mapping[str, torch.Tensor] | None = None,
+    blocks: int = 0,
 ) -> StructuralResult:
     """Remove ``ratio`` of the units of every prunable space of ``model`` (``policy="uniform"``; or of all of
     them together, ``"global"``), the least important by ``criterion`` first. ``model`` is not modified.
@@ -76,9 +81,27 @@ def prune_structurally(
 
     ``ignored`` lists modules (or parameter names) to keep whole. ``input_norms`` feeds the ``activation``
     criterion (:func:`~prunekit.structured.importance.collect_input_norms`), ``output_spread`` the
-    ``beta_rank`` one (:func:`~prunekit.structured.importance.collect_output_spread`). Raises
+    ``beta_rank`` one (:func:`~prunekit.structured.importance.collect_output_spread`).
+
+    ``blocks > 0`` first removes that many whole residual blocks, those of lowest Block Influence on the
+    example inputs (:func:`~prunekit.structured.depth.prune_depth`), then prunes the width of what is left to
+    the same target, counted against the original model. Raises
     :class:`~prunekit.errors.StructuralPruningError` if no plan gives a model that runs as planned.
     """
+    removed_blocks: list[str] = []
+    if blocks:
+        depth = prune_depth(model, example_inputs, blocks, example_kwargs=example_kwargs)
+        removed_blocks = depth.removed
+        if target != "channels":
+            before = _size(model, example_inputs, example_kwargs, target)
+            after = _size(depth.model, example_inputs, example_kwargs, target)
+            if after <= before * (1.0 - ratio):
+                raise StructuralPruningError(
+                    f"removing {blocks} blocks already takes away {100 * (1 - after / before):.1f}% of the {target}, "
+                    f"more than the {100 * ratio:.1f}% asked: remove fewer blocks"
+                )
+            ratio = 1.0 - before * (1.0 - ratio) / after
+        model = depth.model
     tied: list[str] = []
     kept_whole: list[str] = []
     for _ in range(MAX_ATTEMPTS):
@@ -117,7 +140,7 @@ def prune_structurally(
                 kept_whole.append(module)
                 continue
             raise
-        return StructuralResult(pruned, plan, graph, tied, kept_whole)
+        return StructuralResult(pruned, plan, graph, tied, kept_whole, removed_blocks)
     raise StructuralPruningError(f"no workable plan after {MAX_ATTEMPTS} attempts (kept whole: {kept_whole})")
 
 
@@ -225,6 +248,12 @@ def _bisect_with_pinned(
     return candidate, wider
 
 
+def _size(model: nn.Module, inputs: Sequence[Any], kwargs: dict[str, Any] | None, target: Target) -> int:
+    """Parameters or MACs of ``model`` as planned costs count them."""
+    graph = build_dependency_graph(model, inputs, kwargs)
+    return original_size(StructuralPlan(graph, [], set()))[0 if target == "params" else 1]
+
+
 def _same_class(model: nn.Module, name: str) -> list[str]:
     cls = type(model.get_submodule(name) if name else model)
     return [n for n, m in model.named_modules() if type(m) is cls]
@@ -261,8 +290,7 @@ def prune_iteratively(
             done = ratio * (step - 1) / steps
             step_ratio = 1.0 - (1.0 - goal) / (1.0 - done)
         else:
-            probe = build_dependency_graph(current, example_inputs, options.get("example_kwargs"))
-            size = original_size(StructuralPlan(probe, [], set()))[0 if target == "params" else 1]
+            size = _size(current, example_inputs, options.get("example_kwargs"), target)
             base = base or size
             step_ratio = 1.0 - base * (1.0 - goal) / size
         result = prune_structurally(current, example_inputs, step_ratio, target=target, **options)

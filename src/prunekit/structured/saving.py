@@ -4,9 +4,10 @@ A pruned model no longer matches its class's constructor: ``resnet18()`` builds 
 checkpoint holds 32. Saving therefore writes two files:
 
 - ``model.safetensors``: the weights and buffers (:func:`safetensors.torch.save_model`, tied tensors once);
-- ``prunekit_structure.json``: the shape of every parameter and buffer and the size attributes of every
+- ``prunekit_structure.json``: the shape of every parameter and buffer, the size attributes of every
   module (``in_features``, ``out_channels``, ``groups``, ``num_heads``... any public attribute that is an
-  integer or a tuple of integers, which is where module code keeps its sizes).
+  integer or a tuple of integers, which is where module code keeps its sizes), and the modules that are
+  ``nn.Identity`` (blocks removed by depth pruning, :mod:`~prunekit.structured.depth`).
 
 :func:`load_pruned` takes a freshly constructed, *unpruned* model (``torchvision.models.resnet18()``),
 applies the saved attributes and shapes to it, and loads the weights with ``strict`` checking. Nothing is
@@ -50,7 +51,14 @@ def structure_of(model: nn.Module) -> dict[str, Any]:
         }
         if sizes:
             attributes[name] = sizes
-    return {"format": FORMAT_VERSION, "class": type(model).__qualname__, "tensors": tensors, "attributes": attributes}
+    identities = [name for name, module in model.named_modules() if name and isinstance(module, nn.Identity)]
+    return {
+        "format": FORMAT_VERSION,
+        "class": type(model).__qualname__,
+        "tensors": tensors,
+        "attributes": attributes,
+        "identities": identities,
+    }
 
 
 def save_pruned(model: nn.Module, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
@@ -79,6 +87,15 @@ def load_pruned(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Modul
             f"the checkpoint was saved from a {structure.get('class')}, not a {type(model).__qualname__}: build the "
             "model with the constructor it was pruned from"
         )
+    for name in structure.get("identities", []):  # removed blocks first: their tensors and attributes go with them
+        parent_name, _, attr = name.rpartition(".")
+        try:
+            parent: nn.Module | None = model.get_submodule(parent_name) if parent_name else model
+        except AttributeError:
+            parent = None
+        if parent is None or not isinstance(getattr(parent, attr, None), nn.Module):
+            raise ModelLoadError(f"the checkpoint removed a module {name!r} that the given model lacks")
+        setattr(parent, attr, nn.Identity())
     modules = dict(model.named_modules())
     for name, sizes in structure["attributes"].items():
         module = modules.get(name)

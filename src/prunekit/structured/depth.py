@@ -1,0 +1,171 @@
+"""Depth pruning of any model: residual blocks removed whole.
+
+A block computes ``x + f(x)`` (possibly followed by an activation its input already satisfies, as the ReLU
+after a ResNet bottleneck). Such a block can be dropped, leaving its input to flow on, and with it goes every
+operation it runs: its MACs, and also the fixed cost per operation that width pruning never removes, which is
+what dominates small batches on CPUs ("layers play the lottery": Zhang et al. 2022; ShortGPT: Men et al.
+2024, for LLM layers).
+
+Which blocks qualify is found by running the model, not by reading its code: a module with parameters whose
+output has its input's shape is *removable* when, with all its parameters set to zero, it returns its input
+on the example data (its residual branch then outputs zero). The innermost such modules are the blocks (a
+``Sequential`` of removable blocks qualifies too, and is split into them). Blocks are ranked by ShortGPT's
+Block Influence, ``BI = 1 - cos(x_in, x_out)`` (Men et al. 2024, eq. 1), here per example over the whole
+flattened tensor: the blocks that change their input least go first.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.errors import StructuralPruningError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DepthResult:
+    """The model without ``removed`` (a new one), and the Block Influence of every removable block."""
+
+    model: nn.Module
+    removed: list[str]
+    influence: dict[str, float]
+
+
+def block_influence(x_in: torch.Tensor, x_out: torch.Tensor) -> float:
+    """``1 - cos(x_in, x_out)`` averaged over the examples (dim 0), each example flattened (Men et al. 2024)."""
+    a = x_in.detach().float().reshape(x_in.shape[0], -1)
+    b = x_out.detach().float().reshape(x_out.shape[0], -1)
+    return float((1.0 - torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-12)).mean())
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    return None
+
+
+def _capture(
+    model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict[str, Any] | None
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``name -> (input, output)`` of every non-root module with parameters whose output has its input's shape."""
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = []
+
+    def hook(name: str) -> Any:
+        def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            x, y = (args[0] if len(args) == 1 else None), _first_tensor(output)
+            if isinstance(x, torch.Tensor) and y is not None and x.shape == y.shape and name not in seen:
+                seen[name] = (x.detach().clone(), y.detach().clone())
+
+        return record
+
+    for name, module in model.named_modules():
+        if name and any(True for _ in module.parameters()):
+            handles.append(module.register_forward_hook(hook(name)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*example_inputs, **(example_kwargs or {}))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _is_identity_when_zeroed(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``module`` with zero parameters returns its input, on ``x`` moved away from zero (a dead input,
+    all zeros, would make any zeroed layer look like an identity) but kept on the same side of it (a ReLU after
+    the residual add is an identity on non-negative inputs)."""
+    if not x.is_floating_point():
+        return False
+    generator = torch.Generator(device=x.device).manual_seed(0)
+    noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    probe = x + torch.where(x < 0, -noise, noise) * (x.abs().mean() + 1.0)
+    zeroed = copy.deepcopy(module).eval()
+    with torch.no_grad():
+        for p in zeroed.parameters():
+            p.zero_()
+        try:
+            y = _first_tensor(zeroed(probe))
+        except Exception:  # a module that cannot run alone on its captured input is not a candidate
+            return False
+    return y is not None and y.shape == probe.shape and torch.allclose(y, probe, rtol=1e-5, atol=1e-6)
+
+
+def removable_blocks(
+    model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict[str, Any] | None = None
+) -> dict[str, float]:
+    """The blocks of ``model`` that can be removed whole (see the module docstring), in model order, each with
+    its Block Influence on the example inputs. ``model`` is not modified."""
+    captured = _capture(model, example_inputs, example_kwargs)
+    modules = dict(model.named_modules())
+    removable = [n for n, (x, _) in captured.items() if _is_identity_when_zeroed(modules[n], x)]
+    innermost = [n for n in removable if not any(o != n and o.startswith(n + ".") for o in removable)]
+    return {n: block_influence(*captured[n]) for n in innermost}
+
+
+def remove_blocks(model: nn.Module, names: Sequence[str]) -> nn.Module:
+    """A copy of ``model`` with each named submodule replaced by ``nn.Identity`` (``model`` is not modified)."""
+    pruned = copy.deepcopy(model)
+    for name in names:
+        if not name:
+            raise StructuralPruningError("cannot remove the whole model: name a block inside it")
+        parent_name, _, attr = name.rpartition(".")
+        try:
+            parent = pruned.get_submodule(parent_name) if parent_name else pruned
+            getattr(parent, attr)
+        except AttributeError:
+            raise StructuralPruningError(f"{type(model).__name__} has no block {name!r}") from None
+        setattr(parent, attr, nn.Identity())
+    return pruned
+
+
+def prune_depth(
+    model: nn.Module,
+    example_inputs: Sequence[Any],
+    count: int,
+    *,
+    example_kwargs: dict[str, Any] | None = None,
+    calibration: Sequence[Sequence[Any]] | None = None,
+) -> DepthResult:
+    """Remove the ``count`` removable blocks of lowest Block Influence, measured on ``calibration`` (batches of
+    positional inputs; default: the example inputs). Raises
+    :class:`~prunekit.errors.StructuralPruningError` if fewer blocks are removable."""
+    blocks = removable_blocks(model, example_inputs, example_kwargs)
+    if count < 0 or count > len(blocks):
+        raise StructuralPruningError(
+            f"asked to remove {count} blocks, but {type(model).__name__} has {len(blocks)} removable ones "
+            f"({', '.join(list(blocks)[:5])}{'...' if len(blocks) > 5 else ''}): ask for at most {len(blocks)}"
+        )
+    influence = dict(blocks)
+    if calibration is not None:
+        influence = _influence_on(model, list(blocks), calibration, example_kwargs)
+    order = sorted(influence, key=lambda n: (influence[n], n))
+    removed = sorted(order[:count], key=list(blocks).index)
+    log.info("depth: removing %d of %d removable blocks: %s", count, len(blocks), ", ".join(removed))
+    return DepthResult(remove_blocks(model, removed), removed, influence)
+
+
+def _influence_on(
+    model: nn.Module, names: list[str], batches: Sequence[Sequence[Any]], example_kwargs: dict[str, Any] | None
+) -> dict[str, float]:
+    totals = dict.fromkeys(names, 0.0)
+    count = 0
+    for inputs in batches:
+        captured = _capture(model, inputs, example_kwargs)
+        for name in names:
+            totals[name] += block_influence(*captured[name]) * len(inputs[0])
+        count += len(inputs[0])
+    return {n: t / max(1, count) for n, t in totals.items()}
