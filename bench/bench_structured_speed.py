@@ -3,12 +3,15 @@
 ResNet-50, MobileNetV2 and ViT-B/16 (random weights) pruned to about 50% of their MACs by prunekit
 (``target="macs"``, L2 magnitude) and by Torch-Pruning 1.6.1's MagnitudePruner (its channel ratio bisected to
 the same MAC reduction; it has no MAC target), each tool in its own process and venv (same torch and
-torchvision), with channel counts rounded to multiples of each ``--round-to`` value (both tools alike). CPU
-latency at batch 1 and 32, threads fixed, dense and pruned in the same process, both in ``--memory-format``
-(channels_last by default: PyTorch's fast CPU layout for convolutions; the same for the dense model, the
-pruned one and both tools), with batch norms folded into their convolutions under ``--fold-bn`` (both
-models, both tools: :func:`prunekit.structured.deploy.fold_batch_norms`, as any deployment runtime does),
-measured by ``prunekit.structured.report.compare_latency``: adjacent dense/pruned pairs (15 at batch 1, 7 at
+torchvision), with channel counts rounded to multiples of each ``--round-to`` value (both tools alike). With
+``--blocks K`` a third entry, ``prunekit-depth``, first removes the K residual blocks of lowest Block Influence
+whole, then prunes the width to the same MAC target (``prune_structurally(..., blocks=K)``).
+
+CPU latency at batch 1 and 32, threads fixed, dense and pruned in the same process, both in ``--memory-format``
+(channels_last by default: PyTorch's fast CPU layout for convolutions), with batch norms folded into their
+convolutions under ``--fold-bn`` (:func:`prunekit.structured.deploy.fold_batch_norms`, as any deployment
+runtime does); whatever is chosen applies to the dense model and the pruned one, for every tool alike.
+Timing is ``prunekit.structured.report.compare_latency``: adjacent dense/pruned pairs (15 at batch 1, 7 at
 batch 32), the speed-up being the median of the per-pair ratios, so a machine whose speed drifts favours
 neither model. The figure of merit is ``speed-up / MACs reduction`` =
 ``(t_dense / t_pruned) / (MACs_dense / MACs_pruned)``: 1.0 means every MAC removed is time saved.
@@ -42,6 +45,7 @@ def child(
     round_to: int,
     memory_format: str,
     fold_bn: bool = False,
+    blocks: int = 0,
 ) -> dict:
     import torch
     import torchvision
@@ -66,11 +70,13 @@ def child(
         return sum(p.numel() for p in m.parameters())
 
     dense_macs = macs(model)
-    if tool == "prunekit":
+    if tool.startswith("prunekit"):
         from prunekit.structured import prune_structurally
 
-        pruned = prune_structurally(model, (x,), macs_ratio, target="macs", round_to=round_to).model
-        setting = {"target": "macs", "ratio": macs_ratio, "round_to": round_to}
+        depth = blocks if tool == "prunekit-depth" else 0
+        result = prune_structurally(model, (x,), macs_ratio, target="macs", round_to=round_to, blocks=depth)
+        pruned = result.model
+        setting = {"target": "macs", "ratio": macs_ratio, "round_to": round_to, "blocks": result.removed_blocks}
     else:
         import copy
 
@@ -166,6 +172,10 @@ def main() -> None:
     parser.add_argument(
         "--fold-bn", action="store_true", help="fold batch norms into their convs, dense and pruned alike"
     )
+    parser.add_argument(
+        "--blocks", type=int, default=0, help="also run prunekit-depth: this many residual blocks removed, then width"
+    )
+    parser.add_argument("--tools", nargs="*", help="run only these tools (prunekit, prunekit-depth, torch-pruning)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.child:
@@ -180,10 +190,14 @@ def main() -> None:
             round_to,
             args.memory_format,
             args.fold_bn,
+            args.blocks,
         )
         print("RESULT " + json.dumps(out), flush=True)
         return
-    tools = [("prunekit", sys.executable)] + ([("torch-pruning", args.peer_python)] if args.peer_python else [])
+    tools = [("prunekit", sys.executable)]
+    tools += [("prunekit-depth", sys.executable)] if args.blocks else []
+    tools += [("torch-pruning", args.peer_python)] if args.peer_python else []
+    tools = [t for t in tools if not args.tools or t[0] in args.tools]
     results: dict[str, dict] = {}
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}  # both tools are timed by prunekit's compare_latency
     for name in args.models:
@@ -199,6 +213,7 @@ def main() -> None:
                     *("--min-time", str(args.min_time), "--round-to", str(round_to)),
                     *("--memory-format", args.memory_format, "--batches", *map(str, args.batches)),
                     *(["--fold-bn"] if args.fold_bn else []),
+                    *("--blocks", str(args.blocks)),
                 ]
                 proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
                 lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -220,6 +235,7 @@ def main() -> None:
                     "threads": args.threads,
                     "memory_format": args.memory_format,
                     "fold_bn": args.fold_bn,
+                    "blocks": args.blocks,
                     "results": results,
                 }
                 args.out.write_text(json.dumps(summary, indent=1))
