@@ -122,3 +122,29 @@ def test_bad_block_requests_are_refused():
         prune_structurally(model, (x,), 0.1, target="macs", blocks=3)
     with pytest.raises(StructuralPruningError, match="no block 'nothing'"):
         remove_blocks(model, ["nothing"])
+
+
+def test_the_report_counts_the_original_and_the_removed_layers():
+    from prunekit.structured.report import render_markdown, structural_report
+
+    model = model_with_silent_block1()
+    x = torch.randn(1, 3, 8, 8)
+    result = prune_structurally(model, (x,), 0.5, target="params", blocks=1)
+    report = structural_report(model, result, (x,), measure_latency=False)
+    s = report["summary"]
+    assert s["params_before"] == sum(p.numel() for p in model.parameters())
+    assert s["params_after"] == sum(p.numel() for p in result.model.parameters()) <= s["params_before"] / 2
+    rows = {r["layer"]: r for r in report["layers"]}
+    assert rows["block1.conv1"]["out_kept"] == 0 and rows["block2.conv1"]["out_kept"] > 0
+    assert "Blocks removed whole: block1." in render_markdown(report)
+
+
+def test_the_command_line_job_refuses_blocks_outside_torchvision(tmp_path):
+    from prunekit.errors import ConfigError
+    from prunekit.structured.job import StructuredJob, run_structured_job
+
+    with pytest.raises(ConfigError, match="--blocks must be >= 0"):
+        run_structured_job(StructuredJob(out=str(tmp_path / "a"), blocks=-1))
+    with pytest.raises(ConfigError, match="--mode depth"):
+        run_structured_job(StructuredJob(out=str(tmp_path / "b"), blocks=2))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -63,6 +63,7 @@ class StructuredJob:
     ppl_windows: int | None = 40
     ppl_seqlen: int = 2048
     round_to: int = 1
+    blocks: int = 0
     prune_hidden: bool = False
     reconstruct: bool = True
     onnx: bool = False
@@ -75,9 +76,13 @@ def run_structured_job(job: StructuredJob) -> dict[str, Any]:
     """Run ``job``; returns the report (also written under ``<out>/prunekit-report``)."""
     if not 0.0 < job.ratio < 1.0:
         raise ConfigError(f"--ratio must be in (0, 1), got {job.ratio}")
+    if job.blocks < 0:
+        raise ConfigError(f"--blocks must be >= 0, got {job.blocks}")
     check_output_dir(job.out, job.overwrite)
     if job.torchvision:
         return _vision_job(job)
+    if job.blocks:
+        raise ConfigError("--blocks is for --torchvision models; language models lose whole layers with --mode depth")
     return _llm_job(job)
 
 
@@ -94,7 +99,13 @@ def _vision_job(job: StructuredJob) -> dict[str, Any]:
             f"--criterion {criterion} needs calibration images; the command line supports l1, l2, bn_scale, random"
         )
     result = prune_structurally(
-        model, (example,), job.ratio, target=job.target, criterion=criterion, round_to=job.round_to
+        model,
+        (example,),
+        job.ratio,
+        target=job.target,
+        criterion=criterion,
+        round_to=job.round_to,
+        blocks=job.blocks,
     )
     report = structural_report(model, result, (example,))
     report["command"] = {
@@ -102,6 +113,8 @@ def _vision_job(job: StructuredJob) -> dict[str, Any]:
         "ratio": job.ratio,
         "target": job.target,
         "criterion": criterion,
+        "round_to": job.round_to,
+        "blocks": job.blocks,
     }
 
     def write(tmp: Path) -> None:

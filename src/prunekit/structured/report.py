@@ -18,6 +18,8 @@ from torch import nn
 from prunekit.measure import versions
 from prunekit.report import pyplot
 from prunekit.structured.cost import original_size, planned_macs, planned_parameters
+from prunekit.structured.graph import build_dependency_graph
+from prunekit.structured.plan import StructuralPlan
 from prunekit.structured.prune import StructuralResult
 
 log = logging.getLogger(__name__)
@@ -87,11 +89,16 @@ def compare_latency(
 
 
 def layer_widths(original: nn.Module, pruned: nn.Module) -> list[dict[str, Any]]:
-    """Input and output width of every Linear and conv, before and after, in module order."""
+    """Input and output width of every Linear and conv, before and after, in module order (a layer of a
+    removed block keeps 0 of each)."""
     rows = []
     after = dict(pruned.named_modules())
     for name, module in original.named_modules():
-        if isinstance(module, nn.Linear):
+        if name not in after and isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            old = (module.in_features, module.out_features) if isinstance(module, nn.Linear) else None
+            old = old or (module.in_channels, module.out_channels)
+            rows.append({"layer": name, "in": old[0], "out": old[1], "in_kept": 0, "out_kept": 0})
+        elif isinstance(module, nn.Linear):
             old, new = (module.in_features, module.out_features), after[name]
             rows.append(
                 {"layer": name, "in": old[0], "out": old[1], "in_kept": new.in_features, "out_kept": new.out_features}
@@ -121,6 +128,9 @@ def structural_report(
 ) -> dict[str, Any]:
     """Everything about one structural pruning run, as a JSON-ready dict."""
     params_before, macs_before = original_size(result.plan)
+    if result.removed_blocks:  # the plan is of the model without them: count the original itself
+        graph = build_dependency_graph(original, example_inputs, example_kwargs)
+        params_before, macs_before = original_size(StructuralPlan(graph, [], set()))
     summary: dict[str, Any] = {
         "params_before": params_before,
         "params_after": planned_parameters(result.plan),
@@ -147,6 +157,7 @@ def structural_report(
         "summary": summary,
         "tied": result.tied,
         "kept_whole": result.kept_whole,
+        "removed_blocks": result.removed_blocks,
         "unknown_ops": result.graph.unknown_ops,
         "spaces": spaces,
         "layers": layer_widths(original, result.model),
@@ -169,6 +180,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| latency (s) | {s['latency_before_s']:.5f} | {s['latency_after_s']:.5f} | speed-up x{s['speedup']:.2f} |"
         )
+    if report.get("removed_blocks"):
+        lines += ["", f"Blocks removed whole: {', '.join(report['removed_blocks'])}."]
     if report["tied"] or report["kept_whole"]:
         lines += [
             "",
