@@ -36,6 +36,8 @@ Target = Literal["channels", "params", "macs"]
 
 #: Bisection steps when the target is a parameter or MAC reduction (the channel ratio is found to 1/2^14).
 SEARCH_STEPS = 14
+#: The largest channel ratio a bisection tries.
+MAX_CHANNEL_RATIO = 0.99
 
 
 @dataclass
@@ -171,20 +173,13 @@ def plan_to_target(
     cost = planned_parameters if target == "params" else planned_macs
     base = original_size(build(0.0))[0 if target == "params" else 1]
     goal = base * (1.0 - ratio)
-    low, high = 0.0, 0.99
-    best, over = build(high), build(low)
-    if cost(best) > goal:
+    found, over, high = _bisect(build, cost, goal, 0.0, MAX_CHANNEL_RATIO)
+    if found is None:
         log.warning(
             "structured: even a %.2f channel ratio keeps more than %.0f%% of the %s", high, 100 * (1 - ratio), target
         )
-        return best
-    for _ in range(SEARCH_STEPS):
-        middle = (low + high) / 2
-        plan = build(middle)
-        if cost(plan) <= goal:
-            high, best = middle, plan
-        else:
-            low, over = middle, plan
+        return over
+    best = found
     if make is None:  # a custom ``make`` may tie spaces together, which changing one space at a time breaks
         step = options.get("round_to", 1)
         candidates = [fill_to_budget(best, over, scores, cost, goal, round_to=step)]
@@ -232,20 +227,34 @@ def _bisect_with_pinned(
     def build(ratio: float) -> StructuralPlan:
         return plan_pruning(graph, scores, ratio, space_ratios=pinned, **options)
 
-    low, high = start, 0.99
-    candidate = build(high)
-    if cost(candidate) > goal:
-        return None, candidate
-    wider = build(low)
+    within, wider, ratio = _bisect(build, cost, goal, start, MAX_CHANNEL_RATIO)
+    if within is not None:
+        log.info("structured: %d coarse spaces kept wider, the others at channel ratio %.4f", len(pinned), ratio)
+    return within, wider
+
+
+def _bisect(
+    build: Callable[[float], StructuralPlan],
+    cost: Callable[[StructuralPlan], int],
+    goal: float,
+    low: float,
+    high: float,
+) -> tuple[StructuralPlan | None, StructuralPlan, float]:
+    """``(plan, plan just over the goal, ratio)``: the plan of the smallest ratio in ``[low, high]`` whose cost
+    is within ``goal`` (to ``SEARCH_STEPS`` halvings), or ``(None, build(high), high)`` if even ``high`` is
+    over it."""
+    within = build(high)
+    if cost(within) > goal:
+        return None, within, high
+    over = build(low)
     for _ in range(SEARCH_STEPS):
         middle = (low + high) / 2
         plan = build(middle)
         if cost(plan) <= goal:
-            high, candidate = middle, plan
+            high, within = middle, plan
         else:
-            low, wider = middle, plan
-    log.info("structured: %d coarse spaces kept wider, the others at channel ratio %.4f", len(pinned), high)
-    return candidate, wider
+            low, over = middle, plan
+    return within, over, high
 
 
 def _size(model: nn.Module, inputs: Sequence[Any], kwargs: dict[str, Any] | None, target: Target) -> int:
