@@ -279,6 +279,21 @@ def test_multihead_attention_heads_follow_the_stream():
     assert attn.in_proj_weight.shape == (24, 8) and pruned.patch.out_channels == 8
 
 
+@pytest.mark.parametrize(("mha", "heads_kept"), [(True, 4), (False, 3)])
+def test_multihead_attention_keeps_an_even_head_count(mha, heads_kept):
+    """PyTorch's fused nn.MultiheadAttention path refuses odd head counts: 6 heads at ratio 0.5 keep 4, not 3;
+    attention of the user's own code keeps 3."""
+    torch.manual_seed(0)
+    model = TinyViT(dim=24, heads=6, mha=mha).eval()
+    x = torch.randn(2, 3, 8, 8)
+    graph = build_dependency_graph(model, (x,))
+    plan = plan_pruning(graph, unit_importance(graph, model), 0.5)
+    pruned = apply_plan(model, plan, (x,))
+    assert pruned.patch.out_channels == heads_kept * 4
+    if mha:
+        assert pruned.attn.num_heads == heads_kept
+
+
 def test_llama_gqa_heads_removed_in_whole_kv_groups():
     model = tiny_llama()
     ids = torch.randint(0, 64, (1, 6))
@@ -607,11 +622,15 @@ def test_fill_to_budget_gives_back_the_most_important_units_the_budget_allows():
 
 @pytest.mark.parametrize(
     ("make", "shape", "round_to"),
-    [(lambda: TinyViT(mha=True), (1, 3, 8, 8), 1), (MobileBlock, (1, 3, 4, 4), 4), (ResNetBlock, (1, 3, 8, 8), 4)],
+    [
+        (lambda: TinyViT(dim=24, heads=6, mha=True), (1, 3, 8, 8), 1),
+        (MobileBlock, (1, 3, 4, 4), 4),
+        (ResNetBlock, (1, 3, 8, 8), 4),
+    ],
 )
 def test_a_mac_target_is_met_closely_despite_coarse_units(make, shape, round_to):
-    """A ViT stream is made of whole heads (4 here): one shared channel ratio jumps from 3 heads to 2 and
-    removes 66% of the MACs for a 50% target; keeping 3 heads and pruning the MLP further lands near 50%."""
+    """A ViT stream is made of whole heads (6 here, kept even): one shared channel ratio jumps from 4 heads to
+    2 and overshoots a 50% MAC target; keeping 4 heads and pruning the MLP further lands near 50%."""
     torch.manual_seed(0)
     model = make().eval()
     x = torch.randn(shape)

@@ -5,7 +5,8 @@ Two policies:
 
 - ``uniform``: every prunable space keeps ``ceil_to(size x (1 - ratio), round_to)`` units, its most
   important ones (a 64-channel layer at ratio 0.5 keeps 32); ``round_to`` applies to channels and to the
-  groups of grouped convs, not to heads;
+  groups of grouped convs, not to heads (but ``nn.MultiheadAttention`` keeps an even head count, which its
+  fused inference kernel needs);
 - ``global``: one ranking of all units by normalised importance, removed from the bottom until the
   ratio of all prunable units is reached, each space keeping at least ``min_keep_ratio`` of its units
   (and a multiple of ``round_to``).
@@ -138,10 +139,20 @@ def plan_pruning(
     return StructuralPlan(graph, plans, removed_units)
 
 
+#: A parameter of ``nn.MultiheadAttention``: its head count is kept even, since PyTorch's fused inference
+#: path for it (``torch._native_multi_head_attention``) refuses an odd number of heads and falls back to a
+#: slower one.
+FUSED_ATTENTION_PARAMETER = "in_proj_weight"
+
+
 def _rounding(space: Space, round_to: int) -> int:
     """``round_to`` applies to channel counts: plain channels and the groups of depthwise convs (one channel
-    each); counts of heads or of positions inside groups are not rounded."""
-    return round_to if space.kind in ("plain", "group") else 1
+    each); counts of heads or of positions inside groups are not rounded, except that the heads of an
+    ``nn.MultiheadAttention`` stay even (see :data:`FUSED_ATTENTION_PARAMETER`)."""
+    if space.kind in ("plain", "group"):
+        return round_to
+    fused = any(name.rpartition(".")[2] == FUSED_ATTENTION_PARAMETER for name, _ in space.where)
+    return 2 if space.kind == "factor_outer" and fused and space.size % 2 == 0 else 1
 
 
 def _space_scale(space: Space, importance: Mapping[int, float]) -> float:
