@@ -83,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--test-subset", type=int, default=0, help="test on N examples (0: all 10,000)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--prune-end", type=float, default=0.75, help="gradual pruning ends at this fraction of the steps"
+    )
     parser.add_argument("--rewind-fraction", type=float, default=0.05, help="IMP rewind step k as a fraction of T")
     parser.add_argument("--ddp-steps", type=int, default=200)
     parser.add_argument("--ddp-batch", type=int, default=64, help="global batch of the DDP check (2 halves)")
@@ -280,7 +283,7 @@ class Bench:
         from prunekit.training.report import history_entry
 
         model = new_resnet20(self.args.seed)
-        schedule = gradual_schedule(self.total)
+        schedule = gradual_schedule(self.total, end=self.args.prune_end)
         sparsifier = Sparsifier(model, SparsifierConfig(schedule=schedule, exclude=EXCLUDE, **config))
         history = self._train(model, name, train_config(self.args, self.args.epochs), sparsifier=sparsifier)
         sparsifier.remove()
