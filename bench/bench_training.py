@@ -1,6 +1,6 @@
 """Benchmark: pruning during training, ResNet-20 on the shared CIFAR-10 JPEG copy, CPU (issue 6).
 
-    .venv/bin/python bench/bench_training.py                    # the full run: see --epochs (~75 min on 2 cores)
+    .venv/bin/python bench/bench_training.py                    # the full run: see --epochs (~90 min on 2 cores)
     .venv/bin/python bench/bench_training.py --only gmp90 ddp   # some experiments (dense is reused from its cache)
     .venv/bin/python bench/bench_training.py --train-subset 512 --test-subset 500 --epochs 0.25 \\
         --ddp-steps 4 --out /tmp/smoke/training.json            # a smoke test of the plumbing
