@@ -3,14 +3,14 @@
 A block computes ``x + f(x)`` (possibly followed by an activation its input already satisfies, as the ReLU
 after a ResNet bottleneck). Such a block can be dropped, leaving its input to flow on, and with it goes every
 operation it runs: its MACs, and also the fixed cost per operation that width pruning never removes, which is
-what dominates small batches on CPUs ("layers play the lottery": Zhang et al. 2022; ShortGPT: Men et al.
-2024, for LLM layers).
+what dominates small batches on CPUs (layer removal as in "Layers play the lottery, all tickets win at
+initialization", and for LLM layers ShortGPT, Men et al. 2024).
 
 Which blocks qualify is found by running the model, not by reading its code: a module with parameters whose
 output has its input's shape is *removable* when, with all its parameters set to zero, it returns its input
 on the example data (its residual branch then outputs zero). The innermost such modules are the blocks (a
 ``Sequential`` of removable blocks qualifies too, and is split into them). Blocks are ranked by ShortGPT's
-Block Influence, ``BI = 1 - cos(x_in, x_out)`` (Men et al. 2024, eq. 1), here per example over the whole
+Block Influence, ``BI = 1 - cos(x_in, x_out)`` (Men et al. 2024), here per example over the whole
 flattened tensor: the blocks that change their input least go first.
 """
 
@@ -72,13 +72,14 @@ def _capture(
     for name, module in model.named_modules():
         if name and any(True for _ in module.parameters()):
             handles.append(module.register_forward_hook(hook(name)))
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
         with torch.no_grad():
             model(*example_inputs, **(example_kwargs or {}))
     finally:
-        model.train(was_training)
+        for m, training in modes.items():
+            m.training = training
         for handle in handles:
             handle.remove()
     return seen
