@@ -3,7 +3,7 @@
 In evaluation mode a batch norm is an affine map per channel, so ``BN(conv(x))`` equals one convolution
 with rescaled weights and a new bias (Ioffe & Szegedy 2015, Algorithm 2, step 11, applied to the weights). Folding
 removes a pass over every activation tensor: those passes cost time in proportion to the channel count, not
-to the MACs, which is why unfolded pruned CNNs fall short of their MAC reduction on CPUs. This is what every
+to the MACs, one reason why pruned CNNs fall short of their MAC reduction on CPUs. This is what every
 deployment path (ONNX Runtime, TensorRT, TFLite) does; here it is done in PyTorch with
 :func:`torch.fx.experimental.optimization.fuse`.
 """
