@@ -286,8 +286,9 @@ def prune_iteratively(
 ) -> StructuralResult:
     """Reach ``ratio`` in ``steps`` equal steps (linear schedule: after step ``i`` a fraction ``ratio x i /
     steps`` of the original channels, parameters or MACs is gone), recomputing importance each time, with
-    ``between_steps(model, i)`` (e.g. a few epochs of fine-tuning) after every step but the last. The
-    returned result's ``model`` is the final one; ``model`` itself is not modified."""
+    ``between_steps(model, i)`` (e.g. a few epochs of fine-tuning) after every step but the last. ``options``
+    apply at every step (``blocks=k`` removes ``k`` more blocks each time). The returned result's ``model`` is
+    the final one; ``model`` itself is not modified."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     current = model
