@@ -8,12 +8,13 @@ Three pruned models, each made in its own process:
 - ``prunekit-width_hidden``: the same with the hidden size pruned too (``prune_hidden=True``);
 - ``prunekit-depth``: whole decoder layers of lowest Block Influence (ShortGPT) until >= 25% of parameters;
 - ``torch-pruning``: Torch-Pruning 1.6.1 following its own LLM example (``examples/LLMs/prune_llm.py``:
-  MetaPruner, GroupMagnitudeImportance(p=2) (1.6.1 name of the example's GroupNormImportance), heads pruned, head dims kept, ``lm_head`` ignored, round_to 4), its
-  ratio bisected to the same 25% of parameters;
+  MetaPruner, GroupMagnitudeImportance(p=2) (1.6.1 name of the example's GroupNormImportance), heads pruned,
+  head dims kept, ``lm_head`` ignored, round_to 4; where pruning heads fails, as on SmolLM2's grouped-query
+  attention, heads are kept and the failure recorded), its ratio bisected to the same 25% of parameters;
 
 then scored in this process by the same code: perplexity on 40 x 2048 windows of ``wikitext2_test.txt`` (no
 fine-tuning) and greedy decode speed (batch 1, 128-token prompt, 64 new tokens; dense and pruned
-interleaved, median of the repeats).
+interleaved, median of the repeats; ``decode_gain_paired`` is the median of the per-round ratios).
 
     bash bench/setup_structured.sh   # .venv-tv (prunekit) and .venv-tp (Torch-Pruning, transformers)
     .venv-tv/bin/python bench/bench_structured_llm.py --peer-python .venv-tp/bin/python

@@ -157,7 +157,8 @@ class SpeedComparison:
         return asdict(self)
 
 
-def _device_of(model: nn.Module) -> torch.device:
+def device_of(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (CPU for a model without any)."""
     for param in model.parameters():
         return param.device
     return torch.device("cpu")
@@ -170,7 +171,8 @@ def _dtype_of(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA work on ``device`` (nothing to wait for elsewhere), so wall-clock timings are true."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -212,7 +214,7 @@ def random_prompt(model: nn.Module, batch_size: int, prompt_tokens: int, seed: i
         raise ConfigError(f"cannot tell the vocabulary size of {type(model).__name__}: it needs input embeddings")
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, int(vocab), (batch_size, prompt_tokens), generator=generator)
-    return ids.to(_device_of(model))
+    return ids.to(device_of(model))
 
 
 def _forward_kwargs(model: nn.Module) -> tuple[str, dict[str, Any]]:
@@ -254,10 +256,10 @@ def _decode_run(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[f
     """Prefill all but the last prompt token (untimed), then time ``new_tokens`` decode steps."""
     device = ids.device
     cache = _prefill(model, ids[:, :-1])[0] if ids.shape[1] > 1 else None
-    _sync(device)
+    synchronize(device)
     started = time.perf_counter()
     generated = _decode_steps(model, cache, ids[:, -1:], new_tokens)
-    _sync(device)
+    synchronize(device)
     return time.perf_counter() - started, torch.cat([ids, generated], dim=1)
 
 
@@ -307,10 +309,10 @@ def measure_prefill(
     device = ids.device
 
     def run() -> float:
-        _sync(device)
+        synchronize(device)
         started = time.perf_counter()
         _prefill(model, ids)
-        _sync(device)
+        synchronize(device)
         return time.perf_counter() - started
 
     with torch.inference_mode():
@@ -493,7 +495,7 @@ def measure_speed(
     check_speed_args(model, batch_size, prompt_tokens, new_tokens, warmup, repeats)
     if new_tokens < 1:
         raise ConfigError(f"new_tokens (--new-tokens) must be >= 1 to measure decoding, got {new_tokens}")
-    device, dtype = _device_of(model), _dtype_of(model)
+    device, dtype = device_of(model), _dtype_of(model)
     if semi_structured:
         reason = semi_structured_unsupported(device, dtype)
         if reason:
@@ -603,7 +605,7 @@ def compare_speed(
     check_speed_args(dense_model, batch_size, prompt_tokens, new_tokens, warmup, repeats)
     check_speed_args(pruned_model, batch_size, prompt_tokens, new_tokens, warmup, repeats)
     if semi_structured:
-        reason = semi_structured_unsupported(_device_of(pruned_model), _dtype_of(pruned_model))
+        reason = semi_structured_unsupported(device_of(pruned_model), _dtype_of(pruned_model))
         if reason:
             raise ConfigError(reason)
     dense = measure_speed(dense_model, **common)

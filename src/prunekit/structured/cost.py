@@ -9,12 +9,15 @@ prediction equals a measurement of the pruned model with that counter.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.fx
+from torch import nn
 from torch.utils.flop_counter import flop_registry
 
+from prunekit.structured.graph import build_dependency_graph
 from prunekit.structured.plan import StructuralPlan
 from prunekit.structured.verify import expected_shape
 
@@ -79,3 +82,10 @@ def original_size(plan: StructuralPlan) -> tuple[int, int]:
     """``(parameters, MACs)`` of the model before the plan."""
     empty = StructuralPlan(plan.graph, [], set())
     return planned_parameters(empty), planned_macs(empty)
+
+
+def model_size(
+    model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict[str, Any] | None = None
+) -> tuple[int, int]:
+    """``(parameters, MACs)`` of ``model`` on the example inputs, counted as plans count them."""
+    return original_size(StructuralPlan(build_dependency_graph(model, example_inputs, example_kwargs), [], set()))

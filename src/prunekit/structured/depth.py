@@ -55,11 +55,16 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
 
 
 def _capture(
-    model: nn.Module, example_inputs: Sequence[Any], example_kwargs: dict[str, Any] | None
+    model: nn.Module,
+    example_inputs: Sequence[Any],
+    example_kwargs: dict[str, Any] | None,
+    names: Sequence[str] | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``name -> (input, output)`` of every non-root module with parameters whose output has its input's shape."""
+    """``name -> (input, output)`` of every non-root module with parameters whose output has its input's shape
+    (only those in ``names``, when given)."""
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     handles = []
+    wanted = None if names is None else set(names)
 
     def hook(name: str) -> Any:
         def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -70,7 +75,7 @@ def _capture(
         return record
 
     for name, module in model.named_modules():
-        if name and any(True for _ in module.parameters()):
+        if name and (wanted is None or name in wanted) and any(True for _ in module.parameters()):
             handles.append(module.register_forward_hook(hook(name)))
     modes = {m: m.training for m in model.modules()}
     model.eval()
@@ -165,7 +170,7 @@ def _influence_on(
     totals = dict.fromkeys(names, 0.0)
     count = 0
     for inputs in batches:
-        captured = _capture(model, inputs, example_kwargs)
+        captured = _capture(model, inputs, example_kwargs, names)
         for name in names:
             totals[name] += block_influence(*captured[name]) * len(inputs[0])
         count += len(inputs[0])

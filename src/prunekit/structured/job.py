@@ -3,10 +3,12 @@
 Two kinds of model:
 
 - a causal LM (a Hugging Face directory, ``.gguf``, hub id or the bundled SmolLM2): width (``--mode width``:
-  MLP width and heads, refitted by least squares; the hidden size too with ``--prune-hidden``) or depth (``--mode depth``: whole layers), calibrated on text windows, saved
-  with ``save_pretrained`` (plain ``transformers`` loads it) and its tokenizer;
-- a torchvision classifier by name (``--torchvision resnet50``): saved with :func:`save_pruned` (rebuild it
-  with :func:`load_pruned` from ``torchvision.models.get_model(name)``), optionally exported to ONNX.
+  MLP width and heads, refitted by least squares; the hidden size too with ``--prune-hidden``) or depth
+  (``--mode depth``: whole layers), calibrated on text windows, saved with ``save_pretrained`` (plain
+  ``transformers`` loads it) and its tokenizer;
+- a torchvision classifier by name (``--torchvision resnet50``; ``--blocks k`` first removes ``k`` residual
+  blocks): saved with :func:`save_pruned` (rebuild it with :func:`load_pruned` from
+  ``torchvision.models.get_model(name)``), optionally exported to ONNX.
 
 The report (``prunekit-report/``: JSON, Markdown, PNG of kept widths) records parameters, MACs where known,
 size on disk, latency before and after, and perplexity for LMs when a test text is given.

@@ -55,8 +55,8 @@ def prune_causal_lm_width(
     MLP width, attention heads (query heads with their key/value head) and, with ``prune_hidden``, the
     hidden size (embeddings and head included; off by default: on SmolLM2 at 25% of the parameters it costs
     far more perplexity than taking the same parameters from the MLP and heads), the least important first by
-    ``criterion`` measured on the ``(n, seqlen)`` ``calibration`` windows. The hidden size is kept a multiple of the number of heads
-    (transformers requires it). With ``reconstruct``, every linear layer that lost inputs is then refitted by
+    ``criterion`` measured on the ``(n, seqlen)`` ``calibration`` windows. The hidden size is kept a multiple
+    of the number of heads (transformers requires it). With ``reconstruct``, every linear layer that lost inputs is then refitted by
     least squares on the calibration windows (:mod:`~prunekit.structured.reconstruct`). The returned model's
     config is updated (:func:`update_config`); ``model`` is not modified."""
     norms = collect_input_norms(model, _batches(calibration, batch_size)) if criterion == "activation" else None

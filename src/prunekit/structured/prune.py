@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from prunekit.errors import StructuralPruningError
-from prunekit.structured.cost import original_size, planned_macs, planned_parameters
+from prunekit.structured.cost import model_size, original_size, planned_macs, planned_parameters
 from prunekit.structured.depth import prune_depth
 from prunekit.structured.graph import DependencyGraph, build_dependency_graph
 from prunekit.structured.importance import Aggregation, Criterion, Normalization, unit_importance
@@ -259,8 +259,7 @@ def _bisect(
 
 def _size(model: nn.Module, inputs: Sequence[Any], kwargs: dict[str, Any] | None, target: Target) -> int:
     """Parameters or MACs of ``model`` as planned costs count them."""
-    graph = build_dependency_graph(model, inputs, kwargs)
-    return original_size(StructuralPlan(graph, [], set()))[0 if target == "params" else 1]
+    return model_size(model, inputs, kwargs)[0 if target == "params" else 1]
 
 
 def _same_class(model: nn.Module, name: str) -> list[str]:

@@ -17,9 +17,8 @@ from torch import nn
 
 from prunekit.measure import versions
 from prunekit.report import pyplot
-from prunekit.structured.cost import original_size, planned_macs, planned_parameters
-from prunekit.structured.graph import build_dependency_graph
-from prunekit.structured.plan import StructuralPlan
+from prunekit.speed import device_of, synchronize
+from prunekit.structured.cost import model_size, original_size, planned_macs, planned_parameters
 from prunekit.structured.prune import StructuralResult
 
 log = logging.getLogger(__name__)
@@ -34,14 +33,12 @@ def size_on_disk(model: nn.Module) -> int:
 
 
 def _seconds_per_call(model: nn.Module, inputs: Sequence[Any], kwargs: dict[str, Any], calls: int) -> float:
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    device = device_of(model)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(calls):
         model(*inputs, **kwargs)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     return (time.perf_counter() - start) / calls
 
 
@@ -94,27 +91,21 @@ def layer_widths(original: nn.Module, pruned: nn.Module) -> list[dict[str, Any]]
     rows = []
     after = dict(pruned.named_modules())
     for name, module in original.named_modules():
-        if name not in after and isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
-            old = (module.in_features, module.out_features) if isinstance(module, nn.Linear) else None
-            old = old or (module.in_channels, module.out_channels)
-            rows.append({"layer": name, "in": old[0], "out": old[1], "in_kept": 0, "out_kept": 0})
-        elif isinstance(module, nn.Linear):
-            old, new = (module.in_features, module.out_features), after[name]
-            rows.append(
-                {"layer": name, "in": old[0], "out": old[1], "in_kept": new.in_features, "out_kept": new.out_features}
-            )
-        elif isinstance(module, nn.modules.conv._ConvNd):
-            new = after[name]
-            rows.append(
-                {
-                    "layer": name,
-                    "in": module.in_channels,
-                    "out": module.out_channels,
-                    "in_kept": new.in_channels,
-                    "out_kept": new.out_channels,
-                }
-            )
+        old = _widths(module)
+        if old is None:
+            continue
+        new = _widths(after[name]) if name in after else (0, 0)
+        rows.append({"layer": name, "in": old[0], "out": old[1], "in_kept": new[0], "out_kept": new[1]})
     return rows
+
+
+def _widths(module: nn.Module) -> tuple[int, int] | None:
+    """``(in, out)`` features of a Linear or channels of a conv; ``None`` for any other module."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.in_channels, module.out_channels
+    return None
 
 
 def structural_report(
@@ -129,8 +120,7 @@ def structural_report(
     """Everything about one structural pruning run, as a JSON-ready dict."""
     params_before, macs_before = original_size(result.plan)
     if result.removed_blocks:  # the plan is of the model without them: count the original itself
-        graph = build_dependency_graph(original, example_inputs, example_kwargs)
-        params_before, macs_before = original_size(StructuralPlan(graph, [], set()))
+        params_before, macs_before = model_size(original, example_inputs, example_kwargs)
     summary: dict[str, Any] = {
         "params_before": params_before,
         "params_after": planned_parameters(result.plan),
