@@ -5,7 +5,9 @@ ResNet-50, MobileNetV2 and ViT-B/16 (random weights) pruned to about 50% of thei
 the same MAC reduction; it has no MAC target), each tool in its own process and venv (same torch and
 torchvision), with channel counts rounded to multiples of each ``--round-to`` value (both tools alike). With
 ``--blocks K`` a third entry, ``prunekit-depth``, first removes the K residual blocks of lowest Block Influence
-whole, then prunes the width to the same MAC target (``prune_structurally(..., blocks=K)``).
+whole, then prunes the width to the same MAC target (``prune_structurally(..., blocks=K)``). With
+``--keep-streams``, ``prunekit-inner`` (and ``prunekit-inner-depth`` with ``--blocks``) keep the residual
+streams whole and prune only the width inside the blocks (``keep_streams=True``).
 
 CPU latency at batch 1 and 32, threads fixed, dense and pruned in the same process, both in ``--memory-format``
 (channels_last by default: PyTorch's fast CPU layout for convolutions), with batch norms folded into their
@@ -73,10 +75,19 @@ def child(
     if tool.startswith("prunekit"):
         from prunekit.structured import prune_structurally
 
-        depth = blocks if tool == "prunekit-depth" else 0
-        result = prune_structurally(model, (x,), macs_ratio, target="macs", round_to=round_to, blocks=depth)
+        depth = blocks if tool.endswith("-depth") else 0
+        inner = tool.startswith("prunekit-inner")
+        result = prune_structurally(
+            model, (x,), macs_ratio, target="macs", round_to=round_to, blocks=depth, keep_streams=inner
+        )
         pruned = result.model
-        setting = {"target": "macs", "ratio": macs_ratio, "round_to": round_to, "blocks": result.removed_blocks}
+        setting = {
+            "target": "macs",
+            "ratio": macs_ratio,
+            "round_to": round_to,
+            "blocks": result.removed_blocks,
+            "keep_streams": inner,
+        }
     else:
         import copy
 
@@ -175,7 +186,10 @@ def main() -> None:
     parser.add_argument(
         "--blocks", type=int, default=0, help="also run prunekit-depth: this many residual blocks removed, then width"
     )
-    parser.add_argument("--tools", nargs="*", help="run only these tools (prunekit, prunekit-depth, torch-pruning)")
+    parser.add_argument(
+        "--keep-streams", action="store_true", help="also run prunekit-inner: residual streams kept, inner width pruned"
+    )
+    parser.add_argument("--tools", nargs="*", help="run only these tools (prunekit, prunekit-depth, torch-pruning...)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.child:
@@ -196,6 +210,8 @@ def main() -> None:
         return
     tools = [("prunekit", sys.executable)]
     tools += [("prunekit-depth", sys.executable)] if args.blocks else []
+    tools += [("prunekit-inner", sys.executable)] if args.keep_streams else []
+    tools += [("prunekit-inner-depth", sys.executable)] if args.keep_streams and args.blocks else []
     tools += [("torch-pruning", args.peer_python)] if args.peer_python else []
     tools = [t for t in tools if not args.tools or t[0] in args.tools]
     results: dict[str, dict] = {}
@@ -236,6 +252,7 @@ def main() -> None:
                     "memory_format": args.memory_format,
                     "fold_bn": args.fold_bn,
                     "blocks": args.blocks,
+                    "keep_streams": args.keep_streams,
                     "results": results,
                 }
                 args.out.write_text(json.dumps(summary, indent=1))

@@ -211,6 +211,47 @@ def test_residual_couples_both_branches_into_one_space():
     assert stream[0].size == 16
 
 
+def streams_of(graph) -> dict[str, bool]:
+    """``first place of each space -> is it a stream``, for spaces of more than one unit."""
+    return {"{}[{}]".format(*s.where[0]): s.stream for s in graph.spaces if s.size > 1}
+
+
+def test_streams_are_the_spaces_that_residual_additions_join():
+    resnet = build_dependency_graph(ResNetBlock().eval(), (torch.randn(1, 3, 8, 8),))
+    assert streams_of(resnet) == {"bn0.bias[0]": True, "bn1.bias[0]": False}
+    mobile = build_dependency_graph(MobileBlock().eval(), (torch.randn(1, 3, 4, 4),))
+    assert streams_of(mobile) == {"expand.weight[1]": True, "bn1.bias[0]": False}
+    dense = build_dependency_graph(DenseBlock().eval(), (torch.randn(1, 3, 8, 8),))
+    assert not any(streams_of(dense).values())  # concatenation is not a sum
+    vit = build_dependency_graph(TinyViT().eval(), (torch.randn(1, 3, 8, 8),))
+    streams = {(s.kind, s.where[0][0]): s.stream for s in vit.spaces}
+    assert streams == {  # the hidden size (with the class token); the MLP width, heads and head width
+        ("plain", "attn.proj.bias"): True,
+        ("plain", "fc1.bias"): False,
+        ("factor_outer", "attn.proj.weight"): False,
+        ("factor_inner", "attn.proj.weight"): False,
+    }
+    llama = build_dependency_graph(tiny_llama(), (torch.randint(0, 64, (1, 6)),), {"use_cache": False})
+    streams = [s for s in llama.spaces if s.stream]
+    assert len(streams) == 1 and ("model.embed_tokens.weight", 1) in streams[0].where  # the hidden size
+    # not the MLP width (gate * up is a product) nor the heads (the rotary embedding adds q to itself)
+    assert {s.kind for s in llama.spaces if not s.stream} == {"plain", "factor_outer", "factor_inner"}
+
+
+def test_keep_streams_prunes_only_the_width_inside_blocks():
+    torch.manual_seed(0)
+    model = MobileBlock().eval()
+    x = torch.randn(2, 3, 4, 4)
+    pruned = prune_structurally(model, (x,), 0.5, keep_streams=True).model
+    assert (pruned.stem.out_channels, pruned.project.out_channels, pruned.fc.in_features) == (8, 8, 128)
+    assert (pruned.expand.out_channels, pruned.depthwise.groups, pruned.project.in_channels) == (12, 12, 12)
+    both = prune_structurally(model, (x,), 0.5).model
+    assert (both.stem.out_channels, both.expand.out_channels) == (4, 12)
+    small = prune_structurally(model, (x,), 0.3, target="macs", keep_streams=True).model
+    assert small.stem.out_channels == 8 and small.expand.out_channels < 24
+    assert measured_macs(small, x) <= 0.7 * measured_macs(model, x)
+
+
 def test_densenet_concat_keeps_producers_apart():
     torch.manual_seed(0)
     model = DenseBlock().eval()

@@ -169,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--criterion", default=None, help="importance: l1, l2, bn_scale, taylor, activation (LM default)")
     s.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of this (e.g. 8)")
     s.add_argument("--blocks", type=int, default=0, help="--torchvision: first remove this many residual blocks whole")
+    s.add_argument(
+        "--keep-streams",
+        action="store_true",
+        help="--torchvision: keep the residual streams whole, prune only the width inside blocks (MobileNets)",
+    )
     s.add_argument("--prune-hidden", action="store_true", help="LMs, width: also shrink the hidden size (costlier)")
     s.add_argument(
         "--no-reconstruct", action="store_true", help="LMs, width: slice only, no least-squares refit of the consumers"
@@ -348,6 +353,7 @@ def _cmd_structured(args: argparse.Namespace) -> int:
         ppl_seqlen=args.ppl_seqlen,
         round_to=args.round_to,
         blocks=args.blocks,
+        keep_streams=args.keep_streams,
         prune_hidden=args.prune_hidden,
         reconstruct=not args.no_reconstruct,
         onnx=args.onnx,

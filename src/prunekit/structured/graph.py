@@ -44,6 +44,9 @@ class Space:
     kind: str
     #: ``(state name, dim)`` pairs that contain these units.
     where: list[tuple[str, int]] = field(default_factory=list)
+    #: Whether an addition of two full tensors joins these units (a residual stream: the channels of a
+    #: ResNet stage, the hidden size of a transformer), as opposed to the width inside a block.
+    stream: bool = False
 
     @property
     def size(self) -> int:
@@ -195,7 +198,8 @@ def build_dependency_graph(
 
     groups = {weight_of_group_node[k]: v for k, v in ctx.groups.items() if k in weight_of_group_node}
     parameter_names = {n for n, _ in model.named_parameters()}
-    spaces = _spaces(table, state_dims, parameter_names, groups)
+    summed = {leaf for atoms in ctx.summed for a in np.unique(atoms).tolist() for leaf in table.leaves(a)}
+    spaces = _spaces(table, state_dims, parameter_names, groups, summed)
     node_dims = {node.name: value for node, value in env.items()}
     graph = DependencyGraph(table, state_dims, parameter_names, spaces, groups, dict(ctx.unknown), traced, node_dims)
     if table.conflicts:
@@ -252,10 +256,12 @@ def _spaces(
     state_dims: dict[str, list[np.ndarray]],
     parameter_names: set[str],
     groups: dict[str, np.ndarray],
+    summed: set[int],
 ) -> list[Space]:
     """Group the units found in parameters into spaces: units that occur in exactly the same places
     (parameter, dimension, position inside a compound index) play the same role. Two layers concatenated
-    into a third stay two spaces: their units share the consumer but not the producer."""
+    into a third stay two spaces: their units share the consumer but not the producer. A space with a
+    unit in ``summed`` (joined by a residual addition) is a stream."""
     group_units = {leaf for atoms in groups.values() for a in atoms.tolist() for leaf in table.leaves(a)}
     places: dict[int, set[tuple[str, int, int, int]]] = {}
     group_positions: set[int] = set()
@@ -288,7 +294,7 @@ def _spaces(
         else:
             kind = "factor_inner"
         located = sorted({(name, d) for name, d, _, _ in where})
-        spaces.append(Space(len(spaces), units, kind, located))
+        spaces.append(Space(len(spaces), units, kind, located, stream=any(u in summed for u in units)))
     return spaces
 
 

@@ -66,6 +66,7 @@ class StructuredJob:
     ppl_seqlen: int = 2048
     round_to: int = 1
     blocks: int = 0
+    keep_streams: bool = False
     prune_hidden: bool = False
     reconstruct: bool = True
     onnx: bool = False
@@ -85,6 +86,10 @@ def run_structured_job(job: StructuredJob) -> dict[str, Any]:
         return _vision_job(job)
     if job.blocks:
         raise ConfigError("--blocks is for --torchvision models; language models lose whole layers with --mode depth")
+    if job.keep_streams:
+        raise ConfigError(
+            "--keep-streams is for --torchvision models; language models keep their hidden size unless --prune-hidden"
+        )
     return _llm_job(job)
 
 
@@ -108,6 +113,7 @@ def _vision_job(job: StructuredJob) -> dict[str, Any]:
         criterion=criterion,
         round_to=job.round_to,
         blocks=job.blocks,
+        keep_streams=job.keep_streams,
     )
     report = structural_report(model, result, (example,))
     report["command"] = {
@@ -117,6 +123,7 @@ def _vision_job(job: StructuredJob) -> dict[str, Any]:
         "criterion": criterion,
         "round_to": job.round_to,
         "blocks": job.blocks,
+        "keep_streams": job.keep_streams,
     }
 
     def write(tmp: Path) -> None:

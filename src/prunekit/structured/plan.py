@@ -82,8 +82,8 @@ def kept_count(size: int, ratio: float, round_to: int = 1) -> int:
     return max(min(size, keep), min(size, max(1, round_to)))
 
 
-def _prunable(space: Space, kinds: Sequence[str]) -> bool:
-    return space.kind in kinds and space.size > 1
+def _prunable(space: Space, kinds: Sequence[str], keep_streams: bool = False) -> bool:
+    return space.kind in kinds and space.size > 1 and not (keep_streams and space.stream)
 
 
 def plan_pruning(
@@ -96,19 +96,22 @@ def plan_pruning(
     kinds: Sequence[str] = DEFAULT_KINDS,
     min_keep_ratio: float = 0.1,
     space_ratios: Mapping[int, float] | None = None,
+    keep_streams: bool = False,
 ) -> StructuralPlan:
     """Choose the units to remove so that each prunable space (``uniform``), or all of them together
-    (``global``), loses ``ratio`` of its units; ``space_ratios`` overrides the ratio of given spaces."""
+    (``global``), loses ``ratio`` of its units; ``space_ratios`` overrides the ratio of given spaces.
+    ``keep_streams`` keeps every residual stream whole (:attr:`Space.stream`) and prunes only the width
+    inside the blocks."""
     ratios = dict(space_ratios or {})
     plans: list[SpacePlan] = []
     if policy == "uniform":
         for space in graph.spaces:
-            r = ratios.get(space.index, ratio) if _prunable(space, kinds) else 0.0
+            r = ratios.get(space.index, ratio) if _prunable(space, kinds, keep_streams) else 0.0
             rt = _rounding(space, round_to)
             keep_n = kept_count(space.size, r, rt) if r > 0 else space.size
             plans.append(keep_best(space, importance, keep_n))
     elif policy == "global":
-        prunable = [s for s in graph.spaces if _prunable(s, kinds)]
+        prunable = [s for s in graph.spaces if _prunable(s, kinds, keep_streams)]
         total = sum(s.size for s in prunable)
         to_remove = round(total * ratio)
         floors = {s.index: kept_count(s.size, 1.0 - min_keep_ratio, _rounding(s, round_to)) for s in prunable}

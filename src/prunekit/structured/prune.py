@@ -69,6 +69,7 @@ def prune_structurally(
     kinds: Sequence[str] = DEFAULT_KINDS,
     ignored: Sequence[str] = (),
     min_keep_ratio: float = 0.1,
+    keep_streams: bool = False,
     input_norms: Mapping[str, torch.Tensor] | None = None,
     output_spread: Mapping[str, torch.Tensor] | None = None,
     blocks: int = 0,
@@ -80,6 +81,11 @@ def prune_structurally(
     to remove instead: the channel ratio that reaches it (or the least over it) is found by bisection on
     the planned cost (:mod:`~prunekit.structured.cost`), then units are given back where the cost allows
     (:func:`~prunekit.structured.plan.fill_to_budget`), so coarse units do not overshoot the target.
+
+    ``keep_streams`` leaves the residual streams whole (the channels that residual additions join: a ResNet
+    stage's output width, a transformer's hidden size) and prunes only the width inside the blocks. Where
+    the stream is narrow and the blocks wide (MobileNetV2's inverted residuals expand 6x) this removes the
+    MACs and the memory traffic of the wide tensors in step, so the time falls with the MACs.
 
     ``ignored`` lists modules (or parameter names) to keep whole. ``input_norms`` feeds the ``activation``
     criterion (:func:`~prunekit.structured.importance.collect_input_norms`), ``output_spread`` the
@@ -119,7 +125,13 @@ def prune_structurally(
             input_norms=input_norms,
             output_spread=output_spread,
         )
-        options = {"policy": policy, "round_to": round_to, "kinds": kinds, "min_keep_ratio": min_keep_ratio}
+        options = {
+            "policy": policy,
+            "round_to": round_to,
+            "kinds": kinds,
+            "min_keep_ratio": min_keep_ratio,
+            "keep_streams": keep_streams,
+        }
         plan = plan_to_target(graph, scores, ratio, target, **options)
         try:
             pruned = apply_plan(model, plan, example_inputs, example_kwargs)

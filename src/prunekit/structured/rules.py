@@ -46,6 +46,8 @@ class RuleContext:
     groups: dict[str, np.ndarray] = field(default_factory=dict)
     #: Operations that froze dimensions because no rule knows them (name -> count).
     unknown: dict[str, int] = field(default_factory=dict)
+    #: Dimensions that an addition of two full tensors joined (residual connections): the streams.
+    summed: list[np.ndarray] = field(default_factory=list)
 
 
 Rule = Callable[[RuleContext, list[Any], dict[str, Any]], Any]
@@ -166,7 +168,26 @@ def _tensor_args(args: Sequence[Any]) -> list[Dims]:
 
 def rule_pointwise(ctx: RuleContext, args: list[Any], kwargs: dict[str, Any]) -> Any:
     operands = _tensor_args(list(args) + list(kwargs.values()))
-    return _map_outputs(ctx, lambda shape: broadcast(ctx.table, operands, shape))
+    is_sum = getattr(ctx.node.target, "overloadpacket", None) in (aten.add, aten.sub)
+    joined = _joined_positions(ctx.table, operands) if is_sum else []
+    out = _map_outputs(ctx, lambda shape: broadcast(ctx.table, operands, shape))
+    if joined and isinstance(out, list) and out and isinstance(out[0], np.ndarray):
+        ctx.summed.extend(out[len(out) - offset] for offset in joined)
+    return out
+
+
+def _joined_positions(table: AtomTable, operands: Sequence[Dims]) -> list[int]:
+    """Dimensions (counted from the right) that an addition fills from two operands of different origin:
+    a residual connection joins two tensors, a rotary embedding ``q * cos + rotate(q) * sin`` only one."""
+    joined = []
+    for offset in range(1, max((len(d) for d in operands), default=0) + 1):
+        full = [d[len(d) - offset] for d in operands if len(d) >= offset and d[len(d) - offset].size > 1]
+        if len(full) < 2 or any(a.size != full[0].size for a in full):
+            continue
+        roots = [[table.find(int(x)) for x in a.tolist()] for a in full]
+        if any(r != roots[0] for r in roots[1:]) and not all(x == FROZEN for x in roots[0]):
+            joined.append(offset)
+    return joined
 
 
 def _map_outputs(ctx: RuleContext, make: Callable[[tuple[int, ...]], Dims]) -> Any:
