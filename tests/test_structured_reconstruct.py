@@ -68,3 +68,28 @@ def test_llm_width_pruning_refits_down_and_o_proj_and_reduces_their_error():
     for name, value in sliced.model.state_dict().items():
         if not any(name.startswith(n) for n in names):
             assert torch.equal(value, refit.model.state_dict()[name]), name
+
+
+def test_one_calibration_pass_gives_the_norms_and_grams_of_separate_passes():
+    from prunekit.structured.graph import build_dependency_graph
+    from prunekit.structured.importance import collect_input_norms
+    from prunekit.structured.llm import _calibration_statistics
+    from prunekit.structured.reconstruct import linears_with_prunable_inputs
+    from test_structured import tiny_llama
+
+    model = tiny_llama()
+    batches = [((torch.randint(0, 64, (2, 16)),), {"use_cache": False}) for _ in range(2)]
+    graph = build_dependency_graph(model, (batches[0][0][0][:1],), {"use_cache": False}, ignored=["model.embed_tokens"])
+    names = linears_with_prunable_inputs(model, graph)
+    # the hidden size is kept: only the layers that read heads or the MLP width
+    assert sorted(names) == [f"model.layers.{i}.{p}" for i in (0, 1) for p in ("mlp.down_proj", "self_attn.o_proj")]
+    grams, norms = _calibration_statistics(model, graph, batches, "activation", reconstruct=True)
+    expected_grams = input_grams(model, batches, names)
+    assert grams.keys() == expected_grams.keys()
+    for name in names:
+        torch.testing.assert_close(grams[name], expected_grams[name], rtol=1e-6, atol=1e-5)
+    expected_norms = collect_input_norms(model, batches)
+    assert norms.keys() == expected_norms.keys()
+    for name, value in expected_norms.items():
+        torch.testing.assert_close(norms[name], value, rtol=1e-5, atol=1e-5)
+    assert _calibration_statistics(model, graph, batches, "l2", reconstruct=False) == ({}, None)

@@ -228,17 +228,20 @@ def accumulate_linear_inputs(
     model: nn.Module,
     batches: Iterable[tuple[tuple[Any, ...], dict[str, Any]]],
     names: Sequence[str],
-    statistic: Callable[[torch.Tensor], torch.Tensor],
+    statistic: Callable[[torch.Tensor], torch.Tensor] | Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
 ) -> dict[str, torch.Tensor]:
     """Run ``model`` on ``batches`` (``(args, kwargs)`` pairs) and sum ``statistic(x)`` over them, where ``x`` is
-    the ``(tokens, in_features)`` input of each module named in ``names``; keyed by module name."""
+    the ``(tokens, in_features)`` input of each module named in ``names``; keyed by module name. ``statistic``
+    may be a mapping from module name to the statistic of that module (several statistics in one pass)."""
     sums: dict[str, torch.Tensor] = {}
     handles = []
 
     def hook(name: str) -> Any:
+        measure = statistic[name] if isinstance(statistic, Mapping) else statistic
+
         def record(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0].detach()
-            value = statistic(x.reshape(-1, x.shape[-1]))
+            value = measure(x.reshape(-1, x.shape[-1]))
             sums[name] = sums[name] + value if name in sums else value
 
         return record
@@ -261,8 +264,13 @@ def collect_input_norms(
     """``||X_j||^2`` per input column of every ``nn.Linear``, summed over all tokens of ``batches``
     (``(args, kwargs)`` pairs the model is called with), keyed by the weight's parameter name."""
     names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    sums = accumulate_linear_inputs(model, batches, names, lambda x: x.double().square().sum(0))
+    sums = accumulate_linear_inputs(model, batches, names, column_square_sums)
     return {f"{name}.weight" if name else "weight": total.float() for name, total in sums.items()}
+
+
+def column_square_sums(x: torch.Tensor) -> torch.Tensor:
+    """``||X_j||^2`` of every column ``j`` of ``x`` ``(tokens, features)``, in float64."""
+    return x.double().square().sum(0)
 
 
 def importance_from_mapping(scores: Mapping[int, float], graph: DependencyGraph) -> dict[int, float]:

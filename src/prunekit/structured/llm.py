@@ -24,11 +24,16 @@ from torch import nn
 
 from prunekit.errors import StructuralPruningError
 from prunekit.models.blocks import find_decoder_blocks
-from prunekit.structured.graph import build_dependency_graph
-from prunekit.structured.importance import Criterion, collect_input_norms, unit_importance
+from prunekit.structured.graph import DependencyGraph, build_dependency_graph
+from prunekit.structured.importance import (
+    Criterion,
+    accumulate_linear_inputs,
+    column_square_sums,
+    unit_importance,
+)
 from prunekit.structured.plan import DEFAULT_KINDS, StructuralPlan, keep_best, plan_pruning
 from prunekit.structured.prune import StructuralResult, Target, plan_to_target
-from prunekit.structured.reconstruct import refit_pruned_linears
+from prunekit.structured.reconstruct import gram_of, linears_with_prunable_inputs, refit_pruned_linears
 from prunekit.structured.surgery import apply_plan
 
 log = logging.getLogger(__name__)
@@ -36,6 +41,30 @@ log = logging.getLogger(__name__)
 
 def _batches(windows: torch.Tensor, batch_size: int) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
     return [((windows[i : i + batch_size],), {"use_cache": False}) for i in range(0, len(windows), batch_size)]
+
+
+def _calibration_statistics(
+    model: nn.Module,
+    graph: DependencyGraph,
+    batches: list[tuple[tuple[Any, ...], dict[str, Any]]],
+    criterion: Criterion,
+    reconstruct: bool,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """One pass over the calibration batches for what width pruning needs: the input Grams of the linear
+    layers whose inputs may be cut (for the refit, with ``reconstruct``), and the input column norms of every
+    linear layer (for the ``activation`` criterion; a Gram's diagonal where there is one)."""
+    gram_names = linears_with_prunable_inputs(model, graph) if reconstruct else []
+    norm_names = []
+    if criterion == "activation":
+        linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+        norm_names = [name for name in linears if name not in gram_names]
+    statistics = {**dict.fromkeys(gram_names, gram_of), **dict.fromkeys(norm_names, column_square_sums)}
+    sums = accumulate_linear_inputs(model, batches, list(statistics), statistics) if statistics else {}
+    grams = {name: sums[name] for name in gram_names if name in sums}
+    if criterion != "activation":
+        return grams, None
+    norms = {f"{name}.weight": sums[name].diagonal().float() if name in grams else sums[name].float() for name in sums}
+    return grams, norms
 
 
 def prune_causal_lm_width(
@@ -57,19 +86,20 @@ def prune_causal_lm_width(
     far more perplexity than taking the same parameters from the MLP and heads), the least important first by
     ``criterion`` measured on the ``(n, seqlen)`` ``calibration`` windows. The hidden size is kept a multiple
     of the number of heads (transformers requires it). With ``reconstruct``, every linear layer that lost inputs is then refitted by
-    least squares on the calibration windows (:mod:`~prunekit.structured.reconstruct`). The returned model's
+    least squares on the calibration windows (:mod:`~prunekit.structured.reconstruct`). The calibration
+    windows go through the model once: the norms and the Grams the refit needs are gathered together. The returned model's
     config is updated (:func:`update_config`); ``model`` is not modified."""
-    norms = collect_input_norms(model, _batches(calibration, batch_size)) if criterion == "activation" else None
-    if criterion == "taylor":
-        model.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            for (ids,), kwargs in _batches(calibration, batch_size):
-                model(ids, labels=ids, **kwargs).loss.backward()
     embeddings = model.get_input_embeddings()
     embedding_name = next(name for name, module in model.named_modules() if module is embeddings)
     example = calibration[:1, : min(16, calibration.shape[1])]
     kwargs = {"use_cache": False}
     graph = build_dependency_graph(model, (example,), kwargs, ignored=[] if prune_hidden else [embedding_name])
+    grams, norms = _calibration_statistics(model, graph, _batches(calibration, batch_size), criterion, reconstruct)
+    if criterion == "taylor":
+        model.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            for (ids,), batch_kwargs in _batches(calibration, batch_size):
+                model(ids, labels=ids, **batch_kwargs).loss.backward()
     scores = unit_importance(graph, model, criterion, input_norms=norms)
     if criterion == "taylor":
         model.zero_grad(set_to_none=True)
@@ -95,7 +125,7 @@ def prune_causal_lm_width(
     plan = plan_to_target(graph, scores, ratio, target, make=make)
     pruned = apply_plan(model, plan, (example,), kwargs)
     if reconstruct:
-        refit_pruned_linears(model, pruned, graph, plan, _batches(calibration, batch_size))
+        refit_pruned_linears(model, pruned, graph, plan, grams=grams)
     update_config(pruned)
     return StructuralResult(pruned, plan, graph)
 

@@ -18,9 +18,10 @@ same problem, so the refit's error on the calibration data is never larger (up t
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -56,12 +57,13 @@ def input_grams(
 ) -> dict[str, torch.Tensor]:
     """``sum_t x_t x_t^T`` (float32) of the input of each ``nn.Linear`` named in ``names``, over every token of
     ``batches`` (``(args, kwargs)`` pairs the model is called with). Memory: ``in_features^2`` floats each."""
+    return accumulate_linear_inputs(model, batches, names, gram_of)
 
-    def gram(x: torch.Tensor) -> torch.Tensor:
-        flat = x.float()
-        return flat.T @ flat
 
-    return accumulate_linear_inputs(model, batches, names, gram)
+def gram_of(x: torch.Tensor) -> torch.Tensor:
+    """``X^T X`` (float32) of ``x`` ``(tokens, features)``."""
+    flat = x.float()
+    return flat.T @ flat
 
 
 def _shared_parameters(model: nn.Module) -> set[int]:
@@ -85,22 +87,43 @@ def linears_with_pruned_inputs(original: nn.Module, pruned: nn.Module) -> list[s
     return names
 
 
+def linears_with_prunable_inputs(model: nn.Module, graph: DependencyGraph) -> list[str]:
+    """Names of the ``nn.Linear`` layers of ``model`` whose input features ``graph`` lets a plan cut (a superset
+    of what :func:`linears_with_pruned_inputs` finds after any plan), tied ones excepted: the layers whose
+    Grams a refit may need, known before the plan."""
+    shared = _shared_parameters(model)
+    names = []
+    for name, module in model.named_modules():
+        dims = graph.state_dims.get(f"{name}.weight")
+        if not isinstance(module, nn.Linear) or id(module.weight) in shared or dims is None:
+            continue
+        if any(graph.table.leaves(atom) for atom in np.unique(dims[1]).tolist()):
+            names.append(name)
+    return names
+
+
 def refit_pruned_linears(
     original: nn.Module,
     pruned: nn.Module,
     graph: DependencyGraph,
     plan: StructuralPlan,
-    batches: Sequence[tuple[tuple[Any, ...], dict[str, Any]]],
+    batches: Sequence[tuple[tuple[Any, ...], dict[str, Any]]] = (),
     *,
+    grams: Mapping[str, torch.Tensor] | None = None,
     damping: float = 0.01,
 ) -> list[str]:
     """Refit (:func:`least_squares_refit`) every ``nn.Linear`` of ``pruned`` whose inputs were cut by ``plan``,
-    with input Grams measured on ``original`` (the dense model) over ``batches``. ``pruned`` is changed in
+    with input Grams measured on ``original`` (the dense model) over ``batches``, or taken from ``grams`` (by
+    module name; measured beforehand, e.g. for :func:`linears_with_prunable_inputs`). ``pruned`` is changed in
     place; the refitted layer names are returned."""
     names = [n for n in linears_with_pruned_inputs(original, pruned) if f"{n}.weight" in graph.state_dims]
     if not names:
         return []
-    grams = input_grams(original, batches, names)
+    if grams is None:
+        grams = input_grams(original, batches, names)
+    missing = [n for n in names if n not in grams]
+    if missing:
+        raise ValueError(f"no input Gram for {missing[:3]}: measure them for linears_with_prunable_inputs(...)")
     for name in names:
         dense = original.get_submodule(name).weight
         removed_rows, removed_cols = graph.removed_indices(f"{name}.weight", plan.removed)
@@ -108,6 +131,6 @@ def refit_pruned_linears(
         keep = torch.from_numpy(~removed_cols).to(dense.device)
         layer = pruned.get_submodule(name)
         with torch.no_grad():
-            layer.weight.copy_(least_squares_refit(dense[rows], grams.pop(name), keep, damping).to(layer.weight))
+            layer.weight.copy_(least_squares_refit(dense[rows], grams[name], keep, damping).to(layer.weight))
     log.info("structured: refitted %d layers whose inputs were pruned (least squares on calibration data)", len(names))
     return names
