@@ -85,9 +85,10 @@ def prune_causal_lm_width(
     hidden size (embeddings and head included; off by default: on SmolLM2 at 25% of the parameters it costs
     far more perplexity than taking the same parameters from the MLP and heads), the least important first by
     ``criterion`` measured on the ``(n, seqlen)`` ``calibration`` windows. The hidden size is kept a multiple
-    of the number of heads (transformers requires it). With ``reconstruct``, every linear layer that lost inputs is then refitted by
-    least squares on the calibration windows (:mod:`~prunekit.structured.reconstruct`). The calibration
-    windows go through the model once: the norms and the Grams the refit needs are gathered together. The returned model's
+    of the number of heads (transformers requires it). With ``reconstruct``, every linear layer that lost
+    inputs is then refitted by least squares on the calibration windows
+    (:mod:`~prunekit.structured.reconstruct`). The windows go through the model once: the criterion's norms
+    and the refit's Grams are gathered in the same pass. The returned model's
     config is updated (:func:`update_config`); ``model`` is not modified."""
     embeddings = model.get_input_embeddings()
     embedding_name = next(name for name, module in model.named_modules() if module is embeddings)
