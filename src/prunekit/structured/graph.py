@@ -80,7 +80,8 @@ class DependencyGraph:
         lines = [f"{len(self.spaces)} spaces of prunable units"]
         for s in self.spaces:
             names = ", ".join(f"{n}[{d}]" for n, d in s.where[:4]) + (" ..." if len(s.where) > 4 else "")
-            lines.append(f"  space {s.index}: {s.size} {s.kind} units in {names}")
+            role = " (residual stream)" if s.stream else ""
+            lines.append(f"  space {s.index}: {s.size} {s.kind} units{role} in {names}")
         if self.unknown_ops:
             lines.append(
                 "operations without a rule (their tensors are left unpruned): "
