@@ -139,7 +139,7 @@ def test_the_report_counts_the_original_and_the_removed_layers():
     assert "Blocks removed whole: block1." in render_markdown(report)
 
 
-def test_the_command_line_job_refuses_blocks_outside_torchvision(tmp_path):
+def test_the_command_line_job_refuses_blocks_and_keep_streams_outside_torchvision(tmp_path):
     from prunekit.errors import ConfigError
     from prunekit.structured.job import StructuredJob, run_structured_job
 
@@ -147,4 +147,6 @@ def test_the_command_line_job_refuses_blocks_outside_torchvision(tmp_path):
         run_structured_job(StructuredJob(out=str(tmp_path / "a"), blocks=-1))
     with pytest.raises(ConfigError, match="--mode depth"):
         run_structured_job(StructuredJob(out=str(tmp_path / "b"), blocks=2))
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(ConfigError, match="--prune-hidden"):
+        run_structured_job(StructuredJob(out=str(tmp_path / "c"), keep_streams=True))
+    assert not any((tmp_path / name).exists() for name in "abc")
