@@ -46,7 +46,7 @@ class RuleContext:
     groups: dict[str, np.ndarray] = field(default_factory=dict)
     #: Operations that froze dimensions because no rule knows them (name -> count).
     unknown: dict[str, int] = field(default_factory=dict)
-    #: Dimensions that an addition of two full tensors joined (residual connections): the streams.
+    #: Dimensions that an addition joined from two tensors of different origin (residual connections).
     summed: list[np.ndarray] = field(default_factory=list)
 
 
