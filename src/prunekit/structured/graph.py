@@ -44,8 +44,8 @@ class Space:
     kind: str
     #: ``(state name, dim)`` pairs that contain these units.
     where: list[tuple[str, int]] = field(default_factory=list)
-    #: Whether an addition of two tensors of different origin joins these units (a residual stream: the channels of a
-    #: ResNet stage, the hidden size of a transformer), as opposed to the width inside a block.
+    #: Whether an addition of two tensors of different origin joins these units (a residual stream: the
+    #: channels of a ResNet stage, the hidden size of a transformer), as opposed to the width inside a block.
     stream: bool = False
 
     @property
