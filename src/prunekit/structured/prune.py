@@ -85,7 +85,8 @@ def prune_structurally(
     ``keep_streams`` leaves the residual streams whole (the channels that residual additions join: a ResNet
     stage's output width, a transformer's hidden size) and prunes only the width inside the blocks. Where
     the stream is narrow and the blocks wide (MobileNetV2's inverted residuals expand 6x) this removes the
-    MACs and the memory traffic of the wide tensors in step, so the time falls with the MACs.
+    MACs and the memory traffic of the wide tensors in step, so at large batches the time falls with the MACs
+    (at batch 1 a fixed cost per layer remains; see BENCHMARKS.md).
 
     ``ignored`` lists modules (or parameter names) to keep whole. ``input_norms`` feeds the ``activation``
     criterion (:func:`~prunekit.structured.importance.collect_input_norms`), ``output_spread`` the

@@ -120,6 +120,8 @@ def refit_pruned_linears(
     if not names:
         return []
     if grams is None:
+        if not batches:
+            raise ValueError("refit_pruned_linears needs calibration batches, or the input grams measured beforehand")
         grams = input_grams(original, batches, names)
     missing = [n for n in names if n not in grams]
     if missing:
