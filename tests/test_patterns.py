@@ -130,3 +130,18 @@ def test_fast_selection_equals_a_stable_sort_even_with_many_ties(width, k_fracti
     assert torch.equal(drop_lowest_k(scores, k), keep_mask_by_sort(scores, k))
     scores = torch.randn(7, 3, width, generator=generator)
     assert torch.equal(drop_lowest_k(scores, k), keep_mask_by_sort(scores, k))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_kth_smallest_equals_torch_kthvalue_in_every_dtype_and_layout(dtype):
+    from prunekit.patterns import kth_smallest
+
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.randn(5, 4, 37, generator=generator).to(dtype)
+    for k in (1, 2, 18, 37):
+        expected = torch.kthvalue(scores.float(), k, dim=-1, keepdim=True).values.to(dtype)
+        got = kth_smallest(scores, k)
+        assert got.dtype == dtype and got.shape == (5, 4, 1)
+        assert torch.equal(got, expected)
+    transposed = scores[0].t()  # not contiguous
+    assert torch.equal(kth_smallest(transposed, 3), torch.kthvalue(transposed.float(), 3, dim=-1, keepdim=True).values.to(dtype))

