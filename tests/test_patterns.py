@@ -144,4 +144,6 @@ def test_kth_smallest_equals_torch_kthvalue_in_every_dtype_and_layout(dtype):
         assert got.dtype == dtype and got.shape == (5, 4, 1)
         assert torch.equal(got, expected)
     transposed = scores[0].t()  # not contiguous
-    assert torch.equal(kth_smallest(transposed, 3), torch.kthvalue(transposed.float(), 3, dim=-1, keepdim=True).values.to(dtype))
+    assert torch.equal(
+        kth_smallest(transposed, 3), torch.kthvalue(transposed.float(), 3, dim=-1, keepdim=True).values.to(dtype)
+    )

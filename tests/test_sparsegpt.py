@@ -198,6 +198,17 @@ def test_inverse_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
     upper, used = inverse_hessian_factor(hessian, 0.01)
     damped = hessian + 0.01 * hessian.diagonal().mean() * torch.eye(24, dtype=torch.float64)
     assert used == 0.01
-    assert torch.equal(upper, upper.triu())
+    assert torch.equal(upper, upper.triu()) and bool((upper.diagonal() > 0).all())  # so the factor is unique
     assert torch.allclose(upper.t() @ upper, torch.linalg.inv(damped), rtol=1e-8, atol=1e-12)
+    assert torch.allclose(upper, torch.linalg.cholesky(torch.linalg.inv(damped), upper=True), rtol=1e-8, atol=1e-12)
     assert torch.equal(hessian, before)  # the input is not modified
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 6, 9])
+def test_reverse_in_place_is_a_flip_of_both_dimensions(n):
+    from prunekit.solvers.sparsegpt import reverse_in_place
+
+    matrix = torch.arange(n * n, dtype=torch.float32).reshape(n, n)
+    expected = matrix.flip(0, 1)
+    result = reverse_in_place(matrix, chunk=2)  # chunks that do and do not divide n // 2
+    assert result is matrix and torch.equal(result, expected)

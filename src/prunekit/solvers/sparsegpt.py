@@ -48,15 +48,17 @@ class SparseGPTResult:
     dampening: float
 
 
-#: Width of the bands in which :func:`accumulate_gram` computes the upper triangle of ``X^T X``.
-GRAM_BAND = 256
+#: Width of the bands in which :func:`accumulate_gram` computes the upper triangle of ``X^T X``. 128 was
+#: the fastest of 96-256 for 576- and 1536-wide inputs of 512 tokens on the CPU (1.34 ms vs 1.72 ms for
+#: the full product at 576; 5.0 vs 8.5 ms at 1536).
+GRAM_BAND = 128
 
 
 def accumulate_gram(gram: torch.Tensor | None, inputs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``gram + X^T X`` for a ``(..., in)`` input batch, computed in ``dtype`` (float32 or float64), *upper
-    triangle only*: row bands of :data:`GRAM_BAND` from the diagonal rightwards (about 60% of the products
-    of the full matrix; the lower triangle is left alone). Call :func:`complete_gram` once all batches are
-    in.
+    triangle only*: row bands of :data:`GRAM_BAND` from the diagonal rightwards (54-62% of the products
+    of the full matrix at widths 576-1536; the lower triangle is left alone). Call :func:`complete_gram`
+    once all batches are in.
 
     The factor 2 of ``H = 2 X X^T`` and any normalisation by the token count are left out: the solution
     and the relative dampening do not depend on the scale of ``H``.
@@ -80,11 +82,33 @@ def complete_gram(gram: torch.Tensor) -> torch.Tensor:
     return gram
 
 
+def reverse_in_place(matrix: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """``matrix.flip(0, 1)`` of a square matrix, written over ``matrix`` (row ``i`` becomes row ``n-1-i``
+    reversed), swapping ``chunk`` rows at a time so that no second full-size matrix is allocated."""
+    n = matrix.shape[0]
+    half = n // 2
+    for start in range(0, half, chunk):
+        end = min(start + chunk, half)
+        top = matrix[start:end].flip(0, 1)
+        matrix[start:end] = matrix[n - end : n - start].flip(0, 1)
+        matrix[n - end : n - start] = top
+    if n % 2:
+        matrix[half] = matrix[half].flip(0)
+    return matrix
+
+
 def inverse_hessian_factor(
     hessian: torch.Tensor, dampening: float, layer_name: str = "layer"
 ) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor ``U`` of ``(H + lambda I)^-1`` (``U^T U = (H + lambda I)^-1``), with
     ``lambda = dampening * mean(diag H)``. Does not modify ``hessian``.
+
+    ``U`` is found without forming the inverse: with ``J`` the order-reversing permutation, the lower
+    Cholesky factor ``L`` of ``J H J`` gives ``H = (J L J)(J L J)^T``, so ``U = (J L J)^-1 = J L^-1 J``, which
+    is upper triangular. One factorisation and one triangular solve instead of the usual factorise,
+    invert (``cholesky_inverse``) and factorise again: half the time (35 vs 69 ms at width 1536, 0.7 vs
+    1.0 s at 4096 on 2 CPU cores), same accuracy (relative difference ~1e-6 in float32). Three ``(in,
+    in)`` matrices are alive at most: ``hessian``, the factor and the solution.
 
     If ``H`` is not positive definite after dampening, the dampening is raised tenfold up to
     :data:`DAMPENING_RETRIES` times; then :class:`~prunekit.errors.NumericalError` names the layer.
@@ -94,17 +118,18 @@ def inverse_hessian_factor(
     fractions = [dampening] + [max(dampening, 1e-4) * 10**t for t in range(1, DAMPENING_RETRIES + 1)]
     info = torch.empty((), dtype=torch.int32, device=hessian.device)
     for fraction in fractions:
-        # One working matrix, factorised, inverted and factorised again in place: with ``hessian``, two
-        # (in, in) matrices are alive at most; ``hessian`` stays intact for a retry.
-        work = hessian.clone()
+        work = hessian.flip(0, 1)  # J H J, a copy: ``hessian`` stays intact for a retry
         torch.diagonal(work).add_(fraction * mean_diag)
         torch.linalg.cholesky_ex(work, out=(work, info))
         if int(info) == 0:
-            torch.cholesky_inverse(work, out=work)
-            torch.linalg.cholesky_ex(work, upper=True, out=(work, info))
-            if int(info) == 0 and torch.isfinite(work).all():
-                return work, fraction
-        del work
+            inverse = torch.eye(work.shape[0], dtype=work.dtype, device=work.device)
+            torch.linalg.solve_triangular(work, inverse, upper=False, out=inverse)  # L^-1, in place
+            del work
+            if torch.isfinite(inverse).all():
+                return reverse_in_place(inverse), fraction
+            del inverse
+        else:
+            del work
     raise NumericalError(
         f"the Hessian of layer {layer_name!r} is not positive definite even with dampening "
         f"{fractions[-1]:g} x mean diagonal: use more (or more varied) calibration samples, "
