@@ -10,6 +10,10 @@ scored by the same perplexity code.
     python bench/bench_oneshot.py --peer-python .venv-peer/bin/python                      # Wanda, ~25 min
     python bench/bench_oneshot.py --peer-python .venv-peer/bin/python --suite sparsegpt    # SparseGPT
 
+Each pattern's prunekit runs are followed directly by the peer's, and ``--time-rounds N`` repeats every
+timed run N times in that order; times are then medians, and the time ratio is the median of the ratios
+taken within each round (the machine's speed drifts over minutes, so runs far apart are not compared).
+
 Writes ``bench/results/oneshot_smollm2.json`` (Wanda suite) or ``sparsegpt_smollm2.json``.
 """
 
@@ -19,6 +23,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -86,6 +91,9 @@ def main() -> int:
     parser.add_argument("--ppl-seqlen", type=int, default=2048)
     parser.add_argument("--suite", choices=sorted(SUITES), default="wanda", help="which methods to compare")
     parser.add_argument("--skip-dense", action="store_true", help="do not re-evaluate the dense model")
+    parser.add_argument(
+        "--time-rounds", type=int, default=1, help="repeat every timed run this many times, interleaved (median)"
+    )
     parser.add_argument("--out", default=None, help="result JSON (default: bench/results/<suite file>)")
     args = parser.parse_args()
     prunekit_runs, peer_runs = SUITES[args.suite]
@@ -102,50 +110,62 @@ def main() -> int:
     save_file({"input_ids": calib.contiguous()}, str(calib_file))
     del dense
 
-    runs = []
-    for method, pattern, propagation in prunekit_runs:
-        name = f"prunekit-{method}-{pattern.replace(':', 'of')}-{propagation}"
-        out = work / name
-        cmd = [
-            sys.executable, "-m", "prunekit.cli", "-q", "prune", str(model_dir), "--method", method,
-            *pattern_flags(pattern), "--calib", str(valid), "--nsamples", str(args.nsamples),
-            "--seqlen", str(args.seqlen), "--seed", "0", "--device", "cpu", "--propagation", propagation,
-            "--out", str(out), "--overwrite",
-        ]  # fmt: skip
-        code, wall, rss = run_measured(cmd, work / f"{name}.log")
-        if code != 0:
-            raise SystemExit(f"{name} failed; see {work / (name + '.log')}")
-        report = json.loads((out / "prunekit-report" / "report.json").read_text())
-        runs.append(
-            {"tool": "prunekit", "method": method, "pattern": pattern, "propagation": propagation,
-             "dir": str(out), "process_wall_s": wall,
-             "prune_seconds": report["summary"]["prune_seconds"], "peak_rss_gib": rss,
-             "sparsity": report["summary"]["overall_sparsity"], "command": " ".join(cmd)}
-        )  # fmt: skip
-        log.info("%s: prune %.1f s, peak RSS %.2f GiB", name, runs[-1]["prune_seconds"], rss)
-
-    peer_python = args.peer_python
-    if peer_python and Path(peer_python).exists():
-        for method, pattern in peer_runs:
+    peer_python = args.peer_python if args.peer_python and Path(args.peer_python).exists() else None
+    if peer_python is None:
+        log.warning("no --peer-python: llm-compressor is not compared")
+    jobs = []  # (record, command, log name), each pattern's prunekit runs followed by the peer's
+    for pattern in ("unstructured", "2:4"):
+        for method, run_pattern, propagation in prunekit_runs:
+            if run_pattern != pattern:
+                continue
+            name = f"prunekit-{method}-{pattern.replace(':', 'of')}-{propagation}"
+            out = work / name
+            cmd = [
+                sys.executable, "-m", "prunekit.cli", "-q", "prune", str(model_dir), "--method", method,
+                *pattern_flags(pattern), "--calib", str(valid), "--nsamples", str(args.nsamples),
+                "--seqlen", str(args.seqlen), "--seed", "0", "--device", "cpu", "--propagation", propagation,
+                "--out", str(out), "--overwrite",
+            ]  # fmt: skip
+            record = {"tool": "prunekit", "method": method, "pattern": pattern, "propagation": propagation,
+                      "dir": str(out), "command": " ".join(cmd)}  # fmt: skip
+            jobs.append((record, cmd, name))
+        for method, run_pattern in peer_runs if peer_python else []:
+            if run_pattern != pattern:
+                continue
             name = f"llmcompressor-{method}-{pattern.replace(':', 'of')}"
-            out, result = work / name, work / f"{name}.json"
+            out = work / name
             cmd = [
                 peer_python, str(ROOT / "bench" / "peer_llmcompressor.py"), "--model", str(model_dir),
                 "--calib-ids", str(calib_file), "--method", method, *pattern_flags(pattern),
-                "--out", str(out), "--result", str(result),
+                "--out", str(out), "--result", str(work / f"{name}.json"),
             ]  # fmt: skip
+            jobs.append(({"tool": "llm-compressor", "method": method, "pattern": pattern, "dir": str(out),
+                          "command": " ".join(cmd)}, cmd, name))  # fmt: skip
+
+    # The machine's speed drifts (by up to 1.5x within minutes), so the timed runs are repeated in rounds:
+    # every round runs each pattern's prunekit runs and then the peer's, and the time ratios are taken
+    # within a round, between runs minutes apart.
+    for round_index in range(args.time_rounds):
+        for record, cmd, name in jobs:
             code, wall, rss = run_measured(cmd, work / f"{name}.log")
             if code != 0:
                 raise SystemExit(f"{name} failed; see {work / (name + '.log')}")
-            peer = json.loads(result.read_text())
-            runs.append(
-                {"tool": "llm-compressor", "version": peer.get("version"), "method": method, "pattern": pattern,
-                 "dir": str(out), "process_wall_s": wall, "prune_seconds": peer["prune_seconds"],
-                 "peak_rss_gib": rss, "sparsity": peer.get("measured_sparsity_of_targets"), "command": " ".join(cmd)}
-            )  # fmt: skip
-            log.info("%s: prune %.1f s, peak RSS %.2f GiB", name, peer["prune_seconds"], rss)
-    else:
-        log.warning("no --peer-python: llm-compressor is not compared")
+            if record["tool"] == "prunekit":
+                report = json.loads((Path(record["dir"]) / "prunekit-report" / "report.json").read_text())
+                seconds, sparsity = report["summary"]["prune_seconds"], report["summary"]["overall_sparsity"]
+            else:
+                peer = json.loads((work / f"{name}.json").read_text())
+                seconds, sparsity = peer["prune_seconds"], peer.get("measured_sparsity_of_targets")
+                record["version"] = peer.get("version")
+            record.setdefault("prune_seconds_per_round", []).append(seconds)
+            record.setdefault("process_wall_s_per_round", []).append(wall)
+            record["peak_rss_gib"] = max(rss, record.get("peak_rss_gib", 0.0))
+            record["sparsity"] = sparsity
+            log.info("round %d, %s: prune %.1f s, peak RSS %.2f GiB", round_index + 1, name, seconds, rss)
+    runs = [record for record, _, _ in jobs]
+    for record in runs:
+        record["prune_seconds"] = statistics.median(record["prune_seconds_per_round"])
+        record["process_wall_s"] = statistics.median(record["process_wall_s_per_round"])
 
     dense_run = [] if args.skip_dense else [{"tool": "dense", "method": "dense", "pattern": "-", "dir": str(model_dir)}]
     evaluated = [*dense_run, *runs]
@@ -163,10 +183,14 @@ def main() -> int:
         peer = next((r for r in runs if r["tool"] == "llm-compressor" and r["pattern"] == pattern), None)
         for ours in runs:
             if peer and ours["tool"] == "prunekit" and ours["method"] == peer["method"] and ours["pattern"] == pattern:
+                paired = [
+                    a / b for a, b in zip(ours["prune_seconds_per_round"], peer["prune_seconds_per_round"], strict=True)
+                ]
                 summary[f"{ours['method']} {pattern} {ours['propagation']}"] = {
                     "ppl_prunekit": ours["perplexity"],
                     "ppl_llmcompressor": peer["perplexity"],
-                    "time_ratio_prunekit_over_llmcompressor": ours["prune_seconds"] / peer["prune_seconds"],
+                    "time_ratio_prunekit_over_llmcompressor": statistics.median(paired),
+                    "time_ratio_per_round": paired,
                     "peak_rss_gib_prunekit": ours["peak_rss_gib"],
                     "peak_rss_gib_llmcompressor": peer["peak_rss_gib"],
                 }

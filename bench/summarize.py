@@ -10,6 +10,12 @@ import sys
 from pathlib import Path
 
 
+def per_round(row: dict) -> str:
+    """`` (0.45, 0.48)``: the ratio of each timing round, when there was more than one."""
+    rounds = row.get("time_ratio_per_round", [])
+    return f" ({', '.join(f'{r:.2f}' for r in rounds)})" if len(rounds) > 1 else ""
+
+
 def main() -> int:
     result = json.loads(Path(sys.argv[1]).read_text())
     print("| tool | method | pattern | statistics | perplexity | prune s | peak RSS GiB | sparsity |")
@@ -29,7 +35,7 @@ def main() -> int:
     for name, row in result["summary"].items():
         print(
             f"| {name} | {row['ppl_prunekit']:.3f} | {row['ppl_llmcompressor']:.3f} | "
-            f"{row['time_ratio_prunekit_over_llmcompressor']:.2f} | "
+            f"{row['time_ratio_prunekit_over_llmcompressor']:.2f}{per_round(row)} | "
             f"{row['peak_rss_gib_prunekit']:.2f} / {row['peak_rss_gib_llmcompressor']:.2f} |"
         )
     return 0

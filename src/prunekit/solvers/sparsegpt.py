@@ -210,8 +210,9 @@ def sparsegpt_prune(
         hessian = inverse_hessian(hessian.to(weight.device), dampening, layer_name)
     hinv = hessian.upper.to(weight.device)
     work = hinv.dtype
-    # Work on W^T (in, out): a column of W is then a contiguous row, which keeps the per-column steps cheap.
-    wt = weight.detach().t().to(work).clone()
+    # Work on W^T (in, out): a column of W is then a contiguous row, which keeps the per-column steps cheap
+    # (a plain ``clone()`` would keep the transposed strides: the column loop then runs 3-4x slower).
+    wt = weight.detach().t().to(work).clone(memory_format=torch.contiguous_format)
     wt[hessian.dead.to(weight.device)] = 0.0
 
     keep_t = torch.ones(cols, rows, dtype=torch.bool, device=weight.device)
