@@ -212,3 +212,16 @@ def test_reverse_in_place_is_a_flip_of_both_dimensions(n):
     expected = matrix.flip(0, 1)
     result = reverse_in_place(matrix, chunk=2)  # chunks that do and do not divide n // 2
     assert result is matrix and torch.equal(result, expected)
+
+
+@pytest.mark.parametrize("n", [1, 5, 8, 9, 23])
+def test_triangular_inverse_in_place_matches_a_solve(n):
+    from prunekit.solvers.sparsegpt import invert_lower_triangular_in_place
+
+    generator = torch.Generator().manual_seed(n)
+    lower = torch.randn(n, n, generator=generator, dtype=torch.float64).tril()
+    lower.diagonal().copy_(lower.diagonal().abs() + 1)
+    expected = torch.linalg.solve_triangular(lower, torch.eye(n, dtype=torch.float64), upper=False)
+    result = invert_lower_triangular_in_place(lower.clone(), base=2, chunk=3)  # deep recursion, ragged chunks
+    assert torch.allclose(result, expected, rtol=1e-10, atol=1e-12)
+    assert torch.equal(result.triu(1), torch.zeros(n, n, dtype=torch.float64))
