@@ -3,6 +3,7 @@ statistics against the two-pass ``block`` statistics (which reproduce llm-compre
 BENCHMARKS.md), for other calibration seeds, same setting as ``bench_oneshot.py`` otherwise.
 
     python bench/bench_propagation_seeds.py --seeds 1      # ~9 min per seed here
+    python bench/bench_propagation_seeds.py --seeds 0 1 2 --propagations dense --out bench/results/propagation_dense.json
 
 Writes ``bench/results/propagation_seeds.json``.
 """
@@ -26,14 +27,18 @@ DATA = ROOT.parent / "shared" / "data"
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1])
+    parser.add_argument("--patterns", nargs="+", default=["unstructured", "2:4"])
+    parser.add_argument(
+        "--propagations", nargs="+", default=["sequential", "block"], choices=["sequential", "block", "dense"]
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "propagation_seeds.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     model_dir = str(prepare_bundled_model())
     rows = []
     for seed in args.seeds:
-        for pattern in ("unstructured", "2:4"):
-            for propagation in ("sequential", "block"):
+        for pattern in args.patterns:
+            for propagation in args.propagations:
                 loaded = prunekit.load_model(model_dir)
                 calib = prunekit.calibration_windows(loaded.tokenizer, DATA / "wikitext2_valid.txt", 32, 512, seed)
                 config = prunekit.PruneConfig(device="cpu", pattern=pattern, propagation=propagation)
