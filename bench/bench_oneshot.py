@@ -53,6 +53,7 @@ SUITES = {
             ("wanda", "2:4", "sequential"),
             ("wanda", "unstructured", "block"),
             ("wanda", "2:4", "block"),
+            ("wanda", "unstructured", "dense"),
         ],
         [("wanda", "unstructured"), ("wanda", "2:4")],
     ),
