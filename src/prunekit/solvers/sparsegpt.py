@@ -278,7 +278,7 @@ def sparsegpt_prune(
             sub_end = min(sub + inner, width)
             # Column i updates columns i..sub_end of the sub-block. ``hinv`` is upper triangular, so its row
             # over the whole sub-block is zero left of i and the update can span the whole sub-block: one
-            # slice per sub-block instead of two per column (the loop is bound by per-operation overhead).
+            # slice per sub-block instead of two per column.
             sub_block = block[sub:sub_end]
             hinv_rows = hinv_block[sub:sub_end, sub:sub_end].unbind(0)
             for i in range(sub, sub_end):
