@@ -255,8 +255,8 @@ def run_sequential(
         two_passes = propagation == "block"
         with torch.no_grad():
             outputs = runner.run([make_job(b, release=not two_passes) for b in range(n_batches)])
-        if two_passes:  # second pass: outputs of the pruned block
-            outputs = [make_job(b, release=True)() for b in range(n_batches)]
+            if two_passes:  # second pass: outputs of the pruned block
+                outputs = [make_job(b, release=True)() for b in range(n_batches)]
         hidden = list(outputs)
         reached = {id(m) for m in runner.finalized}
         for target in layer_targets:
