@@ -46,7 +46,10 @@ def test_every_target_reaches_exact_sparsity_and_the_rest_is_untouched(family, p
 def test_one_pass_engine_equals_the_many_pass_oracle(family, calibration):
     model = tiny_model(family)
     ours = prunekit.prune(
-        model, prunekit.PruneConfig(method="wanda", sparsity=0.5, batch_size=2), calibration, progress=False
+        model,
+        prunekit.PruneConfig(method="wanda", sparsity=0.5, batch_size=2, propagation="sequential"),
+        calibration,
+        progress=False,
     )
 
     def wanda(w, x_all):
@@ -159,7 +162,9 @@ def test_block_and_dense_propagation_equal_their_oracles(propagation, propagate,
     oracle = _oracle_block_wanda(tiny_model("llama"), calibration, 0.5, propagate)
     for (name, a), (_, b) in zip(ours.model.state_dict().items(), oracle.state_dict().items(), strict=True):
         assert torch.equal(a == 0, b == 0), f"masks differ at {name}"
-    sequential = prunekit.prune(tiny_model("llama"), prunekit.PruneConfig(), calibration, progress=False)
+    sequential = prunekit.prune(
+        tiny_model("llama"), prunekit.PruneConfig(propagation="sequential"), calibration, progress=False
+    )
     differs = [
         name
         for (name, a), (_, b) in zip(
@@ -237,3 +242,25 @@ def test_every_block_forward_runs_without_autograd(propagation, calibration):
     passes = 2 if propagation == "block" else 1
     assert len(grad_modes) >= passes * len(model.model.layers) * calibration.shape[0]
     assert not any(grad_modes)
+
+
+@pytest.mark.parametrize(
+    ("method", "pattern", "expected"),
+    [
+        ("wanda", "unstructured", "dense"),
+        ("wanda", "2:4", "sequential"),
+        ("sparsegpt", "unstructured", "sequential"),
+        ("sparsegpt", "2:4", "sequential"),
+        ("magnitude", "unstructured", "sequential"),
+    ],
+)
+def test_auto_propagation_resolves_by_method_and_pattern(method, pattern, expected, calibration):
+    config = prunekit.PruneConfig(method=method, pattern=pattern)
+    assert config.propagation == "auto" and config.resolved_propagation() == expected
+    assert prunekit.PruneConfig(method=method, pattern=pattern, propagation="block").resolved_propagation() == "block"
+    if method == "wanda":  # and the engine runs that mode: same masks as asking for it by name
+        auto = prunekit.prune(tiny_model("llama"), config, calibration, progress=False)
+        named = prunekit.PruneConfig(method=method, pattern=pattern, propagation=expected)
+        explicit = prunekit.prune(tiny_model("llama"), named, calibration, progress=False)
+        for (name, a), (_, b) in zip(auto.model.state_dict().items(), explicit.model.state_dict().items(), strict=True):
+            assert torch.equal(a, b), name

@@ -102,9 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offload-activations", action="store_true", default=None, help="keep activations on CPU")
     p.add_argument(
         "--propagation",
-        choices=["sequential", "block", "dense"],
+        choices=["auto", "sequential", "block", "dense"],
         default=None,
-        help="inputs behind the statistics: sequential (default, 1 pass), block (2 passes), dense (1 pass)",
+        help="inputs behind the statistics: sequential (1 pass), block (2 passes), dense (1 pass); auto (default): "
+        "dense for unstructured Wanda, sequential otherwise",
     )
     p.add_argument(
         "--lazy",

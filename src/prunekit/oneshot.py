@@ -214,7 +214,7 @@ def prune(
                 batch_size=config.batch_size,
                 sample_tokens=config.sample_tokens,
                 offload_activations=config.offload_activations,
-                propagation=config.propagation,
+                propagation=config.resolved_propagation(),
                 gram_dtype=getattr(torch, config.hessian_dtype) if info.needs_hessian else None,
                 stream=stream,
                 progress=progress,

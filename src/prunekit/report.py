@@ -48,6 +48,7 @@ def build_report(
         "model": model_source,
         "pattern": str(recipe.prune.parsed_pattern()),
         "method": recipe.prune.method,
+        "propagation": recipe.prune.resolved_propagation(),
         "calibration": {
             "windows": result.calibration_shape[0] if result.calibration_shape else 0,
             "seqlen": result.calibration_shape[1] if result.calibration_shape else 0,
@@ -98,7 +99,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         f"- model: `{report['model']}`",
         f"- method: **{report['method']}**, pattern: **{report['pattern']}**",
-        f"- calibration: {report['calibration']['windows']} windows x {report['calibration']['seqlen']} tokens",
+        f"- calibration: {report['calibration']['windows']} windows x {report['calibration']['seqlen']} tokens"
+        + (f", statistics: {report['propagation']}" if report.get("propagation") else ""),
         f"- overall sparsity of {s['layers']} target layers: {s['overall_sparsity']:.4%}",
         f"- mean relative reconstruction error: {_fmt(s['mean_relative_error'])}",
         f"- prune time: {s['prune_seconds']:.1f} s; peak RSS while pruning: {s['prune_peak_rss_gib']:.2f} GiB"
