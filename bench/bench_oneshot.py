@@ -7,7 +7,7 @@ tokens drawn with seed 0 from ``wikitext2_valid.txt``; perplexity on the first 4
 tools (prunekit: ``prune()``; llm-compressor: the ``oneshot`` call). Every checkpoint, both tools', is then
 scored by the same perplexity code.
 
-    python bench/bench_oneshot.py --peer-python .venv-peer/bin/python                      # Wanda, ~25 min
+    python bench/bench_oneshot.py --peer-python .venv-peer/bin/python --time-rounds 2      # Wanda, ~65 min
     python bench/bench_oneshot.py --peer-python .venv-peer/bin/python --suite sparsegpt    # SparseGPT
 
 Each pattern's prunekit runs are followed directly by the peer's, and ``--time-rounds N`` repeats every

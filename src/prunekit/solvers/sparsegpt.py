@@ -272,7 +272,7 @@ def sparsegpt_prune(
         block_rows, scaled_rows, error_rows = block.unbind(0), scaled.unbind(0), errors.unbind(0)
         if nm is not None:  # views of each group of M columns, made once per block
             block_groups, scaled_groups = block.split(nm.m), scaled.split(nm.m)
-            divisor_groups = inverse_diag_sq.split(nm.m)  # 1 / [H^-1]_cc^2
+            inverse_diag_sq_groups = inverse_diag_sq.split(nm.m)  # 1 / [H^-1]_cc^2
             removed_groups = inverse_diag_col.expand(-1, block.shape[1]).split(nm.m)  # `scaled` if all removed
         for sub in range(0, width, inner):  # lazy updates inside the block too: same result, less traffic
             sub_end = min(sub + inner, width)
@@ -284,7 +284,7 @@ def sparsegpt_prune(
             for i in range(sub, sub_end):
                 if nm is not None and i % nm.m == 0:  # the N best of the group (w^2 / [H^-1]_cc^2) are kept
                     group = i // nm.m
-                    group_scores = block_groups[group].square().mul_(divisor_groups[group])
+                    group_scores = block_groups[group].square().mul_(inverse_diag_sq_groups[group])
                     best = torch.topk(group_scores, nm.n, dim=0, sorted=False).indices  # 4x faster than a sort
                     torch.scatter(removed_groups[group], 0, best, 0.0, out=scaled_groups[group])
                 error = torch.mul(block_rows[i], scaled_rows[i], out=error_rows[i])  # OBS step (Eq. 3), all rows
