@@ -41,26 +41,31 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 log = logging.getLogger("bench_oneshot")
 
-# Per suite: prunekit's (method, pattern, propagation) runs and llm-compressor's (method, pattern) runs.
-# "sequential" is prunekit's default one-pass engine; "block" reproduces the dense-within-block statistics of
-# the Wanda reference code and llm-compressor (two passes per block).
+# Per suite: prunekit's (method, pattern, propagation, refit steps) runs and llm-compressor's (method,
+# pattern) runs. "sequential" is prunekit's one-pass engine; "block" reproduces the dense-within-block
+# statistics of the Wanda reference code and llm-compressor (two passes per block). Refit steps ``None``
+# are prunekit's default (4 for SparseGPT, 0 otherwise); 0 is the paper's SparseGPT.
 SUITES = {
     "wanda": (
         [
-            ("magnitude", "unstructured", "sequential"),
-            ("magnitude", "2:4", "sequential"),
-            ("wanda", "unstructured", "sequential"),
-            ("wanda", "2:4", "sequential"),
-            ("wanda", "unstructured", "block"),
-            ("wanda", "2:4", "block"),
-            ("wanda", "unstructured", "dense"),
+            ("magnitude", "unstructured", "sequential", None),
+            ("magnitude", "2:4", "sequential", None),
+            ("wanda", "unstructured", "sequential", None),
+            ("wanda", "2:4", "sequential", None),
+            ("wanda", "unstructured", "block", None),
+            ("wanda", "2:4", "block", None),
+            ("wanda", "unstructured", "dense", None),
         ],
         [("wanda", "unstructured"), ("wanda", "2:4")],
     ),
     "sparsegpt": (
         [
-            ("sparsegpt", "unstructured", "sequential"),
-            ("sparsegpt", "2:4", "sequential"),
+            ("sparsegpt", "unstructured", "sequential", None),
+            ("sparsegpt", "unstructured", "sequential", 0),
+            ("wanda", "unstructured", "sequential", 4),
+            ("sparsegpt", "2:4", "sequential", None),
+            ("sparsegpt", "2:4", "sequential", 0),
+            ("wanda", "2:4", "sequential", 4),
         ],
         [("sparsegpt", "unstructured"), ("sparsegpt", "2:4")],
     ),
@@ -116,19 +121,20 @@ def main() -> int:
         log.warning("no --peer-python: llm-compressor is not compared")
     jobs = []  # (record, command, log name), each pattern's prunekit runs followed by the peer's
     for pattern in ("unstructured", "2:4"):
-        for method, run_pattern, propagation in prunekit_runs:
+        for method, run_pattern, propagation, refit in prunekit_runs:
             if run_pattern != pattern:
                 continue
-            name = f"prunekit-{method}-{pattern.replace(':', 'of')}-{propagation}"
+            label = propagation if refit is None else f"{propagation}-refit{refit}"
+            name = f"prunekit-{method}-{pattern.replace(':', 'of')}-{label}"
             out = work / name
             cmd = [
                 sys.executable, "-m", "prunekit.cli", "-q", "prune", str(model_dir), "--method", method,
                 *pattern_flags(pattern), "--calib", str(valid), "--nsamples", str(args.nsamples),
                 "--seqlen", str(args.seqlen), "--seed", "0", "--device", "cpu", "--propagation", propagation,
-                "--out", str(out), "--overwrite",
+                *([] if refit is None else ["--refit-steps", str(refit)]), "--out", str(out), "--overwrite",
             ]  # fmt: skip
             record = {"tool": "prunekit", "method": method, "pattern": pattern, "propagation": propagation,
-                      "dir": str(out), "command": " ".join(cmd)}  # fmt: skip
+                      "label": label, "dir": str(out), "command": " ".join(cmd)}  # fmt: skip
             jobs.append((record, cmd, name))
         for method, run_pattern in peer_runs if peer_python else []:
             if run_pattern != pattern:
@@ -183,13 +189,14 @@ def main() -> int:
     for pattern in ("unstructured", "2:4"):
         peer = next((r for r in runs if r["tool"] == "llm-compressor" and r["pattern"] == pattern), None)
         for ours in runs:
-            if peer and ours["tool"] == "prunekit" and ours["method"] == peer["method"] and ours["pattern"] == pattern:
+            if peer and ours["tool"] == "prunekit" and ours["pattern"] == pattern:
                 paired = [
                     a / b for a, b in zip(ours["prune_seconds_per_round"], peer["prune_seconds_per_round"], strict=True)
                 ]
-                summary[f"{ours['method']} {pattern} {ours['propagation']}"] = {
+                summary[f"{ours['method']} {pattern} {ours['label']}"] = {
                     "ppl_prunekit": ours["perplexity"],
                     "ppl_llmcompressor": peer["perplexity"],
+                    "llmcompressor_method": peer["method"],
                     "time_ratio_prunekit_over_llmcompressor": statistics.median(paired),
                     "time_ratio_per_round": paired,
                     "peak_rss_gib_prunekit": ours["peak_rss_gib"],

@@ -13,6 +13,7 @@ from prunekit.models.blocks import find_decoder_blocks
 from prunekit.models.targets import find_targets, weight_matrix
 from prunekit.patterns import NM, Unstructured, nm_mask, unstructured_mask
 from prunekit.solvers import accumulate_gram, complete_gram, inverse_hessian_factor, sparsegpt_prune
+from prunekit.solvers.refit import refit_kept_weights
 
 
 def test_two_by_two_by_hand():
@@ -173,8 +174,10 @@ def test_engine_equals_the_many_pass_oracle(family, calibration):
     config = prunekit.PruneConfig(method="sparsegpt", sparsity=0.5, block_size=16, hessian_dtype="float64")
     ours = prunekit.prune(tiny_model(family), config, calibration, progress=False)
 
-    def solve(w, x_all):
-        return sparsegpt_prune(w, x_all.double().t() @ x_all.double(), Unstructured(0.5, "layer"), block_size=16).weight
+    def solve(w, x_all):  # SparseGPT, then the default refit of the kept weights (4 steps)
+        hessian = x_all.double().t() @ x_all.double()
+        solved = sparsegpt_prune(w, hessian, Unstructured(0.5, "layer"), block_size=16)
+        return refit_kept_weights(w, solved.weight, solved.keep, hessian, 4, dampening=solved.dampening)
 
     oracle = true_sequential_oracle(tiny_model(family), calibration, solve)
     for (name, a), (_, b) in zip(ours.model.state_dict().items(), oracle.state_dict().items(), strict=True):

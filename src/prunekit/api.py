@@ -82,12 +82,13 @@ def run_recipe(recipe: Recipe, command: str | None = None, progress: bool = True
     report_dir = None
     if recipe.output.report_dir:
         report_dir = check_output_dir(recipe.output.report_dir, recipe.output.overwrite)
-    needs_data = method_info(recipe.prune.method).needs_activations
     has_calibration = bool(recipe.calibration.path or recipe.calibration.dataset)
-    if needs_data and not has_calibration:
-        raise CalibrationError(
-            f"method {recipe.prune.method!r} needs calibration text: pass --calib FILE (e.g. a validation split)"
-        )
+    if recipe.prune.needs_calibration() and not has_calibration:
+        if method_info(recipe.prune.method).needs_activations:
+            problem, fix = f"method {recipe.prune.method!r}", ""
+        else:
+            problem, fix = "refitting the kept weights (--refit-steps)", ", or --refit-steps 0"
+        raise CalibrationError(f"{problem} needs calibration text: pass --calib FILE (e.g. a validation split){fix}")
     if has_calibration:
         check_window_args(recipe.calibration.nsamples, recipe.calibration.seqlen)
     if recipe.calibration.path:

@@ -37,6 +37,7 @@ _PRUNE_FLAGS = {
     "dampening": ("prune", "dampening"),
     "block_size": ("prune", "block_size"),
     "hessian_dtype": ("prune", "hessian_dtype"),
+    "refit_steps": ("prune", "refit_steps"),
     "dtype": ("model", "dtype"),
     "trust_remote_code": ("model", "trust_remote_code"),
     "lazy": ("model", "lazy"),
@@ -116,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dampening", type=float, default=None, help="sparsegpt: fraction of mean diag(H) (default 0.01)")
     p.add_argument("--block-size", type=int, default=None, help="sparsegpt: columns per lazy update (default 128)")
     p.add_argument("--hessian-dtype", choices=["float32", "float64"], default=None, help="sparsegpt (default float32)")
+    p.add_argument(
+        "--refit-steps",
+        type=int,
+        default=None,
+        help="conjugate-gradient steps refitting the kept weights to the dense output after masking (default 4 for "
+        "sparsegpt, 0 otherwise; 0 = the paper's SparseGPT; any method with > 0 needs --calib)",
+    )
     p.add_argument("--ppl", default=None, help="text file to measure perplexity on, before and after")
     p.add_argument("--ppl-seqlen", type=int, default=None, help="perplexity window length (default 2048)")
     p.add_argument("--ppl-windows", type=int, default=None, help="use only the first N perplexity windows")

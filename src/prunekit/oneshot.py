@@ -29,6 +29,7 @@ from prunekit.models.loading import resolve_device
 from prunekit.models.targets import Target, find_targets, weight_matrix
 from prunekit.patterns import Pattern, check_pattern_fits, select_keep_mask
 from prunekit.scoring import LayerStats, method_info, score_weights
+from prunekit.solvers.refit import refit_kept_weights
 from prunekit.solvers.sparsegpt import inverse_hessian, sparsegpt_prune
 
 log = logging.getLogger(__name__)
@@ -121,8 +122,13 @@ def prune(
     config = config or PruneConfig()
     pattern = config.parsed_pattern()
     info = method_info(config.method)
-    if info.needs_activations and calibration is None:
-        raise ConfigError(f"method {config.method!r} needs calibration data: pass calibration token ids")
+    refit_steps = config.resolved_refit_steps()
+    if config.needs_calibration() and calibration is None:
+        if info.needs_activations:
+            raise ConfigError(f"method {config.method!r} needs calibration data: pass calibration token ids")
+        raise ConfigError(
+            "refitting the kept weights needs calibration data: pass calibration token ids or refit_steps=0"
+        )
     if calibration is not None and (calibration.dim() != 2 or calibration.numel() == 0):
         raise ConfigError(f"calibration must be a non-empty (nsamples, seqlen) tensor, got {tuple(calibration.shape)}")
 
@@ -161,18 +167,23 @@ def prune(
         elif method_info(method).needs_activations:
             log.warning("no calibration batch reached %s; pruning it by magnitude", target.name)
             method = "magnitude"
+        dampening = config.dampening
         if method_info(method).needs_hessian:
             if "sparsegpt" not in inputs.cache:  # once per input: q/k/v share it
                 assert inputs.gram is not None
                 inputs.cache["sparsegpt"] = inverse_hessian(
                     inputs.gram.to(weight.device), config.dampening, target.name
                 )
-                inputs.gram = None  # the inverse is all the solver needs from here on
+                if not refit_steps:
+                    inputs.gram = None  # the inverse is all the solver needs from here on
             solved = sparsegpt_prune(weight, inputs.cache["sparsegpt"], pattern, block_size=config.block_size)
-            mask, new_weight = Mask(solved.keep), solved.weight
+            mask, new_weight, dampening = Mask(solved.keep), solved.weight, solved.dampening
         else:
             mask = prune_weight(weight, method, pattern, stats, generator)
             new_weight = mask.apply(weight)
+        if refit_steps and inputs.gram is not None:
+            gram = inputs.gram.to(weight.device)
+            new_weight = refit_kept_weights(weight, new_weight, mask.keep, gram, refit_steps, dampening=dampening)
         error = None
         if inputs.sample is not None and inputs.sample.numel():
             error = relative_reconstruction_error(weight, new_weight, inputs.sample)
@@ -215,7 +226,7 @@ def prune(
                 sample_tokens=config.sample_tokens,
                 offload_activations=config.offload_activations,
                 propagation=config.resolved_propagation(),
-                gram_dtype=getattr(torch, config.hessian_dtype) if info.needs_hessian else None,
+                gram_dtype=getattr(torch, config.hessian_dtype) if config.needs_hessian() else None,
                 stream=stream,
                 progress=progress,
             )

@@ -1,5 +1,6 @@
 """Weight reconstruction: methods that update the kept weights, not only choose a mask."""
 
+from prunekit.solvers.refit import reconstruction_error, refit_kept_weights
 from prunekit.solvers.sparsegpt import (
     InverseHessian,
     SparseGPTResult,
@@ -17,5 +18,7 @@ __all__ = [
     "complete_gram",
     "inverse_hessian",
     "inverse_hessian_factor",
+    "reconstruction_error",
+    "refit_kept_weights",
     "sparsegpt_prune",
 ]
