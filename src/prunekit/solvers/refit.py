@@ -74,13 +74,47 @@ def refit_kept_weights(
     cols = pruned.shape[1]
     if hessian.shape != (cols, cols):
         raise ValueError(f"Hessian has shape {tuple(hessian.shape)}, expected ({cols}, {cols})")
+    device = pruned.device
     work = hessian.dtype if hessian.dtype in (torch.float32, torch.float64) else torch.float32
-    h = damped(hessian.to(device=pruned.device, dtype=work), dampening)
-    live = hessian.diagonal().to(pruned.device) != 0
-    free = (keep.to(pruned.device) & live).to(work)  # the entries CG may move
-    x = pruned.to(work) * keep.to(pruned.device)
+    h = hessian.to(device=device, dtype=work)  # not copied when it is already there; never modified
+    ridge = dampening * float(h.diagonal().mean())  # H + ridge I is applied as h @ v + ridge v: no copy of H
+    keep = keep.to(device)
+    free = keep & (h.diagonal() != 0)  # the entries CG may move: kept weights of live inputs
+    x = pruned.to(work) * keep
     if steps == 0:
         return x.to(pruned.dtype)
+    diagonal = h.diagonal() + ridge
+    inverse_diag = torch.where(diagonal > 0, 1.0 / diagonal, 0.0)  # 0 for dead inputs when undamped
+
+    def times_h(v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:  # (H + ridge I) v on the free entries
+        torch.matmul(v, h, out=out)
+        return out.add_(v, alpha=ridge).mul_(free)
+
+    def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # per-row a . b, as a column
+        return torch.linalg.vecdot(a, b, dim=1).unsqueeze(1)
+
+    # Four (out, in) buffers: x, the residual (-gradient / 2 of (x - w) H (x - w)^T), the search direction
+    # and its image under H (reused for the preconditioned residual).
+    residual = times_h(dense.to(device=device, dtype=work) - x, torch.empty_like(x))
+    direction = residual * inverse_diag
+    h_direction = torch.empty_like(x)
+    rz = row_dot(residual, direction)
+    tiny = torch.finfo(work).tiny
+    for step in range(steps):
+        times_h(direction, h_direction)
+        curvature = row_dot(direction, h_direction)
+        alpha = torch.where(curvature > tiny, rz / curvature.clamp_min(tiny), 0.0)  # converged rows stay put
+        x.addcmul_(alpha, direction)
+        if step == steps - 1:
+            break
+        residual.addcmul_(alpha, h_direction, value=-1)
+        preconditioned = torch.mul(residual, inverse_diag, out=h_direction)
+        rz_next = row_dot(residual, preconditioned)
+        beta = torch.where(rz > tiny, rz_next / rz.clamp_min(tiny), 0.0)
+        direction.mul_(beta).add_(preconditioned)
+        rz = rz_next
+    x.mul_(keep)  # exact zeros where pruned (steps only move free entries; this is a guard)
+    return x.to(pruned.dtype)
     diagonal = h.diagonal()
     inverse_diag = torch.where(diagonal > 0, 1.0 / diagonal, 0.0)  # 0 for dead inputs when undamped
     residual = (dense.to(device=pruned.device, dtype=work) - x) @ h  # -gradient / 2 of (x - w) H (x - w)^T
