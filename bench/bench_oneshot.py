@@ -8,13 +8,15 @@ tools (prunekit: ``prune()``; llm-compressor: the ``oneshot`` call). Every check
 scored by the same perplexity code.
 
     python bench/bench_oneshot.py --peer-python .venv-peer/bin/python --time-rounds 2      # Wanda, ~65 min
-    python bench/bench_oneshot.py --peer-python .venv-peer/bin/python --suite sparsegpt    # SparseGPT
+    python bench/bench_oneshot.py --peer-python .venv-peer/bin/python --suite sparsegpt-defaults --time-rounds 3
+    python bench/bench_oneshot.py --peer-python .venv-peer/bin/python --suite sparsegpt --time-rounds 2  # + variants
 
 Each pattern's prunekit runs are followed directly by the peer's, and ``--time-rounds N`` repeats every
 timed run N times in that order; times are then medians, and the time ratio is the median of the ratios
 taken within each round (the machine's speed drifts over minutes, so runs far apart are not compared).
 
-Writes ``bench/results/oneshot_smollm2.json`` (Wanda suite) or ``sparsegpt_smollm2.json``.
+Writes ``bench/results/oneshot_smollm2.json`` (Wanda suite), ``sparsegpt_smollm2.json`` (SparseGPT with
+prunekit's defaults) or ``sparsegpt_smollm2_variants.json`` (also without the refit, and Wanda with it).
 """
 
 from __future__ import annotations
@@ -58,6 +60,13 @@ SUITES = {
         ],
         [("wanda", "unstructured"), ("wanda", "2:4")],
     ),
+    "sparsegpt-defaults": (
+        [
+            ("sparsegpt", "unstructured", "sequential", None),
+            ("sparsegpt", "2:4", "sequential", None),
+        ],
+        [("sparsegpt", "unstructured"), ("sparsegpt", "2:4")],
+    ),
     "sparsegpt": (
         [
             ("sparsegpt", "unstructured", "sequential", None),
@@ -70,7 +79,11 @@ SUITES = {
         [("sparsegpt", "unstructured"), ("sparsegpt", "2:4")],
     ),
 }
-RESULT_FILES = {"wanda": "oneshot_smollm2.json", "sparsegpt": "sparsegpt_smollm2.json"}
+RESULT_FILES = {
+    "wanda": "oneshot_smollm2.json",
+    "sparsegpt": "sparsegpt_smollm2_variants.json",
+    "sparsegpt-defaults": "sparsegpt_smollm2.json",
+}
 
 
 def run_measured(cmd: list[str], log_file: Path) -> tuple[int, float, float]:

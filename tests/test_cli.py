@@ -144,7 +144,7 @@ def test_report_files(wanda_run: tuple[int, str, Path]) -> None:
         assert math.isfinite(ppl["perplexity"]) and ppl["perplexity"] > 1
         assert ppl["windows"] == 2 and ppl["seqlen"] == 64
     assert report["perplexity"]["before"]["perplexity"] != report["perplexity"]["after"]["perplexity"]
-    assert report["method"] == "wanda"
+    assert report["method"] == "wanda" and report["refit_steps"] == 0
     assert report["calibration"] == {"windows": 4, "seqlen": 32}
     layers = report["layers"]
     assert len(layers) == N_TARGETS == report["summary"]["layers"]
@@ -195,6 +195,11 @@ def test_print_recipe_shows_flags_over_recipe(ws: Workspace, capsys: pytest.Capt
     assert main(["prune", str(ws.model), "--recipe", str(recipe), "--sparsity", "0.6", "--print-recipe"]) == 0
     printed = capsys.readouterr().out
     assert "method: magnitude" in printed and "sparsity: 0.6" in printed and "nsamples: 8" in printed
+
+
+def test_refit_steps_flag_reaches_the_recipe(ws: Workspace, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["prune", str(ws.model), "--method", "wanda", "--refit-steps", "3", "--print-recipe"]) == 0
+    assert "refit_steps: 3" in capsys.readouterr().out
 
 
 def test_eval_prints_json_perplexity(ws: Workspace, capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,6 +10,7 @@ from models import tiny_model
 from prunekit.errors import ConfigError
 from prunekit.patterns import NM, Unstructured, nm_mask, unstructured_mask
 from prunekit.solvers import accumulate_gram, sparsegpt_prune
+from prunekit.solvers import refit as refit_module
 from prunekit.solvers.refit import damped, reconstruction_error, refit_kept_weights
 
 
@@ -77,6 +78,14 @@ def test_refit_lowers_the_error_of_wanda_and_sparsegpt_masks():
               ("sparsegpt_refit", sparsegpt_refit)]}  # fmt: skip
     assert error["wanda_refit"] < error["wanda"]
     assert error["sparsegpt_refit"] < 0.6 * error["sparsegpt"]
+
+
+def test_row_chunks_give_the_same_result(monkeypatch):
+    weight, _, hessian = _problem(rows=30)
+    keep = unstructured_mask(weight.abs(), 0.5, "row")
+    whole = refit_kept_weights(weight, weight * keep, keep, hessian, 5)
+    monkeypatch.setattr(refit_module, "REFIT_CHUNK_ELEMENTS", 7 * weight.shape[1])  # chunks of 7 rows, and 2
+    assert torch.allclose(refit_kept_weights(weight, weight * keep, keep, hessian, 5), whole, rtol=0, atol=1e-12)
 
 
 def test_dead_inputs_stay_as_given_and_give_no_nan():

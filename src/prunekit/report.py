@@ -49,6 +49,7 @@ def build_report(
         "pattern": str(recipe.prune.parsed_pattern()),
         "method": recipe.prune.method,
         "propagation": recipe.prune.resolved_propagation(),
+        "refit_steps": recipe.prune.resolved_refit_steps(),
         "calibration": {
             "windows": result.calibration_shape[0] if result.calibration_shape else 0,
             "seqlen": result.calibration_shape[1] if result.calibration_shape else 0,
@@ -98,7 +99,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "# prunekit report",
         "",
         f"- model: `{report['model']}`",
-        f"- method: **{report['method']}**, pattern: **{report['pattern']}**",
+        f"- method: **{report['method']}**, pattern: **{report['pattern']}**"
+        + (f", kept weights refitted ({report['refit_steps']} CG steps)" if report.get("refit_steps") else ""),
         f"- calibration: {report['calibration']['windows']} windows x {report['calibration']['seqlen']} tokens"
         + (f", statistics: {report['propagation']}" if report.get("propagation") else ""),
         f"- overall sparsity of {s['layers']} target layers: {s['overall_sparsity']:.4%}",

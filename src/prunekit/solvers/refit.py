@@ -25,6 +25,10 @@ from __future__ import annotations
 
 import torch
 
+#: Rows refitted at once are bounded so that each of the three working buffers holds at most this many
+#: elements (16 MiB in float32): the matrix products stay large, and memory stays flat on wide layers.
+REFIT_CHUNK_ELEMENTS = 1 << 22
+
 
 def damped(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
     """``H + dampening * mean(diag H) * I`` (a new tensor): SparseGPT's dampening (Section 3.3), here the
@@ -78,13 +82,35 @@ def refit_kept_weights(
     work = hessian.dtype if hessian.dtype in (torch.float32, torch.float64) else torch.float32
     h = hessian.to(device=device, dtype=work)  # not copied when it is already there; never modified
     ridge = dampening * float(h.diagonal().mean())  # H + ridge I is applied as h @ v + ridge v: no copy of H
-    keep = keep.to(device)
-    free = keep & (h.diagonal() != 0)  # the entries CG may move: kept weights of live inputs
-    x = pruned.to(work) * keep
-    if steps == 0:
-        return x.to(pruned.dtype)
+    live = h.diagonal() != 0
     diagonal = h.diagonal() + ridge
     inverse_diag = torch.where(diagonal > 0, 1.0 / diagonal, 0.0)  # 0 for dead inputs when undamped
+    keep = keep.to(device)
+    out = torch.empty(pruned.shape, dtype=work, device=device)  # row-major whatever ``pruned``'s strides
+    torch.mul(pruned, keep, out=out)
+    if steps == 0:
+        return out.to(pruned.dtype)
+    chunk = max(1, REFIT_CHUNK_ELEMENTS // cols)
+    for start in range(0, out.shape[0], chunk):  # rows are independent: bounded memory, same result
+        rows = slice(start, start + chunk)
+        _conjugate_gradient(
+            out[rows], dense[rows].to(device=device, dtype=work), keep[rows] & live, h, ridge, inverse_diag, steps
+        )
+    return out.mul_(keep).to(pruned.dtype)  # exact zeros where pruned (CG moves only free entries; a guard)
+
+
+def _conjugate_gradient(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    free: torch.Tensor,
+    h: torch.Tensor,
+    ridge: float,
+    inverse_diag: torch.Tensor,
+    steps: int,
+) -> None:
+    """``steps`` Jacobi-preconditioned CG steps on every row of ``min (x - target) (H + ridge I) (x - target)^T``
+    over the ``free`` entries of ``x``, updating ``x`` in place. Three more buffers of ``x``'s size: the
+    residual, the search direction and its image under ``H`` (reused for the preconditioned residual)."""
 
     def times_h(v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:  # (H + ridge I) v on the free entries
         torch.matmul(v, h, out=out)
@@ -93,13 +119,12 @@ def refit_kept_weights(
     def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # per-row a . b, as a column
         return torch.linalg.vecdot(a, b, dim=1).unsqueeze(1)
 
-    # Four (out, in) buffers: x, the residual (-gradient / 2 of (x - w) H (x - w)^T), the search direction
-    # and its image under H (reused for the preconditioned residual).
-    residual = times_h(dense.to(device=device, dtype=work) - x, torch.empty_like(x))
-    direction = residual * inverse_diag
+    direction = torch.sub(target, x, out=torch.empty_like(x))  # row-major like ``x``, whatever ``target`` is
+    residual = times_h(direction, torch.empty_like(x))  # -gradient / 2
+    direction = torch.mul(residual, inverse_diag, out=direction)
     h_direction = torch.empty_like(x)
     rz = row_dot(residual, direction)
-    tiny = torch.finfo(work).tiny
+    tiny = torch.finfo(x.dtype).tiny
     for step in range(steps):
         times_h(direction, h_direction)
         curvature = row_dot(direction, h_direction)
@@ -113,27 +138,3 @@ def refit_kept_weights(
         beta = torch.where(rz > tiny, rz_next / rz.clamp_min(tiny), 0.0)
         direction.mul_(beta).add_(preconditioned)
         rz = rz_next
-    x.mul_(keep)  # exact zeros where pruned (steps only move free entries; this is a guard)
-    return x.to(pruned.dtype)
-    diagonal = h.diagonal()
-    inverse_diag = torch.where(diagonal > 0, 1.0 / diagonal, 0.0)  # 0 for dead inputs when undamped
-    residual = (dense.to(device=pruned.device, dtype=work) - x) @ h  # -gradient / 2 of (x - w) H (x - w)^T
-    residual.mul_(free)
-    direction = residual * inverse_diag
-    rz = (residual * direction).sum(dim=1, keepdim=True)
-    tiny = torch.finfo(work).tiny
-    for step in range(steps):
-        h_direction = (direction @ h).mul_(free)
-        curvature = (direction * h_direction).sum(dim=1, keepdim=True)
-        alpha = torch.where(curvature > tiny, rz / curvature.clamp_min(tiny), 0.0)  # converged rows stay put
-        x.addcmul_(alpha, direction)
-        if step == steps - 1:
-            break
-        residual.addcmul_(alpha, h_direction, value=-1)
-        preconditioned = residual * inverse_diag
-        rz_next = (residual * preconditioned).sum(dim=1, keepdim=True)
-        beta = torch.where(rz > tiny, rz_next / rz.clamp_min(tiny), 0.0)
-        direction = preconditioned.add_(direction * beta)
-        rz = rz_next
-    x.mul_(keep.to(pruned.device))  # exact zeros where pruned (steps only move free entries; this is a guard)
-    return x.to(pruned.dtype)
