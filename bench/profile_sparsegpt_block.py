@@ -14,19 +14,12 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-import prunekit
-from prunekit.calibration.capture import capture_block_inputs
+from block_inputs import SHARED_INPUT, dense_block_inputs
 from prunekit.config import PruneConfig
-from prunekit.models.loading import prepare_bundled_model
 from prunekit.solvers.sparsegpt import accumulate_gram, complete_gram, inverse_hessian, sparsegpt_prune
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-SHARED_INPUT = {"q_proj": "q_proj", "k_proj": "q_proj", "v_proj": "q_proj", "o_proj": "o_proj",
-                "gate_proj": "gate_proj", "up_proj": "gate_proj", "down_proj": "down_proj"}  # fmt: skip
 
 
 def best_of(repeats: int, work: Callable[[], object]) -> float:
@@ -43,16 +36,8 @@ def main() -> int:
     parser.add_argument("--block", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    loaded = prunekit.load_model(str(prepare_bundled_model()))
-    calib = prunekit.calibration_windows(loaded.tokenizer, DATA / "wikitext2_valid.txt", 32, 512, seed=0)
-    blocks = loaded.model.model.layers
-    captured = capture_block_inputs(loaded.model, blocks, calib, 1, torch.device("cpu"))
-    block = blocks[args.block]
+    block, hidden, calls = dense_block_inputs(args.block)
     with torch.no_grad():
-        hidden = captured.hidden
-        for index in range(args.block):  # the dense inputs of the profiled block
-            hidden = [blocks[index](x, *c.args, **c.kwargs) for x, c in zip(hidden, captured.calls[index], strict=True)]
-        calls = captured.calls[args.block]
 
         def forward() -> None:
             for x, call in zip(hidden, calls, strict=True):
