@@ -97,7 +97,7 @@ class PruneConfig(_Strict):
     def resolved_refit_steps(self) -> int:
         """Refit steps that run: ``refit_steps``, or by default 4 for SparseGPT and 0 otherwise. Four steps
         cut SparseGPT's perplexity on SmolLM2-135M from 41.17 to 37.32 at 2:4 and from 27.48 to 26.00 at
-        50%, for 10-25% more pruning time (BENCHMARKS.md, "SparseGPT on SmolLM2-135M-Instruct")."""
+        50%, for 12-27% more pruning time in the runs measured (BENCHMARKS.md, "SparseGPT on SmolLM2-135M-Instruct")."""
         if self.refit_steps is not None:
             return self.refit_steps
         return 4 if METHODS[self.method].needs_hessian else 0

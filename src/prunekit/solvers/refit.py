@@ -13,7 +13,7 @@ once passed, and Wanda or magnitude masks come with no update at all. Boža (202
 Weight Update for Pruned Large Language Models", arXiv:2401.02938) showed that solving this fixed-mask
 problem well lowers perplexity markedly; he uses ADMM. Here it is solved by conjugate gradients
 (Hestenes & Stiefel 1952) on all rows at once, with the Jacobi preconditioner ``diag(H)``. Each step
-costs one ``(out, in) x (in, in)`` product, about what SparseGPT's own updates cost, needs no
+costs one ``(out, in) x (in, in)`` product (four steps cost about as much as SparseGPT's solve), needs no
 factorisation, and lowers the error of every row monotonically (CG minimises the quadratic over a growing
 Krylov space), so a few steps started from the pruned weights keep most of the gain: in a block of
 SmolLM2-135M, 4 steps cut SparseGPT's layer errors by 15-17% and 32 steps by 17-26%
@@ -97,7 +97,7 @@ def refit_kept_weights(
         _conjugate_gradient(
             out[rows], dense[rows].to(device=device, dtype=work), keep[rows] & live, h, ridge, inverse_diag, steps
         )
-    return out.mul_(keep).to(pruned.dtype)  # exact zeros where pruned (CG moves only free entries; a guard)
+    return out.to(pruned.dtype)  # still exactly zero where pruned: every direction is zero off the free entries
 
 
 def _conjugate_gradient(
