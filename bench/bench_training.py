@@ -14,6 +14,8 @@ seed for the initial weights, the data order and the augmentation. Each run is `
   and its trained weights are IMP's first round and what ``structured50`` prunes (kept in ``bench/work/``).
 * ``gmp90``: gradual magnitude pruning (Zhu & Gupta 2017) to 90%, cubic schedule from 5% to about
   ``--prune-end`` (75%) of the steps, updated every ``steps/40`` steps, the same sparsity in every pruned layer.
+* ``gmp90_erk``: ``gmp90`` with the Erdos-Renyi-Kernel allocation (Evci et al. 2020) in place of the uniform one:
+  the same schedule and total sparsity, small layers kept denser than large ones (reported beside ``gmp90``).
 * ``gmp90_kd``: ``gmp90`` with Hinton et al. 2015's distillation loss from the dense run as teacher (alpha 0.9,
   temperature 4): a recovery method, shown beside the floor, not in place of it.
 * ``global_mp90``: the same schedule, one magnitude threshold over all pruned layers (Global MP), per-layer
@@ -66,7 +68,18 @@ ROOT = HERE.parent
 RESULTS = HERE / "results" / "training_cifar10.json"
 ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 WORK = HERE / "work"
-EXPERIMENTS = ("dense", "gmp90", "gmp90_kd", "global_mp90", "granet90", "imp", "structured50", "scratch50", "ddp")
+EXPERIMENTS = (
+    "dense",
+    "gmp90",
+    "gmp90_erk",
+    "gmp90_kd",
+    "global_mp90",
+    "granet90",
+    "imp",
+    "structured50",
+    "scratch50",
+    "ddp",
+)
 DISTILL = {"alpha": 0.9, "temperature": 4.0}  # Hinton et al. 2015's loss; the usual CIFAR setting
 EXCLUDE = (r"^conv\.weight$", r"^fc\.weight$")  # the stem conv and the classifier stay dense
 MIN_DENSITY = 0.05
@@ -509,6 +522,16 @@ def floors(experiments: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": gap <= 2.5,
             }
         )
+    erk = experiments.get("gmp90_erk")
+    if dense and erk:
+        gap = 100 * (dense["accuracy"] - erk["accuracy"])
+        out.append(
+            {
+                "floor": "gradual magnitude (ERK allocation) at 90% within 2.5 points of dense (same length)",
+                "result": f"{100 * erk['accuracy']:.2f}% vs {100 * dense['accuracy']:.2f}% (gap {gap:.2f} points)",
+                "met": gap <= 2.5,
+            }
+        )
     kd = experiments.get("gmp90_kd")
     if dense and kd:  # not the floor (the student learns from a dense model trained as long): shown beside it
         gap = 100 * (dense["accuracy"] - kd["accuracy"])
@@ -582,6 +605,7 @@ def main(argv: list[str] | None = None) -> None:
     runners: dict[str, Callable[[], dict[str, Any]]] = {
         "dense": lambda: {"dense": bench.dense()["entry"]},
         "gmp90": lambda: {"gmp90": bench.sparse("gmp90", distribution="uniform")},
+        "gmp90_erk": lambda: {"gmp90_erk": bench.sparse("gmp90_erk", distribution="erk")},
         "gmp90_kd": lambda: {"gmp90_kd": bench.sparse("gmp90_kd", distill=True, distribution="uniform")},
         "global_mp90": lambda: {
             "global_mp90": bench.sparse("global_mp90", distribution="global", min_density=MIN_DENSITY)

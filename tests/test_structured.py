@@ -728,6 +728,62 @@ def test_llm_width_pruning_saves_a_checkpoint_plain_transformers_loads(tmp_path)
         torch.testing.assert_close(reloaded(ids).logits, result.model(ids, use_cache=False).logits)
 
 
+def _plain_reload_matches(model, directory):
+    from transformers import AutoModelForCausalLM
+
+    model.save_pretrained(directory)
+    reloaded = AutoModelForCausalLM.from_pretrained(directory).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids, use_cache=False).logits)
+    return reloaded
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma", "phi", "gpt2", "opt"])
+def test_llm_width_and_depth_pruning_of_every_family_reload_with_plain_transformers(tmp_path, family):
+    from models import tiny_model
+    from prunekit.structured.llm import prune_causal_lm_depth, prune_causal_lm_width
+
+    model = tiny_model(family)  # hidden 32, 4 heads of 8 (2 key/value heads; 1 for gemma), MLP 64 (gpt2: 128)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calibration = torch.randint(0, model.config.vocab_size, (4, 16))
+    pruned = prune_causal_lm_width(model, calibration, 0.5, target="channels").model
+    config = pruned.config
+    mlp = {"gpt2": "n_inner", "opt": "ffn_dim"}.get(family, "intermediate_size")
+    assert getattr(config, mlp) == (64 if family == "gpt2" else 32)  # half of the MLP width
+    # heads go in whole key/value groups where the config reads head_dim; GPT-2 and OPT size attention by
+    # hidden_size, and gemma's single key/value group cannot go: their heads stay
+    heads = 4 if family in ("gpt2", "opt", "gemma") else 2
+    assert (config.num_attention_heads, config.hidden_size) == (heads, 32)
+    assert _plain_reload_matches(pruned, tmp_path / "width").config.num_attention_heads == heads
+    shorter, removed = prune_causal_lm_depth(model, calibration, 0.2)
+    assert len(removed) == 1 and shorter.config.num_hidden_layers == 1
+    _plain_reload_matches(shorter, tmp_path / "depth")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the input is untouched
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "gemma"])
+def test_hidden_size_pruning_is_refused_where_the_config_cannot_hold_it(family):
+    from models import tiny_model
+    from prunekit.structured.llm import prune_causal_lm_width
+
+    with pytest.raises(StructuralPruningError, match=f"prune_hidden is not available for {family}"):
+        prune_causal_lm_width(tiny_model(family), torch.randint(0, 64, (2, 16)), 0.3, prune_hidden=True)
+
+
+def test_a_config_that_does_not_reproduce_the_pruned_model_is_caught(monkeypatch):
+    from models import tiny_model
+    from prunekit.structured import llm
+
+    # without the up-front refusal, gemma's embedding scale sqrt(hidden_size) changes with the hidden size:
+    # the model rebuilt from the updated config no longer gives the pruned model's logits
+    monkeypatch.setattr(llm, "EMBEDDINGS_SCALED_BY_HIDDEN", frozenset())
+    with pytest.raises(StructuralPruningError, match="largest logit difference"):
+        llm.prune_causal_lm_width(
+            tiny_model("gemma"), torch.randint(0, 64, (2, 16)), 0.5, target="channels", prune_hidden=True
+        )
+
+
 def test_llm_hidden_size_stays_a_multiple_of_the_heads():
     from prunekit.structured.llm import prune_causal_lm_width
 

@@ -9,7 +9,16 @@ al. 2024, "ShortGPT: Layers in Large Language Models are More Redundant Than You
 
 A pruned model keeps one size per field in its config, so widths must be the same in every layer (the
 ``uniform`` policy does that); :func:`update_config` refuses otherwise and
-:func:`~prunekit.structured.saving.save_pruned` is then the way to save it.
+:func:`~prunekit.structured.saving.save_pruned` is then the way to save it. Every width-pruned model is then
+checked against its own config (:func:`check_config_reload`): one decoder layer rebuilt by ``transformers``
+from the updated config, with the pruned weights, must give the pruned model's logits.
+
+What a config can express differs by family. Llama, Mistral, Qwen2, Gemma and Phi read ``head_dim``: heads
+(in whole key/value groups) and the MLP are pruned, and the hidden size on request (not for Gemma, which
+scales its embeddings by ``sqrt(hidden_size)``: :func:`check_config_reload` refuses it). GPT-2 and OPT size
+their attention projections by ``hidden_size`` (:data:`ATTENTION_SIZED_BY_HIDDEN`): their heads are kept and
+the MLP is pruned. In every family, the width of a head (``head_dim``) is kept: attention code reshapes
+queries, keys and values with one shared ``head_dim``.
 """
 
 from __future__ import annotations
@@ -37,6 +46,49 @@ from prunekit.structured.reconstruct import gram_of, linears_with_prunable_input
 from prunekit.structured.surgery import apply_plan
 
 log = logging.getLogger(__name__)
+
+#: transformers model types whose attention projections are sized by ``hidden_size`` (they read no
+#: ``head_dim``): a config of theirs cannot say that heads were removed, so their heads are kept.
+ATTENTION_SIZED_BY_HIDDEN = frozenset({"gpt2", "opt"})
+
+#: transformers model types that multiply their embeddings by ``sqrt(config.hidden_size)``.
+EMBEDDINGS_SCALED_BY_HIDDEN = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text"})
+
+#: The config field of the MLP width, by model type (``intermediate_size`` for the others).
+MLP_WIDTH_FIELD = {"gpt2": "n_inner", "opt": "ffn_dim"}
+
+_ATTENTION_NAMES = ("self_attn", "attn", "self_attention", "attention")
+_QUERY_NAMES = ("q_proj", "query", "c_attn")  # GPT-2's c_attn holds queries, keys and values side by side
+_KEY_NAMES = ("k_proj", "key")
+_MLP_UP_NAMES = ("mlp.up_proj", "mlp.fc1", "mlp.c_fc", "mlp.dense_h_to_4h", "fc1")
+
+
+def _submodule(parent: nn.Module, names: Sequence[str]) -> tuple[str, nn.Module] | None:
+    """The first of ``names`` (dotted paths) that ``parent`` has, with the module."""
+    for name in names:
+        try:
+            return name, parent.get_submodule(name)
+        except AttributeError:
+            continue
+    return None
+
+
+def _out_width(module: nn.Module) -> int:
+    """Output features of a Linear, or of a transformers ``Conv1D`` (weight stored ``(in, out)``)."""
+    return module.out_features if isinstance(module, nn.Linear) else int(module.weight.shape[-1])
+
+
+def _held_attention_spaces(graph: DependencyGraph, attention_prefixes: tuple[str, ...], model_type: str) -> list[int]:
+    """Spaces inside attention modules that a config cannot express: the width of a head where it shows up
+    as plain channels (the value width under multi-query attention, whose single key/value head leaves no
+    head axis to factor), and every head of :data:`ATTENTION_SIZED_BY_HIDDEN` families."""
+    held = []
+    for space in graph.spaces:
+        if not all(name.startswith(attention_prefixes) for name, _ in space.where):
+            continue
+        if space.kind == "plain" or model_type in ATTENTION_SIZED_BY_HIDDEN:
+            held.append(space.index)
+    return held
 
 
 def _batches(windows: torch.Tensor, batch_size: int) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
@@ -90,6 +142,19 @@ def prune_causal_lm_width(
     (:mod:`~prunekit.structured.reconstruct`). The windows go through the model once: the criterion's norms
     and the refit's Grams are gathered in the same pass. The returned model's
     config is updated (:func:`update_config`); ``model`` is not modified."""
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
+    if prune_hidden and model_type in ATTENTION_SIZED_BY_HIDDEN | EMBEDDINGS_SCALED_BY_HIDDEN:
+        why = (
+            "transformers sizes its attention by hidden_size, so a smaller hidden size needs smaller attention "
+            "projections than the heads kept"
+            if model_type in ATTENTION_SIZED_BY_HIDDEN
+            else "it scales its embeddings by sqrt(hidden_size), a constant a smaller hidden size would change"
+        )
+        raise StructuralPruningError(
+            f"prune_hidden is not available for {model_type}: {why}. Prune with prune_hidden=False (the MLP "
+            "width and, where the config can say so, attention heads), or remove whole layers with "
+            "prune_causal_lm_depth"
+        )
     embeddings = model.get_input_embeddings()
     embedding_name = next(name for name, module in model.named_modules() if module is embeddings)
     example = calibration[:1, : min(16, calibration.shape[1])]
@@ -105,13 +170,22 @@ def prune_causal_lm_width(
     if criterion == "taylor":
         model.zero_grad(set_to_none=True)
     hidden = next((s for s in graph.spaces if (f"{embedding_name}.weight", 1) in s.where), None)
-    _, blocks = find_decoder_blocks(model)
-    block_name = next(name for name, module in model.named_modules() if module is blocks)
-    q_weight = f"{block_name}.0.self_attn.q_proj.weight"
-    head_dim = getattr(blocks[0].self_attn, "head_dim", None)
+    block_name, blocks = find_decoder_blocks(model)
+    attention = _submodule(blocks[0], _ATTENTION_NAMES)
+    if attention is None:
+        raise StructuralPruningError(
+            f"{type(blocks[0]).__name__} has no attention module named {' or '.join(_ATTENTION_NAMES)}: width "
+            "pruning of this family needs an adapter; prune_causal_lm_depth removes whole layers of any family"
+        )
+    attention_name, attention_module = attention
+    prefixes = tuple(f"{block_name}.{i}.{attention_name}." for i in range(len(blocks)))
+    held = dict.fromkeys(_held_attention_spaces(graph, prefixes, model_type), 0.0)
+    query = _submodule(attention_module, _QUERY_NAMES)
+    q_weight = f"{block_name}.0.{attention_name}.{query[0]}.weight" if query else ""
+    head_dim = getattr(attention_module, "head_dim", None)
 
     def make(channel_ratio: float) -> StructuralPlan:
-        plan = plan_pruning(graph, scores, channel_ratio, kinds=kinds, round_to=round_to)
+        plan = plan_pruning(graph, scores, channel_ratio, kinds=kinds, round_to=round_to, space_ratios=held)
         if hidden is None or head_dim is None or q_weight not in graph.state_dims:
             return plan
         heads = int((~graph.removed_indices(q_weight, plan.removed)[0]).sum()) // head_dim
@@ -128,34 +202,44 @@ def prune_causal_lm_width(
     if reconstruct:
         refit_pruned_linears(model, pruned, graph, plan, grams=grams)
     update_config(pruned)
+    check_config_reload(pruned, example)
     return StructuralResult(pruned, plan, graph)
 
 
+def _block_sizes(block: nn.Module, head_dim: int, model_type: str) -> dict[str, int]:
+    """The config sizes one decoder layer has: heads, key/value heads and MLP width (those it can tell)."""
+    attention = _submodule(block, _ATTENTION_NAMES)
+    up = _submodule(block, _MLP_UP_NAMES)
+    query = _submodule(attention[1], _QUERY_NAMES) if attention else None
+    if query is None or up is None:
+        raise StructuralPruningError(
+            f"{type(block).__name__} has no attention query projection ({', '.join(_QUERY_NAMES)}) or MLP input "
+            f"({', '.join(_MLP_UP_NAMES)}): its config cannot be updated; save it with prunekit.save_pruned instead"
+        )
+    fused = query[0] == "c_attn"
+    heads = _out_width(query[1]) // (3 * head_dim if fused else head_dim)
+    key = None if fused else _submodule(attention[1], _KEY_NAMES)
+    sizes = {"num_attention_heads": heads, MLP_WIDTH_FIELD.get(model_type, "intermediate_size"): _out_width(up[1])}
+    if key is not None:
+        sizes["num_key_value_heads"] = _out_width(key[1]) // head_dim
+    return sizes
+
+
 def update_config(model: nn.Module) -> None:
-    """Write the pruned sizes into ``model.config`` (hidden size, intermediate size, heads, key/value
-    heads, head width, layers) so that ``save_pretrained`` output loads with plain ``transformers``."""
+    """Write the pruned sizes into ``model.config`` (hidden size, MLP width, heads, key/value heads, head
+    width, layers) so that ``save_pretrained`` output loads with plain ``transformers``; the field names of
+    GPT-2 and OPT are in :data:`MLP_WIDTH_FIELD` (the others map through the config's ``attribute_map``)."""
     config = model.config
+    model_type = getattr(config, "model_type", "")
     _, blocks = find_decoder_blocks(model)
     hidden = model.get_input_embeddings().weight.shape[1]
-    sizes: dict[str, set[int]] = {
-        "intermediate_size": set(),
-        "num_attention_heads": set(),
-        "num_key_value_heads": set(),
-    }
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    attention = _submodule(blocks[0], _ATTENTION_NAMES)
+    head_dim = getattr(attention[1], "head_dim", head_dim) if attention else head_dim
+    sizes: dict[str, set[int]] = {}
     for block in blocks:
-        attn = getattr(block, "self_attn", None)
-        mlp = getattr(block, "mlp", None)
-        if attn is None or mlp is None:
-            raise StructuralPruningError(
-                f"{type(block).__name__} has no self_attn / mlp: its config cannot be updated; save it with "
-                "prunekit.save_pruned instead"
-            )
-        head_dim = getattr(attn, "head_dim", head_dim)
-        sizes["num_attention_heads"].add(attn.q_proj.out_features // head_dim)
-        sizes["num_key_value_heads"].add(attn.k_proj.out_features // head_dim)
-        up = getattr(mlp, "up_proj", None) or getattr(mlp, "fc1", None)
-        sizes["intermediate_size"].add(up.out_features)
+        for key, value in _block_sizes(block, head_dim, model_type).items():
+            sizes.setdefault(key, set()).add(value)
     uneven = {k: sorted(v) for k, v in sizes.items() if len(v) > 1}
     if uneven:
         raise StructuralPruningError(
@@ -163,10 +247,54 @@ def update_config(model: nn.Module) -> None:
             "uniform policy, or save with prunekit.save_pruned and rebuild with prunekit.load_pruned"
         )
     config.hidden_size = hidden
-    config.head_dim = head_dim
+    if model_type not in ATTENTION_SIZED_BY_HIDDEN:
+        config.head_dim = head_dim
     for key, values in sizes.items():
         setattr(config, key, values.pop())
     config.num_hidden_layers = len(blocks)
+
+
+def check_config_reload(model: nn.Module, example: torch.Tensor, *, atol: float = 1e-4) -> None:
+    """Check that ``model.config`` describes the pruned model: build a one-layer model of the same class
+    from the config (a copy with ``num_hidden_layers=1``), load the pruned weights of the first decoder layer,
+    the embeddings, the final norm and the head, and compare its logits on ``example`` with those of the
+    pruned model cut to its first layer. Fails with :class:`StructuralPruningError` where the shapes or the
+    outputs differ (a size the config cannot hold, or a constant that a model computes from the config,
+    like Gemma's ``sqrt(hidden_size)`` embedding scale). Costs one decoder layer plus the embeddings."""
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = 1
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = config.layer_types[:1]
+    block_name, blocks = find_decoder_blocks(model)
+    reference = next(model.parameters())
+    fresh = type(model)(config).to(device=reference.device, dtype=reference.dtype).eval()
+    prefix = f"{block_name}."
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(prefix) or k.startswith(prefix + "0.")}
+    problem = f"the updated config of this {getattr(config, 'model_type', type(model).__name__)} model does not "
+    fix = "; save the pruned model with prunekit.save_pruned and rebuild it with prunekit.load_pruned instead"
+    try:
+        fresh.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise StructuralPruningError(
+            f"{problem}give the pruned shapes ({str(exc).splitlines()[-1].strip()}){fix}"
+        ) from exc
+    parent_name, _, attr = block_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, nn.ModuleList(list(blocks)[:1]))
+    try:
+        with torch.no_grad():
+            ids = example.to(reference.device)
+            expected = model(ids, use_cache=False).logits
+            got = fresh(ids, use_cache=False).logits
+    finally:
+        setattr(parent, attr, blocks)
+    difference = float((expected - got).abs().max())
+    if not difference <= atol * max(1.0, float(expected.abs().max())):
+        raise StructuralPruningError(
+            f"{problem}reproduce its outputs when transformers rebuilds it (largest logit difference "
+            f"{difference:.3g}): a constant computed from the config changed (Gemma scales its embeddings by "
+            f"sqrt(hidden_size): prune_hidden is not available for it){fix}"
+        )
 
 
 def block_influence(model: nn.Module, calibration: torch.Tensor, batch_size: int = 1) -> list[float]:
