@@ -14,7 +14,11 @@ Three pruned models, each made in its own process:
 
 then scored in this process by the same code: perplexity on 40 x 2048 windows of ``wikitext2_test.txt`` (no
 fine-tuning) and greedy decode speed (batch 1, 128-token prompt, 64 new tokens; dense and pruned
-interleaved, median of the repeats; ``decode_gain_paired`` is the median of the per-round ratios).
+interleaved, median of the repeats; ``decode_gain_paired`` is the median of the per-round ratios). With
+``--compiled-decode`` every model is also timed the way transformers recommends for fast generation (static
+KV cache, the decode step under ``torch.compile``: ``measure_decode(compiled=True)``), in rounds of their own
+after the eager ones, as ``compiled_decode_*``. ``--ppl-windows 0`` skips the perplexities and ``--tools``
+runs some of the models (a decode-only rerun, say).
 
     bash bench/setup_structured.sh   # .venv-tv (prunekit) and .venv-tp (Torch-Pruning, transformers)
     .venv-tv/bin/python bench/bench_structured_llm.py --peer-python .venv-tp/bin/python
@@ -70,7 +74,7 @@ def child_prunekit(kind: str, source: Path, out: Path, ratio: float, nsamples: i
     return {"params": before, "pruned_params": sum(p.numel() for p in pruned.parameters()), "prune_s": seconds, **extra}
 
 
-def child_torch_pruning(source: Path, ratio: float, ppl_windows: int, repeats: int) -> dict:
+def child_torch_pruning(source: Path, ratio: float, ppl_windows: int, repeats: int, compiled: bool = False) -> dict:
     import copy
 
     import torch
@@ -155,7 +159,7 @@ def child_torch_pruning(source: Path, ratio: float, ppl_windows: int, repeats: i
     # transformers refuses to save a config whose hidden size is not a multiple of the heads (Torch-Pruning's
     # result here): score it in this process, with prunekit's evaluation code on the path (PYTHONPATH)
     runs = {"dense": {"ok": True}, "torch-pruning": {"ok": True}}
-    scores = measure({"dense": base, "torch-pruning": model.eval()}, tokenizer, ppl_windows, repeats)
+    scores = measure({"dense": base, "torch-pruning": model.eval()}, tokenizer, ppl_windows, repeats, compiled)
     for name in runs:
         runs[name].update(scores[name])
     result.update({k: v for k, v in runs["torch-pruning"].items() if k != "ok"})
@@ -163,37 +167,65 @@ def child_torch_pruning(source: Path, ratio: float, ppl_windows: int, repeats: i
     return result
 
 
-def measure(models: dict, tokenizer, ppl_windows: int, repeats: int) -> dict[str, dict]:
-    """Perplexity and decode speed of each model (decode rounds interleaved, median)."""
+def decode_rounds(models: dict, repeats: int, compiled: bool) -> dict[str, dict]:
+    """Decode tokens/s of each model, ``repeats`` interleaved rounds (drift hits every model alike); the gain
+    over ``dense`` as the ratio of medians and as the median of the same rounds' ratios. A model that cannot
+    be timed (a config the static cache cannot read) gets its error instead."""
+    from prunekit.speed import measure_decode
+
+    prefix = "compiled_" if compiled else ""
+    timings: dict[str, list[float]] = {name: [] for name in models}
+    errors: dict[str, str] = {}
+    for _ in range(repeats):
+        for name, model in models.items():
+            if name in errors:
+                continue
+            try:
+                timing = measure_decode(model, 1, 128, 64, warmup=1, repeats=1, compiled=compiled)
+            except Exception as error:  # recorded per model: one failure should not void the others' rounds
+                errors[name] = f"{type(error).__name__}: {error}"[:400]
+                continue
+            timings[name].append(timing.tokens_per_s)
+    out: dict[str, dict] = {name: {} for name in models}
+    for name, values in timings.items():
+        if name in errors:
+            out[name][f"{prefix}decode_error"] = errors[name]
+            continue
+        out[name][f"{prefix}decode_tok_s"] = sorted(values)[len(values) // 2]
+        out[name][f"{prefix}decode_tok_s_all"] = values
+    dense = timings.get("dense") if "dense" not in errors else None
+    for name in models:
+        if name == "dense" or not dense or name in errors:
+            continue
+        out[name][f"{prefix}decode_gain"] = out[name][f"{prefix}decode_tok_s"] / out["dense"][f"{prefix}decode_tok_s"]
+        # the same rounds' dense and pruned runs are adjacent in time: their ratio cancels the machine's drift
+        paired = sorted(p / d for p, d in zip(timings[name], dense, strict=True))
+        out[name][f"{prefix}decode_gain_paired"] = paired[len(paired) // 2]
+    return out
+
+
+def measure(models: dict, tokenizer, ppl_windows: int, repeats: int, compiled: bool = False) -> dict[str, dict]:
+    """Perplexity (unless ``ppl_windows`` is 0) and decode speed of each model, eager and, with ``compiled``,
+    compiled."""
     import torch
 
     import prunekit
-    from prunekit.speed import measure_decode
 
     torch.set_num_threads(2)
     out: dict[str, dict] = {name: {} for name in models}
     for name, model in models.items():
+        if ppl_windows <= 0:
+            break
         result = prunekit.perplexity(model, tokenizer, DATA / "wikitext2_test.txt", 2048, ppl_windows, progress=False)
         out[name]["perplexity"] = result.perplexity
         print(f"{name:16s} perplexity {result.perplexity:.3f}", file=sys.stderr, flush=True)
-    timings: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(repeats):  # interleaved rounds: drift hits every model alike
-        for name, model in models.items():
-            timings[name].append(measure_decode(model, 1, 128, 64, warmup=1, repeats=1).tokens_per_s)
-    for name in models:
-        values = sorted(timings[name])
-        out[name]["decode_tok_s"] = values[len(values) // 2]
-        out[name]["decode_tok_s_all"] = timings[name]
-    for name in models:
-        if name != "dense" and "dense" in out:
-            out[name]["decode_gain"] = out[name]["decode_tok_s"] / out["dense"]["decode_tok_s"]
-            # the same rounds' dense and pruned runs are adjacent in time: their ratio cancels the machine's drift
-            paired = sorted(p / d for p, d in zip(timings[name], timings["dense"], strict=True))
-            out[name]["decode_gain_paired"] = paired[len(paired) // 2]
+    for mode in [False, True] if compiled else [False]:
+        for name, scores in decode_rounds(models, repeats, mode).items():
+            out[name].update(scores)
     return out
 
 
-def evaluate(dense_dir: Path, runs: dict[str, dict], ppl_windows: int, repeats: int) -> None:
+def evaluate(dense_dir: Path, runs: dict[str, dict], ppl_windows: int, repeats: int, compiled: bool = False) -> None:
     import prunekit
 
     dense = prunekit.load_model(str(dense_dir))
@@ -201,7 +233,7 @@ def evaluate(dense_dir: Path, runs: dict[str, dict], ppl_windows: int, repeats: 
     for name, run in runs.items():
         if run.get("ok") and "dir" in run:
             models[name] = prunekit.load_model(run["dir"]).model.eval()
-    for name, scores in measure(models, dense.tokenizer, ppl_windows, repeats).items():
+    for name, scores in measure(models, dense.tokenizer, ppl_windows, repeats, compiled).items():
         runs.setdefault(name, {"ok": True}).update(scores)
 
 
@@ -218,12 +250,14 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--ppl-windows", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compiled-decode", action="store_true", help="also time decoding compiled (static cache)")
+    parser.add_argument("--tools", nargs="*", help="run only these models (prunekit-width, prunekit-depth...)")
     parser.add_argument("--work", type=Path, default=HERE / "work" / "structured_llm")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.child:
         if args.child == "torch-pruning":
-            result = child_torch_pruning(args.source, args.ratio, args.ppl_windows, args.repeats)
+            result = child_torch_pruning(args.source, args.ratio, args.ppl_windows, args.repeats, args.compiled_decode)
         else:
             kind = args.child.split("-", 1)[1]
             result = child_prunekit(kind, args.source, args.dir, args.ratio, args.nsamples, args.seqlen)
@@ -240,6 +274,7 @@ def main() -> None:
     jobs = [(f"prunekit-{kind}", sys.executable) for kind in ("width", "width_hidden", "depth")]
     if args.peer_python:
         jobs.append(("torch-pruning", args.peer_python))
+    jobs = [job for job in jobs if not args.tools or job[0] in args.tools]
     for name, python in jobs:
         out = args.work / name
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}  # the peer scores with prunekit's evaluation code
@@ -262,6 +297,7 @@ def main() -> None:
             str(args.ppl_windows),
             "--repeats",
             str(args.repeats),
+            *(["--compiled-decode"] if args.compiled_decode else []),
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -272,10 +308,12 @@ def main() -> None:
         runs[name] = {"ok": True, **({"dir": str(out)} if out.exists() else {}), **json.loads(lines[-1][7:])}
         run = runs[name]
         print(f"{name}: params {run['pruned_params'] / run['params']:.3f} in {run['prune_s']:.1f} s", flush=True)
-    evaluate(source, runs, args.ppl_windows, args.repeats)
+    evaluate(source, runs, args.ppl_windows, args.repeats, args.compiled_decode)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"ratio": args.ratio, "runs": runs}, indent=1))
-    print(json.dumps({k: {x: v.get(x) for x in ("perplexity", "decode_gain")} for k, v in runs.items()}, indent=1))
+    settings = {"ratio": args.ratio, "repeats": args.repeats, "compiled_decode": args.compiled_decode}
+    args.out.write_text(json.dumps({**settings, "runs": runs}, indent=1))
+    keys = ("perplexity", "decode_gain_paired", "compiled_decode_gain_paired")
+    print(json.dumps({k: {x: v.get(x) for x in keys} for k, v in runs.items()}, indent=1))
 
 
 if __name__ == "__main__":

@@ -81,6 +81,34 @@ def test_greedy_decode_is_generate_with_exactly_g_new_tokens(family: str) -> Non
     assert torch.equal(ours, reference)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "opt"])
+def test_static_cache_decode_gives_the_tokens_of_the_eager_decode(family: str) -> None:
+    from prunekit.speed import _decode_run_static, _static_step
+
+    model = tiny_model(family)
+    prompt = random_prompt(model, 2, 9, seed=3)
+    with torch.inference_mode():
+        seconds, tokens = _decode_run_static(model, prompt, 6, _static_step)  # the step compiled_decode uses
+    assert seconds > 0 and torch.equal(tokens, greedy_decode(model, prompt, 6))
+
+
+def test_compiled_decode_refuses_what_it_cannot_time(llama: transformers.PreTrainedModel) -> None:
+    with pytest.raises(ConfigError, match="warmup >= 1"):
+        measure_decode(llama, prompt_tokens=8, new_tokens=2, warmup=0, repeats=1, compiled=True)
+    no_position = torch.nn.Module()
+    no_position.forward = lambda input_ids, cache=None, use_cache=True: None  # type: ignore[method-assign]
+    no_position.config = llama.config
+    no_position.register_parameter("w", torch.nn.Parameter(torch.zeros(1)))
+    with pytest.raises(ConfigError, match="takes no position_ids"):
+        measure_decode(no_position, prompt_tokens=8, new_tokens=2, warmup=1, repeats=1, compiled=True)
+
+
+@pytest.mark.slow
+def test_compiled_decode_measures_the_eager_tokens(llama: transformers.PreTrainedModel) -> None:
+    timing = measure_decode(llama, prompt_tokens=8, new_tokens=4, warmup=1, repeats=2, compiled=True)
+    assert_sane(timing, tokens=4, warmup=1, repeats=2)
+
+
 def test_decode_times_exactly_g_one_token_steps_per_run(llama: transformers.PreTrainedModel) -> None:
     counter = ForwardCounter(llama)
     try:

@@ -13,6 +13,12 @@ sparse kernel. This module measures instead of assuming:
   ``prompt_tokens + new_tokens`` long (the same tokens as ``model.generate(do_sample=False,
   min_new_tokens=G, max_new_tokens=G)``). Tokens/s counts ``batch_size * new_tokens``.
 
+With ``compiled=True`` decoding runs the way transformers recommends for fast generation: a static KV cache
+(``transformers.StaticCache``, sized ``prompt_tokens + new_tokens``) and the one-token step under
+:func:`torch.compile` with static shapes, so that Python's per-layer overhead is gone and what remains is the
+arithmetic and memory traffic the weights cause. The first warm-up run compiles (one graph per model); the
+tokens are the same as those of the eager path.
+
 Every phase runs ``warmup`` untimed times, then ``repeats`` timed times; the median gives the tokens/s and
 ``spread = (max - min) / median`` says how steady the timings were. Prompts are random token ids from a
 seeded generator (no tokenizer needed). Runs are under :func:`torch.inference_mode`; on CUDA the device is
@@ -263,6 +269,44 @@ def _decode_run(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[f
     return time.perf_counter() - started, torch.cat([ids, generated], dim=1)
 
 
+def _static_step(model: nn.Module, token: torch.Tensor, cache: Any, position: torch.Tensor) -> torch.Tensor:
+    """One decode step on a static cache: the next-token logits ``(batch, vocab)``."""
+    cache_name, extra = _forward_kwargs(model)
+    out = model(input_ids=token, position_ids=position, use_cache=True, **{cache_name: cache}, **extra)
+    return out.logits[:, -1, :]
+
+
+def _decode_run_static(
+    model: nn.Module, ids: torch.Tensor, new_tokens: int, step: Callable[..., torch.Tensor]
+) -> tuple[float, torch.Tensor]:
+    """:func:`_decode_run` on a fresh ``transformers.StaticCache``, each step through ``step`` (compiled)."""
+    from transformers import StaticCache
+
+    device = ids.device
+    known = ids.shape[1] - 1
+    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + new_tokens)
+    batch = ids.shape[0]
+    if known:
+        cache_name, extra = _forward_kwargs(model)
+        positions = torch.arange(known, device=device).expand(batch, known)
+        model(input_ids=ids[:, :-1], position_ids=positions, use_cache=True, **{cache_name: cache}, **extra)
+    token = ids[:, -1:]
+    produced = []
+    synchronize(device)
+    started = time.perf_counter()
+    for i in range(new_tokens):
+        position = torch.full((batch, 1), known + i, device=device)
+        token = step(model, token, cache, position).argmax(dim=-1, keepdim=True)
+        produced.append(token)
+    synchronize(device)
+    return time.perf_counter() - started, torch.cat([ids, *produced], dim=1)
+
+
+def compiled_decode_step() -> Callable[..., torch.Tensor]:
+    """The decode step under :func:`torch.compile` (static shapes); dynamo keeps one graph per model."""
+    return torch.compile(_static_step, dynamic=False)
+
+
 def greedy_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """The prompt followed by exactly ``new_tokens`` greedy tokens per sequence, generated as timed by
     :func:`measure_decode` (KV cache, one token per step, no stop at EOS)."""
@@ -329,15 +373,27 @@ def measure_decode(
     warmup: int = 1,
     repeats: int = 5,
     seed: int = 0,
+    compiled: bool = False,
 ) -> PhaseTiming:
     """Time greedy generation of ``new_tokens`` tokens per sequence after a random prompt (see the module
-    docstring: only the one-token decode steps are timed)."""
+    docstring: only the one-token decode steps are timed; ``compiled``: static cache and
+    :func:`torch.compile`, the first warm-up run compiling)."""
     check_speed_args(model, batch_size, prompt_tokens, new_tokens, warmup, repeats)
     if new_tokens < 1:
         raise ConfigError(f"new_tokens (--new-tokens) must be >= 1 to measure decoding, got {new_tokens}")
+    if compiled and warmup < 1:
+        raise ConfigError("compiled decoding needs warmup >= 1: the first run compiles the model")
+    if compiled and "position_ids" not in inspect.signature(model.forward).parameters:
+        raise ConfigError(
+            f"{type(model).__name__} takes no position_ids: compiled decoding needs a transformers decoder "
+            "that runs on a static KV cache; measure it with compiled=False"
+        )
     ids = random_prompt(model, batch_size, prompt_tokens, seed)
+    step = compiled_decode_step() if compiled else None
 
     def run() -> float:
+        if step is not None:
+            return _decode_run_static(model, ids, new_tokens, step)[0]
         return _decode_run(model, ids, new_tokens)[0]
 
     with torch.inference_mode():
