@@ -328,6 +328,7 @@ def test_cli_bench_speed_table(checkpoints: tuple[Path, Path]) -> None:
         (("--prompt-tokens", "0"), "--prompt-tokens"),
         (("--prompt-tokens", "300"), "context of 256"),
         (("--new-tokens", "0"), "--new-tokens"),
+        (("--compile", "--warmup", "0"), "--warmup >= 1"),
     ],
 )
 def test_cli_bench_speed_bad_input_exits_2(

@@ -164,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="CUDA (compute capability >= 8.0), float16/bfloat16: also run 2:4 weights on sparse kernels",
     )
+    b.add_argument(
+        "--compile",
+        action="store_true",
+        help="time decoding on a static KV cache under torch.compile (the first warm-up run compiles)",
+    )
     b.add_argument("--json", action="store_true", help="print the result as JSON")
 
     s = sub.add_parser("structured", help="remove channels, heads or layers (structural pruning) and save")
@@ -289,6 +294,8 @@ def _cmd_bench_speed(args: argparse.Namespace) -> int:
         "seed": args.seed,
     }
     check_speed_args(None, **{k: v for k, v in settings.items() if k != "seed"})
+    if args.compile and args.warmup < 1:
+        raise ConfigError("--compile needs --warmup >= 1: the first run compiles the model")
     if args.new_tokens < 1:
         raise ConfigError(f"--new-tokens must be >= 1 to measure decoding, got {args.new_tokens}")
     device = resolve_device(args.device)
@@ -300,7 +307,8 @@ def _cmd_bench_speed(args: argparse.Namespace) -> int:
 
     def measure(source: str | None, semi: bool) -> tuple[str, Any]:
         loaded = load_model(source, dtype=dtype, device=device, trust_remote_code=bool(args.trust_remote_code))
-        return loaded.source, measure_speed(loaded.model, **settings, semi_structured=semi)
+        result = measure_speed(loaded.model, **settings, semi_structured=semi, compiled_decode=args.compile)
+        return loaded.source, result
 
     baseline = measure(args.baseline, False) if args.baseline is not None else None
     source, result = measure(args.model, args.semi_structured)
@@ -313,7 +321,7 @@ def _cmd_bench_speed(args: argparse.Namespace) -> int:
     print(
         f"{result.device} ({result.threads} threads), {result.dtype}: batch {result.batch_size}, prompt "
         f"{result.prompt_tokens} tokens, {result.new_tokens} new tokens; median of {args.repeats} runs after "
-        f"{args.warmup} warm-up"
+        f"{args.warmup} warm-up" + ("; decode compiled on a static KV cache" if args.compile else "")
     )
     rows = [("model", result.prefill, result.decode, result.size)]
     if baseline:

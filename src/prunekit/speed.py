@@ -138,6 +138,8 @@ class SpeedResult:
     size: SizeStats
     semi_structured: SemiStructuredResult | None
     note: str
+    #: Whether decoding ran compiled on a static KV cache (:func:`measure_decode` with ``compiled=True``).
+    compiled_decode: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data."""
@@ -540,8 +542,10 @@ def measure_speed(
     repeats: int = 5,
     seed: int = 0,
     semi_structured: bool = False,
+    compiled_decode: bool = False,
 ) -> SpeedResult:
-    """Measure prefill and decode tokens/s of ``model`` where its weights are, and count its non-zeros.
+    """Measure prefill and decode tokens/s of ``model`` where its weights are, and count its non-zeros;
+    ``compiled_decode`` times decoding on a static KV cache under :func:`torch.compile`.
 
     With ``semi_structured=True`` (CUDA, compute capability >= 8.0, float16/bfloat16 only, else
     :class:`~prunekit.errors.ConfigError`), eligible 2:4 ``nn.Linear`` weights are then converted with
@@ -564,7 +568,7 @@ def measure_speed(
         log.info("prefill: %d x %d tokens, %d warm-up + %d timed", batch_size, prompt_tokens, warmup, repeats)
         prefill = measure_prefill(model, batch_size, prompt_tokens, **phases)
         log.info("decode: %d x %d new tokens, %d warm-up + %d timed", batch_size, new_tokens, warmup, repeats)
-        decode = measure_decode(model, batch_size, prompt_tokens, new_tokens, **phases)
+        decode = measure_decode(model, batch_size, prompt_tokens, new_tokens, **phases, compiled=compiled_decode)
         semi = (
             _measure_semi_structured(model, batch_size, prompt_tokens, new_tokens, phases) if semi_structured else None
         )
@@ -583,6 +587,7 @@ def measure_speed(
         size=size,
         semi_structured=semi,
         note=_note(device, semi),
+        compiled_decode=compiled_decode,
     )
 
 
