@@ -12,7 +12,9 @@ streams whole and prune only the width inside the blocks (``keep_streams=True``)
 CPU latency at batch 1 and 32, threads fixed, dense and pruned in the same process, both in ``--memory-format``
 (channels_last by default: PyTorch's fast CPU layout for convolutions), with batch norms folded into their
 convolutions under ``--fold-bn`` (:func:`prunekit.structured.deploy.fold_batch_norms`, as any deployment
-runtime does); whatever is chosen applies to the dense model and the pruned one, for every tool alike.
+runtime does), and compiled under ``--compile`` (``torch.compile`` with inductor's freezing on, which folds the
+weights into constants and pre-packs them for oneDNN: PyTorch's recommended CPU inference path); whatever is
+chosen applies to the dense model and the pruned one, for every tool alike.
 Timing is ``prunekit.structured.report.compare_latency``: adjacent dense/pruned pairs (15 at batch 1, 7 at
 batch 32), the speed-up being the median of the per-pair ratios, so a machine whose speed drifts favours
 neither model. The figure of merit is ``speed-up / MACs reduction`` =
@@ -48,6 +50,7 @@ def child(
     memory_format: str,
     fold_bn: bool = False,
     blocks: int = 0,
+    compiled: bool = False,
 ) -> dict:
     import torch
     import torchvision
@@ -137,6 +140,11 @@ def child(
         model, pruned = fold_batch_norms(model), fold_batch_norms(pruned)
     layout = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
     model, pruned = model.to(memory_format=layout), pruned.to(memory_format=layout)
+    if compiled:  # the same deployment path for both models (and both tools)
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
+        model, pruned = torch.compile(model, dynamic=False), torch.compile(pruned, dynamic=False)
     rows = []
     for batch in batches:
         xb = torch.randn(batch, 3, 224, 224).contiguous(memory_format=layout)
@@ -184,6 +192,9 @@ def main() -> None:
         "--fold-bn", action="store_true", help="fold batch norms into their convs, dense and pruned alike"
     )
     parser.add_argument(
+        "--compile", action="store_true", help="torch.compile with freezing, dense and pruned alike (after --fold-bn)"
+    )
+    parser.add_argument(
         "--blocks", type=int, default=0, help="also run prunekit-depth: this many residual blocks removed, then width"
     )
     parser.add_argument(
@@ -205,6 +216,7 @@ def main() -> None:
             args.memory_format,
             args.fold_bn,
             args.blocks,
+            args.compile,
         )
         print("RESULT " + json.dumps(out), flush=True)
         return
@@ -229,6 +241,7 @@ def main() -> None:
                     *("--min-time", str(args.min_time), "--round-to", str(round_to)),
                     *("--memory-format", args.memory_format, "--batches", *map(str, args.batches)),
                     *(["--fold-bn"] if args.fold_bn else []),
+                    *(["--compile"] if args.compile else []),
                     *("--blocks", str(args.blocks)),
                 ]
                 proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
@@ -251,6 +264,7 @@ def main() -> None:
                     "threads": args.threads,
                     "memory_format": args.memory_format,
                     "fold_bn": args.fold_bn,
+                    "compile": args.compile,
                     "blocks": args.blocks,
                     "keep_streams": args.keep_streams,
                     "results": results,
