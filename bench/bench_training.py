@@ -510,38 +510,28 @@ def _ddp_rank(rank: int, folder: str, data: tuple[torch.Tensor, torch.Tensor], s
 # ---------------------------------------------------------------------------------------------------- report
 
 
+def _gap_floor(dense: dict[str, Any], run: dict[str, Any], floor: str) -> dict[str, Any]:
+    """``run`` within 2.5 accuracy points of ``dense``."""
+    gap = 100 * (dense["accuracy"] - run["accuracy"])
+    return {
+        "floor": floor,
+        "result": f"{100 * run['accuracy']:.2f}% vs {100 * dense['accuracy']:.2f}% (gap {gap:.2f} points)",
+        "met": gap <= 2.5,
+    }
+
+
 def floors(experiments: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
-    dense, gmp = experiments.get("dense"), experiments.get("gmp90")
-    if dense and gmp:
-        gap = 100 * (dense["accuracy"] - gmp["accuracy"])
-        out.append(
-            {
-                "floor": "gradual magnitude at 90% within 2.5 points of dense (same length)",
-                "result": f"{100 * gmp['accuracy']:.2f}% vs {100 * dense['accuracy']:.2f}% (gap {gap:.2f} points)",
-                "met": gap <= 2.5,
-            }
-        )
-    erk = experiments.get("gmp90_erk")
-    if dense and erk:
-        gap = 100 * (dense["accuracy"] - erk["accuracy"])
-        out.append(
-            {
-                "floor": "gradual magnitude (ERK allocation) at 90% within 2.5 points of dense (same length)",
-                "result": f"{100 * erk['accuracy']:.2f}% vs {100 * dense['accuracy']:.2f}% (gap {gap:.2f} points)",
-                "met": gap <= 2.5,
-            }
-        )
-    kd = experiments.get("gmp90_kd")
-    if dense and kd:  # not the floor (the student learns from a dense model trained as long): shown beside it
-        gap = 100 * (dense["accuracy"] - kd["accuracy"])
-        out.append(
-            {
-                "floor": "(beside the floor) gradual magnitude at 90% distilled from the dense run, within 2.5 points",
-                "result": f"{100 * kd['accuracy']:.2f}% vs {100 * dense['accuracy']:.2f}% (gap {gap:.2f} points)",
-                "met": gap <= 2.5,
-            }
-        )
+    dense = experiments.get("dense")
+    gaps = {
+        "gmp90": "gradual magnitude at 90% within 2.5 points of dense (same length)",
+        "gmp90_erk": "gradual magnitude (ERK allocation) at 90% within 2.5 points of dense (same length)",
+        # not the floor (the student learns from a dense model trained as long): shown beside it
+        "gmp90_kd": "(beside the floor) gradual magnitude at 90% distilled from the dense run, within 2.5 points",
+    }
+    for name, floor in gaps.items():
+        if dense and experiments.get(name):
+            out.append(_gap_floor(dense, experiments[name], floor))
     imp, reinit = experiments.get("imp"), experiments.get("imp_reinit")
     if imp and reinit:
         out.append(
