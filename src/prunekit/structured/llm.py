@@ -15,7 +15,8 @@ from the updated config, with the pruned weights, must give the pruned model's l
 
 What a config can express differs by family. Llama, Mistral, Qwen2, Gemma and Phi read ``head_dim``: heads
 (in whole key/value groups) and the MLP are pruned, and the hidden size on request (not for Gemma, which
-scales its embeddings by ``sqrt(hidden_size)``: :func:`check_config_reload` refuses it). GPT-2 and OPT size
+scales its embeddings by ``sqrt(hidden_size)``: refused up front, and :func:`check_config_reload` would catch
+it). GPT-2 and OPT size
 their attention projections by ``hidden_size`` (:data:`ATTENTION_SIZED_BY_HIDDEN`): their heads are kept and
 the MLP is pruned. In every family, the width of a head (``head_dim``) is kept: attention code reshapes
 queries, keys and values with one shared ``head_dim``.
@@ -292,8 +293,8 @@ def check_config_reload(model: nn.Module, example: torch.Tensor, *, atol: float 
     if not difference <= atol * max(1.0, float(expected.abs().max())):
         raise StructuralPruningError(
             f"{problem}reproduce its outputs when transformers rebuilds it (largest logit difference "
-            f"{difference:.3g}): a constant computed from the config changed (Gemma scales its embeddings by "
-            f"sqrt(hidden_size): prune_hidden is not available for it){fix}"
+            f"{difference:.3g}): the model computes a constant from a size the pruning changed (as Gemma's "
+            f"sqrt(hidden_size) embedding scale would){fix}"
         )
 
 
