@@ -15,8 +15,8 @@ sparse kernel. This module measures instead of assuming:
 
 With ``compiled=True`` decoding runs the way transformers recommends for fast generation: a static KV cache
 (``transformers.StaticCache``, sized ``prompt_tokens + new_tokens``) and the one-token step under
-:func:`torch.compile` with static shapes, so that Python's per-layer overhead is gone and what remains is the
-arithmetic and memory traffic the weights cause. The first warm-up run compiles (one graph per model); the
+:func:`torch.compile` with static shapes, which removes most of Python's per-layer overhead (what remains is the
+kernels and the memory traffic). The first warm-up run compiles (one graph per model); the
 tokens are the same as those of the eager path.
 
 Every phase runs ``warmup`` untimed times, then ``repeats`` timed times; the median gives the tokens/s and
