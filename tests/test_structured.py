@@ -844,8 +844,12 @@ def test_untraceable_module_is_named():
         build_dependency_graph(model, (torch.randn(2, 3),))
 
 
-@pytest.mark.parametrize("mode", ["width", "depth"])
-def test_structured_command_on_a_causal_lm(tmp_path, mode):
+@pytest.mark.parametrize(
+    ("mode", "family", "ratio"),
+    # two layers: depth can only remove one (26% of the parameters); GPT-2 loses MLP width only
+    [("width", "llama", 0.3), ("depth", "llama", 0.2), ("width", "gpt2", 0.15)],
+)
+def test_structured_command_on_a_causal_lm(tmp_path, mode, family, ratio):
     import json
 
     import transformers
@@ -853,12 +857,11 @@ def test_structured_command_on_a_causal_lm(tmp_path, mode):
     from models import sample_text, save_tiny_checkpoint
     from prunekit.cli import main
 
-    model_dir = save_tiny_checkpoint(tmp_path / "tiny", "llama")
+    model_dir = save_tiny_checkpoint(tmp_path / "tiny", family)
     text = sample_text()
     (tmp_path / "calib.txt").write_text(text[: len(text) // 2])
     (tmp_path / "test.txt").write_text(text[len(text) // 2 :])
     out = tmp_path / f"out-{mode}"
-    ratio = {"width": 0.3, "depth": 0.2}[mode]  # two layers: depth can only remove one (26% of the parameters)
     argv = [
         "-q",
         "structured",
