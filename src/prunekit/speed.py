@@ -16,7 +16,7 @@ sparse kernel. This module measures instead of assuming:
 With ``compiled=True`` decoding runs the way transformers recommends for fast generation: a static KV cache
 (``transformers.StaticCache``, sized ``prompt_tokens + new_tokens``) and the one-token step under
 :func:`torch.compile` with static shapes, which removes most of Python's per-layer overhead (what remains is the
-kernels and the memory traffic). The first warm-up run compiles (one graph per model); the
+kernels and the memory traffic). The first warm-up run compiles (once per model); the
 tokens are the same as those of the eager path.
 
 Every phase runs ``warmup`` untimed times, then ``repeats`` timed times; the median gives the tokens/s and
@@ -305,7 +305,7 @@ def _decode_run_static(
 
 
 def compiled_decode_step() -> Callable[..., torch.Tensor]:
-    """The decode step under :func:`torch.compile` (static shapes); dynamo keeps one graph per model."""
+    """The decode step under :func:`torch.compile` (static shapes); dynamo compiles it once per model."""
     return torch.compile(_static_step, dynamic=False)
 
 
