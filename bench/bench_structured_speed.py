@@ -7,7 +7,10 @@ torchvision), with channel counts rounded to multiples of each ``--round-to`` va
 ``--blocks K`` a third entry, ``prunekit-depth``, first removes the K residual blocks of lowest Block Influence
 whole, then prunes the width to the same MAC target (``prune_structurally(..., blocks=K)``). With
 ``--keep-streams``, ``prunekit-inner`` (and ``prunekit-inner-depth`` with ``--blocks``) keep the residual
-streams whole and prune only the width inside the blocks (``keep_streams=True``).
+streams whole and prune only the width inside the blocks (``keep_streams=True``). With ``--latency-aware``
+every prunekit entry is run again with ``policy="latency"`` (``prunekit-latency``, ``prunekit-inner-latency-depth``...):
+HALP's allocation, from a latency table measured in the child process before pruning, at batch 1, with the
+timed models' layout, thread count and batch-norm folding.
 
 CPU latency at batch 1 and 32, threads fixed, dense and pruned in the same process, both in ``--memory-format``
 (channels_last by default: PyTorch's fast CPU layout for convolutions), with batch norms folded into their
@@ -77,11 +80,26 @@ def child(
     dense_macs = macs(model)
     if tool.startswith("prunekit"):
         from prunekit.structured import prune_structurally
+        from prunekit.structured.latency import BATCH_NORM_OPS, LatencyTable
 
         depth = blocks if tool.endswith("-depth") else 0
-        inner = tool.startswith("prunekit-inner")
+        inner = "-inner" in tool
+        policy = "latency" if "-latency" in tool else "uniform"
+        table = LatencyTable(  # the model as it will be timed: its layout, its thread count, batch norms folded
+            threads=threads,
+            memory_format=torch.channels_last if memory_format == "channels_last" else torch.contiguous_format,
+            free_ops=BATCH_NORM_OPS if fold_bn else (),
+        )
         result = prune_structurally(
-            model, (x,), macs_ratio, target="macs", round_to=round_to, blocks=depth, keep_streams=inner
+            model,
+            (x,),
+            macs_ratio,
+            target="macs",
+            round_to=round_to,
+            blocks=depth,
+            keep_streams=inner,
+            policy=policy,
+            latency=table,
         )
         pruned = result.model
         setting = {
@@ -90,6 +108,8 @@ def child(
             "round_to": round_to,
             "blocks": result.removed_blocks,
             "keep_streams": inner,
+            "policy": policy,
+            "latency_table_entries": len(table.entries),
         }
     else:
         import copy
@@ -175,6 +195,12 @@ def child(
     }
 
 
+def _with_latency(tool: str) -> str:
+    """``prunekit-inner-depth`` -> ``prunekit-inner-latency-depth``: the same entry, latency-aware."""
+    stem, depth, _ = tool.partition("-depth")
+    return f"{stem}-latency{depth}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", nargs=2, metavar=("TOOL", "MODEL"))
@@ -200,6 +226,11 @@ def main() -> None:
     parser.add_argument(
         "--keep-streams", action="store_true", help="also run prunekit-inner: residual streams kept, inner width pruned"
     )
+    parser.add_argument(
+        "--latency-aware",
+        action="store_true",
+        help="also run every prunekit entry with policy='latency' (HALP; its latency table measured here first)",
+    )
     parser.add_argument("--tools", nargs="*", help="run only these tools (prunekit, prunekit-depth, torch-pruning...)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -224,6 +255,8 @@ def main() -> None:
     tools += [("prunekit-depth", sys.executable)] if args.blocks else []
     tools += [("prunekit-inner", sys.executable)] if args.keep_streams else []
     tools += [("prunekit-inner-depth", sys.executable)] if args.keep_streams and args.blocks else []
+    if args.latency_aware:  # each prunekit entry again, with HALP's latency-aware allocation
+        tools += [(_with_latency(t), p) for t, p in tools]
     tools += [("torch-pruning", args.peer_python)] if args.peer_python else []
     tools = [t for t in tools if not args.tools or t[0] in args.tools]
     results: dict[str, dict] = {}

@@ -17,7 +17,7 @@ import torch.fx
 from torch import nn
 from torch.utils.flop_counter import flop_registry
 
-from prunekit.structured.graph import build_dependency_graph
+from prunekit.structured.graph import DependencyGraph, build_dependency_graph
 from prunekit.structured.plan import StructuralPlan
 from prunekit.structured.verify import expected_shape
 
@@ -39,42 +39,61 @@ def _meta(shape: tuple[int, ...] | None, like: Any) -> Any:
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
+def planned_call(graph: DependencyGraph, node: torch.fx.Node, removed: set[int]) -> tuple[list, dict, Any]:
+    """``(args, kwargs, result)`` of one traced ATen call, with every tensor replaced by a meta tensor of the
+    shape it has once the units in ``removed`` are gone: what a cost formula (or a timing) needs."""
+    table = graph.table
+
+    def planned(arg: Any) -> Any:
+        if isinstance(arg, torch.fx.Node):
+            value = arg.meta.get("val")
+            if isinstance(value, torch.Tensor):
+                return _meta(expected_shape(table, graph.node_dims.get(arg.name), removed), value)
+            return value
+        if isinstance(arg, (list, tuple)):
+            return type(arg)(planned(a) for a in arg)
+        return arg
+
+    args = [planned(a) for a in node.args]
+    kwargs = {k: planned(v) for k, v in node.kwargs.items()}
+    value = node.meta.get("val")
+    dims = graph.node_dims.get(node.name)
+    if isinstance(value, torch.Tensor):
+        out = _meta(expected_shape(table, dims, removed), value)
+    elif isinstance(value, (tuple, list)):
+        out = type(value)(
+            _meta(expected_shape(table, d, removed), v) if isinstance(v, torch.Tensor) else v
+            for v, d in zip(value, dims if isinstance(dims, list) else [None] * len(value), strict=False)
+        )
+    else:
+        out = value
+    return args, kwargs, out
+
+
+def aten_calls(graph: DependencyGraph) -> list[torch.fx.Node]:
+    """The traced nodes that call an ATen operation (not Python arithmetic on sizes, not ``getitem``)."""
+    return [n for n in graph.traced.graph.nodes if n.op == "call_function" and hasattr(n.target, "overloadpacket")]
+
+
+def node_macs(graph: DependencyGraph, node: torch.fx.Node, removed: set[int]) -> int:
+    """Multiply-accumulates of one traced call at its planned shapes (0 for operations without a formula in
+    :data:`torch.utils.flop_counter.flop_registry`)."""
+    formula = flop_registry.get(getattr(node.target, "overloadpacket", None))
+    if formula is None:
+        return 0
+    args, kwargs, out = planned_call(graph, node, removed)
+    return int(formula(*args, out_val=out, **kwargs)) // 2
+
+
 def planned_macs(plan: StructuralPlan) -> int:
     """Multiply-accumulates of one forward pass on the example inputs, after the plan."""
     graph = plan.graph
-    table, removed = graph.table, plan.removed
     flops = 0
-    for node in graph.traced.graph.nodes:
-        if node.op != "call_function":
-            continue
-        formula = flop_registry.get(getattr(node.target, "overloadpacket", None))
-        if formula is None:
-            continue
-
-        def planned(arg: Any) -> Any:
-            if isinstance(arg, torch.fx.Node):
-                value = arg.meta.get("val")
-                if isinstance(value, torch.Tensor):
-                    return _meta(expected_shape(table, graph.node_dims.get(arg.name), removed), value)
-                return value
-            if isinstance(arg, (list, tuple)):
-                return type(arg)(planned(a) for a in arg)
-            return arg
-
-        args = [planned(a) for a in node.args]
-        kwargs = {k: planned(v) for k, v in node.kwargs.items()}
-        value = node.meta.get("val")
-        dims = graph.node_dims.get(node.name)
-        if isinstance(value, torch.Tensor):
-            out = _meta(expected_shape(table, dims, removed), value)
-        elif isinstance(value, (tuple, list)):
-            out = type(value)(
-                _meta(expected_shape(table, d, removed), v) if isinstance(v, torch.Tensor) else v
-                for v, d in zip(value, dims if isinstance(dims, list) else [None] * len(value), strict=False)
-            )
-        else:
-            out = value
-        flops += int(formula(*args, out_val=out, **kwargs))
+    for node in aten_calls(graph):
+        formula = flop_registry.get(node.target.overloadpacket)
+        if formula is not None:
+            args, kwargs, out = planned_call(graph, node, plan.removed)
+            flops += int(formula(*args, out_val=out, **kwargs))
     return flops // 2
 
 

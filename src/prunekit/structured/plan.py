@@ -23,7 +23,9 @@ import numpy as np
 
 from prunekit.structured.graph import DependencyGraph, Space
 
-Policy = Literal["uniform", "global"]
+#: ``latency`` is HALP's latency-aware allocation (:mod:`~prunekit.structured.knapsack`), which needs a cost
+#: budget and a latency table, so :func:`plan_pruning` does not take it.
+Policy = Literal["uniform", "global", "latency"]
 
 #: Spaces pruned unless asked otherwise: channels, whole conv groups, and heads (the outer side of a
 #: ``(H * D) -> (H, D)`` reshape). Head width and positions inside groups are opt-in.
@@ -136,8 +138,13 @@ def plan_pruning(
                 plans.append(keep_best(space, importance, keep_n))
             else:
                 plans.append(keep_best(space, importance, space.size))
+    elif policy == "latency":
+        raise ValueError(
+            "the latency policy allocates a MAC, parameter or latency budget: call "
+            "prunekit.structured.knapsack.plan_latency_aware, or prune_structurally with a target other than 'channels'"
+        )
     else:
-        raise ValueError(f"unknown policy {policy!r}: use 'uniform' or 'global'")
+        raise ValueError(f"unknown policy {policy!r}: use 'uniform', 'global' or 'latency'")
     removed_units = {u for p in plans for u in p.removed}
     return StructuralPlan(graph, plans, removed_units)
 

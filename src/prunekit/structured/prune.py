@@ -20,10 +20,13 @@ import torch
 from torch import nn
 
 from prunekit.errors import StructuralPruningError
+from prunekit.speed import device_of
 from prunekit.structured.cost import model_size, original_size, planned_macs, planned_parameters
 from prunekit.structured.depth import prune_depth
 from prunekit.structured.graph import DependencyGraph, build_dependency_graph
 from prunekit.structured.importance import Aggregation, Criterion, Normalization, unit_importance
+from prunekit.structured.knapsack import plan_latency_aware
+from prunekit.structured.latency import LatencyTable, planned_latency
 from prunekit.structured.plan import DEFAULT_KINDS, Policy, StructuralPlan, fill_to_budget, plan_pruning
 from prunekit.structured.surgery import apply_plan
 
@@ -32,7 +35,7 @@ log = logging.getLogger(__name__)
 #: Plans tried before giving up (each adjustment costs one more trace of the model).
 MAX_ATTEMPTS = 12
 
-Target = Literal["channels", "params", "macs"]
+Target = Literal["channels", "params", "macs", "latency"]
 
 #: Bisection steps when the target is a parameter or MAC reduction (the channel ratio is found to 1/2^14).
 SEARCH_STEPS = 14
@@ -73,14 +76,23 @@ def prune_structurally(
     input_norms: Mapping[str, torch.Tensor] | None = None,
     output_spread: Mapping[str, torch.Tensor] | None = None,
     blocks: int = 0,
+    latency: LatencyTable | None = None,
 ) -> StructuralResult:
     """Remove ``ratio`` of the units of every prunable space of ``model`` (``policy="uniform"``; or of all of
     them together, ``"global"``), the least important by ``criterion`` first. ``model`` is not modified.
 
-    With ``target="params"`` or ``"macs"``, ``ratio`` is the fraction of parameters or multiply-accumulates
-    to remove instead: the channel ratio that reaches it (or the least over it) is found by bisection on
-    the planned cost (:mod:`~prunekit.structured.cost`), then units are given back where the cost allows
+    With ``target="params"``, ``"macs"`` or ``"latency"``, ``ratio`` is the fraction of parameters,
+    multiply-accumulates or planned latency to remove instead: the channel ratio that reaches it (or the least
+    over it) is found by bisection on the planned cost (:mod:`~prunekit.structured.cost`,
+    :mod:`~prunekit.structured.latency`), then units are given back where the cost allows
     (:func:`~prunekit.structured.plan.fill_to_budget`), so coarse units do not overshoot the target.
+
+    ``policy="latency"`` allocates such a target with HALP's latency-saliency ratio instead
+    (:func:`~prunekit.structured.knapsack.plan_latency_aware`): the units that save the most time on the
+    device for the least importance go first. ``latency`` is the table of measured operation times it (and
+    ``target="latency"``) reads; by default one is made for the model's device and the current thread count,
+    for contiguous tensors with every operation costed (pass a :class:`~prunekit.structured.latency.LatencyTable`
+    with ``memory_format=torch.channels_last`` and ``free_ops=BATCH_NORM_OPS`` to cost the model as deployed).
 
     ``keep_streams`` leaves the residual streams whole (the channels that residual additions join: a ResNet
     stage's output width, a transformer's hidden size) and prunes only the width inside the blocks. Where
@@ -97,13 +109,15 @@ def prune_structurally(
     the same target, counted against the original model. Raises
     :class:`~prunekit.errors.StructuralPruningError` if no plan gives a model that runs as planned.
     """
+    if (policy == "latency" or target == "latency") and latency is None:
+        latency = _default_table(model)
     removed_blocks: list[str] = []
     if blocks:
         depth = prune_depth(model, example_inputs, blocks, example_kwargs=example_kwargs)
         removed_blocks = depth.removed
         if target != "channels":
-            before = _size(model, example_inputs, example_kwargs, target)
-            after = _size(depth.model, example_inputs, example_kwargs, target)
+            before = _size(model, example_inputs, example_kwargs, target, latency)
+            after = _size(depth.model, example_inputs, example_kwargs, target, latency)
             if after <= before * (1.0 - ratio):
                 raise StructuralPruningError(
                     f"removing {blocks} blocks already takes away {100 * (1 - after / before):.1f}% of the {target}, "
@@ -133,7 +147,7 @@ def prune_structurally(
             "min_keep_ratio": min_keep_ratio,
             "keep_streams": keep_streams,
         }
-        plan = plan_to_target(graph, scores, ratio, target, **options)
+        plan = plan_to_target(graph, scores, ratio, target, latency=latency, **options)
         try:
             pruned = apply_plan(model, plan, example_inputs, example_kwargs)
         except StructuralPruningError as error:
@@ -166,6 +180,7 @@ def plan_to_target(
     target: Target,
     *,
     make: Callable[[float], StructuralPlan] | None = None,
+    latency: LatencyTable | None = None,
     **options: Any,
 ) -> StructuralPlan:
     """The plan removing ``ratio`` of the channels, or the plan of the smallest channel ratio that removes at
@@ -175,16 +190,34 @@ def plan_to_target(
     With the default ``make``, the cost target is then approached from below: spaces whose units are too
     coarse for one shared ratio (a ViT's stream, made of whole heads) are kept one step wider while the
     others are pruned further, and units are given back where the cost allows
-    (:func:`~prunekit.structured.plan.fill_to_budget`); of these plans, the one removing least wins."""
+    (:func:`~prunekit.structured.plan.fill_to_budget`); of these plans, the one removing least wins.
+
+    ``options["policy"] == "latency"`` hands the target to
+    :func:`~prunekit.structured.knapsack.plan_latency_aware`; ``latency`` is the table it and
+    ``target="latency"`` read."""
+    if target not in ("channels", "params", "macs", "latency"):
+        raise ValueError(f"unknown target {target!r}: use 'channels', 'params', 'macs' or 'latency'")
+    if target == "latency" or options.get("policy") == "latency":
+        if latency is None:
+            raise ValueError("a latency target or policy needs a LatencyTable (latency=...)")
+        table = latency
+    if options.get("policy") == "latency":
+        if target == "channels" or make is not None:
+            raise ValueError("the latency policy allocates a 'macs', 'params' or 'latency' target, not channels")
+        options = {k: v for k, v in options.items() if k != "policy"}
+        return plan_latency_aware(graph, scores, ratio, table, budget=target, **options)
     build = make or (lambda r: plan_pruning(graph, scores, r, **options))
     if target == "channels":
         return build(ratio)
-    if target not in ("params", "macs"):
-        raise ValueError(f"unknown target {target!r}: use 'channels', 'params' or 'macs'")
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"a {target} reduction must be in (0, 1), got {ratio}")
-    cost = planned_parameters if target == "params" else planned_macs
-    base = original_size(build(0.0))[0 if target == "params" else 1]
+    cost: Callable[[StructuralPlan], float]
+    if target == "latency":
+        cost = lambda plan: planned_latency(plan, table)  # noqa: E731
+        base = cost(StructuralPlan(graph, [], set()))
+    else:
+        cost = planned_parameters if target == "params" else planned_macs
+        base = original_size(build(0.0))[0 if target == "params" else 1]
     goal = base * (1.0 - ratio)
     found, over, high = _bisect(build, cost, goal, 0.0, MAX_CHANNEL_RATIO)
     if found is None:
@@ -207,7 +240,7 @@ def plan_to_target(
 
 
 def _coarse_spaces(
-    over: StructuralPlan, within: StructuralPlan, cost: Callable[[StructuralPlan], int]
+    over: StructuralPlan, within: StructuralPlan, cost: Callable[[StructuralPlan], float]
 ) -> dict[int, float]:
     """Spaces whose last step of the bisection alone accounts for more than half of the cost jump between
     ``over`` and ``within`` (few, big units: the heads that make up a ViT's stream), with the ratio that keeps
@@ -229,7 +262,7 @@ def _bisect_with_pinned(
     graph: DependencyGraph,
     scores: dict[int, float],
     pinned: dict[int, float],
-    cost: Callable[[StructuralPlan], int],
+    cost: Callable[[StructuralPlan], float],
     goal: float,
     start: float,
     options: dict[str, Any],
@@ -248,7 +281,7 @@ def _bisect_with_pinned(
 
 def _bisect(
     build: Callable[[float], StructuralPlan],
-    cost: Callable[[StructuralPlan], int],
+    cost: Callable[[StructuralPlan], float],
     goal: float,
     low: float,
     high: float,
@@ -270,9 +303,23 @@ def _bisect(
     return within, over, high
 
 
-def _size(model: nn.Module, inputs: Sequence[Any], kwargs: dict[str, Any] | None, target: Target) -> int:
-    """Parameters or MACs of ``model`` as planned costs count them."""
+def _size(
+    model: nn.Module,
+    inputs: Sequence[Any],
+    kwargs: dict[str, Any] | None,
+    target: Target,
+    latency: LatencyTable | None = None,
+) -> float:
+    """Parameters, MACs or planned latency of ``model`` as planned costs count them."""
+    if target == "latency":
+        assert latency is not None
+        return planned_latency(StructuralPlan(build_dependency_graph(model, inputs, kwargs), [], set()), latency)
     return model_size(model, inputs, kwargs)[0 if target == "params" else 1]
+
+
+def _default_table(model: nn.Module) -> LatencyTable:
+    """A latency table for ``model``'s device at the current thread count (contiguous tensors, nothing free)."""
+    return LatencyTable(device=device_of(model), threads=torch.get_num_threads())
 
 
 def _same_class(model: nn.Module, name: str) -> list[str]:
@@ -303,6 +350,8 @@ def prune_iteratively(
     the final one; ``model`` itself is not modified."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if (target == "latency" or options.get("policy") == "latency") and options.get("latency") is None:
+        options["latency"] = _default_table(model)  # one table for every step: its entries carry over
     current = model
     base: float | None = None
     result: StructuralResult | None = None
@@ -312,7 +361,7 @@ def prune_iteratively(
             done = ratio * (step - 1) / steps
             step_ratio = 1.0 - (1.0 - goal) / (1.0 - done)
         else:
-            size = _size(current, example_inputs, options.get("example_kwargs"), target)
+            size = _size(current, example_inputs, options.get("example_kwargs"), target, options.get("latency"))
             base = base or size
             step_ratio = 1.0 - base * (1.0 - goal) / size
         result = prune_structurally(current, example_inputs, step_ratio, target=target, **options)
