@@ -18,4 +18,6 @@ python3 -m venv "$tp"
 # for the LLM benchmark: the peer loads SmolLM2 with transformers and is scored by prunekit's evaluation code
 # (on PYTHONPATH, not installed), which imports these
 "$tp/bin/pip" install -q "transformers==5.24.0" safetensors accelerate greenlet pydantic pyyaml psutil tqdm
+# for --runtime onnxruntime: the peer's pruned models are exported and timed by prunekit's ONNX code too
+"$tp/bin/pip" install -q onnx onnxruntime onnxscript
 echo "ready: $tv/bin/python (prunekit) and $tp/bin/python (Torch-Pruning)"

@@ -597,6 +597,22 @@ def test_onnx_export_of_a_pruned_model_matches(tmp_path, make):
         np.testing.assert_allclose(got, pruned(x).numpy(), atol=1e-4, rtol=1e-3)
 
 
+def test_onnxruntime_module_runs_an_export_like_the_module(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from prunekit.onnx_export import OnnxRuntimeModule
+
+    torch.manual_seed(0)
+    model = MobileBlock().eval()
+    x = torch.randn(2, 3, 4, 4)
+    pruned = prune_structurally(model, (x,), 0.5).model
+    session = OnnxRuntimeModule(export_onnx(pruned, (x,), tmp_path / "pruned.onnx"), threads=1)
+    with torch.no_grad():
+        torch.testing.assert_close(session(x), pruned(x), atol=1e-4, rtol=1e-3)
+    with pytest.raises(ValueError, match="takes 1 inputs, got 2"):
+        session(x, x)
+
+
 def measured_macs(model: nn.Module, x: torch.Tensor) -> int:
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():

@@ -6,6 +6,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,6 +51,42 @@ def export_onnx(
         tmp.unlink(missing_ok=True)
         model.train(was_training)
     return out
+
+
+class OnnxRuntimeModule(nn.Module):
+    """An ONNX file run by onnxruntime's CPU execution provider, called like the PyTorch module it was
+    exported from (tensors in, a tensor or a tuple of tensors out), so that the same measurement code
+    (:func:`~prunekit.structured.report.compare_latency`) times the model as PyTorch runs it and as a
+    deployment runtime does. onnxruntime applies its own graph optimisations (all levels: batch norms folded
+    into convolutions, activations fused), and runs on ``threads`` intra-op threads (its default otherwise).
+    ``options`` replaces those settings with the caller's ``onnxruntime.SessionOptions`` (for instance a
+    process-wide thread pool, ``use_per_session_threads = False``, which keeps two sessions timed in turn from
+    competing: each session's own threads keep spinning for a while after a run, on the cores the other needs).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, threads: int | None = None, options: Any = None) -> None:
+        super().__init__()
+        import onnxruntime
+
+        if options is None:
+            options = onnxruntime.SessionOptions()
+            options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+            if threads:
+                options.intra_op_num_threads = threads
+                options.inter_op_num_threads = 1
+        self.path = Path(path)
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_names = [meta.name for meta in self.session.get_inputs()]
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if len(inputs) != len(self.input_names):
+            raise ValueError(f"{self.path} takes {len(self.input_names)} inputs, got {len(inputs)}")
+        feeds = {
+            name: np.ascontiguousarray(t.detach().cpu().numpy())
+            for name, t in zip(self.input_names, inputs, strict=True)
+        }
+        outputs = [torch.from_numpy(o) for o in self.session.run(None, feeds)]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
 def run_onnx(path: str | os.PathLike[str], inputs: Sequence[torch.Tensor]) -> list[np.ndarray]:
