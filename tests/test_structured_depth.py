@@ -139,7 +139,7 @@ def test_the_report_counts_the_original_and_the_removed_layers():
     assert "Blocks removed whole: block1." in render_markdown(report)
 
 
-def test_the_command_line_job_refuses_blocks_and_keep_streams_outside_torchvision(tmp_path):
+def test_the_command_line_job_refuses_vision_only_options_for_language_models(tmp_path):
     from prunekit.errors import ConfigError
     from prunekit.structured.job import StructuredJob, run_structured_job
 
@@ -149,4 +149,8 @@ def test_the_command_line_job_refuses_blocks_and_keep_streams_outside_torchvisio
         run_structured_job(StructuredJob(out=str(tmp_path / "b"), blocks=2))
     with pytest.raises(ConfigError, match="--prune-hidden"):
         run_structured_job(StructuredJob(out=str(tmp_path / "c"), keep_streams=True))
-    assert not any((tmp_path / name).exists() for name in "abc")
+    with pytest.raises(ConfigError, match="--policy and --target latency are for --torchvision"):
+        run_structured_job(StructuredJob(out=str(tmp_path / "d"), policy="latency", target="macs"))
+    with pytest.raises(ConfigError, match="--policy and --target latency are for --torchvision"):
+        run_structured_job(StructuredJob(out=str(tmp_path / "e"), target="latency"))
+    assert not any((tmp_path / name).exists() for name in "abcde")

@@ -178,7 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weights", default=None, help="torchvision weights name (downloaded by torchvision)")
     s.add_argument("--input-size", type=int, default=224, help="torchvision example image size (default 224)")
     s.add_argument("--ratio", type=float, default=0.25, help="fraction to remove (default 0.25)")
-    s.add_argument("--target", choices=["params", "macs", "channels"], default="params", help="what --ratio counts")
+    s.add_argument(
+        "--target", choices=["params", "macs", "channels", "latency"], default="params", help="what --ratio counts"
+    )
+    s.add_argument(
+        "--policy",
+        choices=["uniform", "global", "latency"],
+        default="uniform",
+        help="--torchvision: where to cut: the same ratio per layer, one global ranking, or latency-aware (HALP: "
+        "least importance per second saved, from operation times measured on this machine)",
+    )
     s.add_argument("--mode", choices=["width", "depth"], default="width", help="LMs: channels/heads or whole layers")
     s.add_argument("--criterion", default=None, help="importance: l1, l2, bn_scale, taylor, activation (LM default)")
     s.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of this (e.g. 8)")
@@ -371,6 +380,7 @@ def _cmd_structured(args: argparse.Namespace) -> int:
         round_to=args.round_to,
         blocks=args.blocks,
         keep_streams=args.keep_streams,
+        policy=args.policy,
         prune_hidden=args.prune_hidden,
         reconstruct=not args.no_reconstruct,
         onnx=args.onnx,

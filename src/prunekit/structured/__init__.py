@@ -14,13 +14,17 @@ or step by step::
 from prunekit.structured.deploy import fold_batch_norms
 from prunekit.structured.graph import DependencyGraph, Space, build_dependency_graph
 from prunekit.structured.importance import unit_importance
+from prunekit.structured.knapsack import plan_latency_aware
+from prunekit.structured.latency import BATCH_NORM_OPS, LatencyTable, planned_latency
 from prunekit.structured.plan import StructuralPlan, kept_count, plan_pruning, plan_removing
 from prunekit.structured.prune import StructuralResult, prune_iteratively, prune_structurally
 from prunekit.structured.saving import load_pruned, save_pruned
 from prunekit.structured.surgery import apply_plan
 
 __all__ = [
+    "BATCH_NORM_OPS",
     "DependencyGraph",
+    "LatencyTable",
     "Space",
     "StructuralPlan",
     "StructuralResult",
@@ -29,8 +33,10 @@ __all__ = [
     "fold_batch_norms",
     "kept_count",
     "load_pruned",
+    "plan_latency_aware",
     "plan_pruning",
     "plan_removing",
+    "planned_latency",
     "prune_iteratively",
     "prune_structurally",
     "save_pruned",

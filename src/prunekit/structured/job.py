@@ -28,6 +28,7 @@ from prunekit.errors import ConfigError
 from prunekit.export import check_output_dir, save_pretrained, write_atomically
 from prunekit.report import write_report
 from prunekit.structured.importance import Criterion
+from prunekit.structured.plan import Policy
 from prunekit.structured.prune import Target, prune_structurally
 from prunekit.structured.report import (
     compare_latency,
@@ -67,6 +68,7 @@ class StructuredJob:
     round_to: int = 1
     blocks: int = 0
     keep_streams: bool = False
+    policy: Policy = "uniform"
     prune_hidden: bool = False
     reconstruct: bool = True
     onnx: bool = False
@@ -89,6 +91,11 @@ def run_structured_job(job: StructuredJob) -> dict[str, Any]:
     if job.keep_streams:
         raise ConfigError(
             "--keep-streams is for --torchvision models; language models keep their hidden size unless --prune-hidden"
+        )
+    if job.policy != "uniform" or job.target == "latency":
+        raise ConfigError(
+            "--policy and --target latency are for --torchvision models; language models are pruned uniformly per "
+            "layer to a parameter target (--mode width or depth)"
         )
     return _llm_job(job)
 
@@ -114,6 +121,7 @@ def _vision_job(job: StructuredJob) -> dict[str, Any]:
         round_to=job.round_to,
         blocks=job.blocks,
         keep_streams=job.keep_streams,
+        policy=job.policy,
     )
     report = structural_report(model, result, (example,))
     report["command"] = {
@@ -124,6 +132,7 @@ def _vision_job(job: StructuredJob) -> dict[str, Any]:
         "round_to": job.round_to,
         "blocks": job.blocks,
         "keep_streams": job.keep_streams,
+        "policy": job.policy,
     }
 
     def write(tmp: Path) -> None:

@@ -261,24 +261,31 @@ def check_config_reload(model: nn.Module, example: torch.Tensor, *, atol: float 
     the embeddings, the final norm and the head, and compare its logits on ``example`` with those of the
     pruned model cut to its first layer. Fails with :class:`StructuralPruningError` where the shapes or the
     outputs differ (a size the config cannot hold, or a constant that a model computes from the config,
-    like Gemma's ``sqrt(hidden_size)`` embedding scale). Costs one decoder layer plus the embeddings."""
+    like Gemma's ``sqrt(hidden_size)`` embedding scale). The rebuilt model's parameters are created on the
+    meta device and then take the pruned model's tensors (no copy, no random initialisation, which for a
+    large vocabulary would cost gigabytes); its buffers are built from the config, as transformers builds
+    them, so a constant the config gets wrong shows in the logits. Costs one decoder layer's forward pass."""
+    from accelerate import init_empty_weights
+
     config = copy.deepcopy(model.config)
     config.num_hidden_layers = 1
     if getattr(config, "layer_types", None) is not None:
         config.layer_types = config.layer_types[:1]
     block_name, blocks = find_decoder_blocks(model)
     reference = next(model.parameters())
-    fresh = type(model)(config).to(device=reference.device, dtype=reference.dtype).eval()
+    with init_empty_weights(include_buffers=False):
+        fresh = type(model)(config).eval()
     prefix = f"{block_name}."
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(prefix) or k.startswith(prefix + "0.")}
     problem = f"the updated config of this {getattr(config, 'model_type', type(model).__name__)} model does not "
     fix = "; save the pruned model with prunekit.save_pruned and rebuild it with prunekit.load_pruned instead"
     try:
-        fresh.load_state_dict(state, strict=True)
+        fresh.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise StructuralPruningError(
             f"{problem}give the pruned shapes ({str(exc).splitlines()[-1].strip()}){fix}"
         ) from exc
+    fresh.to(device=reference.device, dtype=reference.dtype)  # the buffers; the parameters are already there
     parent_name, _, attr = block_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attr, nn.ModuleList(list(blocks)[:1]))
