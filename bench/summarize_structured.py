@@ -38,20 +38,25 @@ def coverage(data: dict) -> str:
 
 
 def speed(data: dict) -> str:
+    """One row per model, rounding, tool: batch-1 and batch-32 speed-up / MACs reduction (files of the current
+    layout, ``results[model]["round_to=R"][tool]``, and of the first one, ``results[model][tool]``)."""
     lines = [
-        "| model | tool | batch | MACs reduction | speed-up | speed-up / MACs reduction |",
-        "|---|---|---|---|---|---|",
+        "| model | round_to | tool | MACs reduction | speed-up / ratio, per batch |",
+        "|---|---|---|---|---|",
     ]
-    for name, tools in data["results"].items():
-        for tool, r in tools.items():
-            if not r.get("ok"):
-                lines.append(f"| {name} | {tool} | - | - | - | fails: {r.get('error', '')[-80:]} |")
-                continue
-            for row in r["rows"]:
-                lines.append(
-                    f"| {name} | {tool} | {row['batch']} | {row['macs_reduction']:.2f}x | {row['speedup']:.2f}x | "
-                    f"{row['speedup_over_macs_reduction']:.2f} |"
+    for name, by_round in data["results"].items():
+        if not all(key.startswith("round_to=") for key in by_round):
+            by_round = {"round_to=-": by_round}
+        for key, tools in by_round.items():
+            for tool, r in tools.items():
+                if not r.get("ok"):
+                    lines.append(f"| {name} | {key[9:]} | {tool} | - | fails: {r.get('error', '')[-80:]} |")
+                    continue
+                cells = ", ".join(
+                    f"batch {row['batch']}: {row['speedup']:.2f} / {row['speedup_over_macs_reduction']:.2f}"
+                    for row in r["rows"]
                 )
+                lines.append(f"| {name} | {key[9:]} | {tool} | {r['rows'][0]['macs_reduction']:.2f} | {cells} |")
     return "\n".join(lines)
 
 
