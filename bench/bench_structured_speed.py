@@ -157,15 +157,15 @@ def child(
         setting = {"pruning_ratio": high, "round_to": round_to}
     pruned_macs = macs(pruned)
     pruned.eval()
+    sizes = {  # as pruned, before any deployment step (folding batch norms removes their parameters)
+        "setting": setting,
+        "macs": dense_macs,
+        "pruned_macs": pruned_macs,
+        "params": params(model),
+        "pruned_params": params(pruned),
+    }
     if runtime == "onnxruntime":
-        return {
-            **_onnxruntime_rows(model, pruned, batches, threads, min_time, dense_macs / pruned_macs),
-            "setting": setting,
-            "macs": dense_macs,
-            "pruned_macs": pruned_macs,
-            "params": params(model),
-            "pruned_params": params(pruned),
-        }
+        return {**sizes, **_onnxruntime_rows(model, pruned, batches, threads, min_time, dense_macs / pruned_macs)}
     if fold_bn:  # the same inference preparation for both models (and both tools)
         from prunekit.structured.deploy import fold_batch_norms
 
@@ -184,14 +184,7 @@ def child(
             model, pruned, (xb,), min_run_time=min_time, rounds=7 if batch > 1 else 15, threads=threads
         )
         rows.append(_timing_row(batch, timing, dense_macs / pruned_macs))
-    return {
-        "setting": setting,
-        "macs": dense_macs,
-        "pruned_macs": pruned_macs,
-        "params": params(model),
-        "pruned_params": params(pruned),
-        "rows": rows,
-    }
+    return {**sizes, "rows": rows}
 
 
 def _timing_row(batch: int, timing: dict, reduction: float) -> dict:
