@@ -9,7 +9,7 @@ prediction equals a measurement of the pruned model with that counter.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -22,14 +22,17 @@ from prunekit.structured.plan import StructuralPlan
 from prunekit.structured.verify import expected_shape
 
 
+def parameter_count(graph: DependencyGraph, names: Iterable[str], removed: set[int]) -> int:
+    """Number of parameters among the state ``names`` once ``removed`` units are gone (buffers count 0)."""
+    return sum(
+        math.prod(int((~m).sum()) for m in graph.removed_indices(name, removed))
+        for name in set(names) & graph.parameter_names & set(graph.state_dims)
+    )
+
+
 def planned_parameters(plan: StructuralPlan) -> int:
     """Number of parameters after the plan (tied parameters once)."""
-    graph = plan.graph
-    total = 0
-    for name in graph.parameter_names & set(graph.state_dims):
-        removed = graph.removed_indices(name, plan.removed)
-        total += math.prod(int((~m).sum()) for m in removed)
-    return total
+    return parameter_count(plan.graph, plan.graph.parameter_names, plan.removed)
 
 
 def _meta(shape: tuple[int, ...] | None, like: Any) -> Any:
@@ -75,26 +78,19 @@ def aten_calls(graph: DependencyGraph) -> list[torch.fx.Node]:
     return [n for n in graph.traced.graph.nodes if n.op == "call_function" and hasattr(n.target, "overloadpacket")]
 
 
-def node_macs(graph: DependencyGraph, node: torch.fx.Node, removed: set[int]) -> int:
-    """Multiply-accumulates of one traced call at its planned shapes (0 for operations without a formula in
-    :data:`torch.utils.flop_counter.flop_registry`)."""
+def node_flops(graph: DependencyGraph, node: torch.fx.Node, removed: set[int]) -> int:
+    """Floating-point operations of one traced call at its planned shapes (0 for operations without a
+    formula in :data:`torch.utils.flop_counter.flop_registry`); MACs are half of them."""
     formula = flop_registry.get(getattr(node.target, "overloadpacket", None))
     if formula is None:
         return 0
     args, kwargs, out = planned_call(graph, node, removed)
-    return int(formula(*args, out_val=out, **kwargs)) // 2
+    return int(formula(*args, out_val=out, **kwargs))
 
 
 def planned_macs(plan: StructuralPlan) -> int:
     """Multiply-accumulates of one forward pass on the example inputs, after the plan."""
-    graph = plan.graph
-    flops = 0
-    for node in aten_calls(graph):
-        formula = flop_registry.get(node.target.overloadpacket)
-        if formula is not None:
-            args, kwargs, out = planned_call(graph, node, plan.removed)
-            flops += int(formula(*args, out_val=out, **kwargs))
-    return flops // 2
+    return sum(node_flops(plan.graph, node, plan.removed) for node in aten_calls(plan.graph)) // 2
 
 
 def original_size(plan: StructuralPlan) -> tuple[int, int]:

@@ -29,7 +29,7 @@ from typing import Literal
 import numpy as np
 import torch.fx
 
-from prunekit.structured.cost import aten_calls, node_macs
+from prunekit.structured.cost import aten_calls, node_flops, parameter_count
 from prunekit.structured.graph import DependencyGraph, Space
 from prunekit.structured.latency import LatencyTable, node_seconds
 from prunekit.structured.plan import (
@@ -119,40 +119,34 @@ def plan_latency_aware(
     floors = {s.index: kept_count(s.size, 1.0 - min_keep_ratio, _rounding(s, round_to)) for s in prunable}
     scales = {s.index: _space_scale(s, importance) or 1.0 for s in prunable}
     seconds = {n.name: node_seconds(graph, n, removed, table) for n in nodes}
-    by_index = {s.index: s for s in prunable}
-
-    def parameters(names: set[str], gone: set[int]) -> int:
-        return sum(
-            int(np.prod([int((~m).sum()) for m in graph.removed_indices(name, gone)]))
-            for name in names
-            if name in graph.parameter_names
-        )
+    dense_seconds = sum(seconds.values())
 
     def cost_of(space: Space, gone: set[int]) -> float:
-        """The budget's quantity over what ``space`` touches, once ``gone`` units are removed."""
+        """The budget's quantity (seconds, FLOPs = 2 x MACs, parameters) over what ``space`` touches, once
+        ``gone`` units are removed."""
         if budget == "latency":
             return sum(node_seconds(graph, n, gone, table) for n in touching[space.index])
         if budget == "macs":
-            return float(sum(node_macs(graph, n, gone) for n in touching[space.index]))
-        return float(parameters({name for name, _ in space.where}, gone))
+            return float(sum(node_flops(graph, n, gone) for n in touching[space.index]))
+        return float(parameter_count(graph, (name for name, _ in space.where), gone))
 
     if budget == "latency":
-        total = sum(seconds.values())
+        total = dense_seconds
     elif budget == "macs":
-        total = float(sum(node_macs(graph, n, removed) for n in nodes))
+        total = float(sum(node_flops(graph, n, removed) for n in nodes))
     else:
-        total = float(parameters(set(graph.state_dims), removed))
+        total = float(parameter_count(graph, graph.state_dims, removed))
     goal = total * (1.0 - ratio)
     current = total
 
     def offer(space: Space) -> _Offer | None:
         step = _rounding(space, round_to)
-        n = kept[space.index]
-        target_n = ((n - 1) // step) * step if step > 1 else n - 1
+        kept_n = kept[space.index]
+        target_n = ((kept_n - 1) // step) * step if step > 1 else kept_n - 1
         if target_n < floors[space.index]:
             return None
         alive = sorted((u for u in space.units if u not in removed), key=lambda u: (importance[u], -u))
-        units = sorted(alive[: n - target_n])
+        units = sorted(alive[: kept_n - target_n])
         after = removed | set(units)
         saved_s = sum(seconds[n.name] - node_seconds(graph, n, after, table) for n in touching[space.index])
         saved_cost = cost_of(space, removed) - cost_of(space, after)
@@ -193,12 +187,12 @@ def plan_latency_aware(
         "structured: latency-aware allocation took %d steps, %d table entries; planned %.3f ms -> %.3f ms",
         steps,
         len(table.entries),
-        1e3 * sum(node_seconds(graph, n, set(), table) for n in nodes),
+        1e3 * dense_seconds,
         1e3 * sum(seconds.values()),
     )
     plans: list[SpacePlan] = []
     for space in graph.spaces:
-        if space.index in by_index:
+        if space.index in kept:
             plans.append(
                 SpacePlan(space, [u for u in space.units if u not in removed], [u for u in space.units if u in removed])
             )

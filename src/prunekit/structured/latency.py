@@ -78,6 +78,8 @@ class LatencyTable:
     entries: dict[Any, float] = field(default_factory=dict)
     #: Calls that could not be run at their planned shapes; their time at the original shapes stands in.
     failed: dict[str, str] = field(default_factory=dict)
+    #: Signatures that raised when measured: asked again, they raise again without running.
+    unrunnable: dict[Any, str] = field(default_factory=dict)
 
     def seconds(self, node: torch.fx.Node, args: list, kwargs: dict, out: Any) -> float:
         """Time of one call of ``node``'s operation on arguments shaped like ``args``/``kwargs`` (meta tensors
@@ -90,7 +92,13 @@ class LatencyTable:
         key = (str(node.target), _signature(args), _signature(kwargs))
         cached = self.entries.get(key)
         if cached is None:
-            cached = self.entries[key] = self._measure(node.target, args, kwargs)
+            if key in self.unrunnable:
+                raise RuntimeError(self.unrunnable[key])
+            try:
+                cached = self.entries[key] = self._measure(node.target, args, kwargs)
+            except Exception as error:  # remembered, so that a search does not run it again and again
+                self.unrunnable[key] = f"{type(error).__name__}: {error}"
+                raise
         return cached
 
     def _measure(self, op: Callable[..., Any], args: list, kwargs: dict) -> float:
