@@ -131,7 +131,9 @@ def load_model(
         loaded = _load_gguf(path, torch.float32 if torch_dtype == "auto" else torch_dtype)
     elif path.is_dir():
         _check_local_dir(path)
-        if _is_sparse_compressed(path):
+        if _is_structurally_pruned(path):
+            loaded = _load_structurally_pruned(path, torch_dtype, trust_remote_code)
+        elif _is_sparse_compressed(path):
             loaded = _load_sparse_compressed(path, torch_dtype, trust_remote_code)
         else:
             loaded = _load_hf(str(path), torch_dtype, trust_remote_code)
@@ -183,6 +185,32 @@ def _load_hf(name: str, torch_dtype: torch.dtype | str, trust_remote_code: bool)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"could not load model {name!r}: {exc}") from exc
     return LoadedModel(model, tokenizer, name)
+
+
+def _is_structurally_pruned(path: Path) -> bool:
+    from prunekit.structured.saving import STRUCTURE_FILE
+
+    return (path / STRUCTURE_FILE).is_file()
+
+
+def _load_structurally_pruned(path: Path, torch_dtype: torch.dtype | str, trust_remote_code: bool) -> LoadedModel:
+    """A model written by :func:`prunekit.save_pruned` (layers of different widths, dropped attention...):
+    transformers builds it from the saved config, then :func:`~prunekit.structured.saving.load_pruned` gives it
+    the saved structure and weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from prunekit.structured.saving import load_pruned
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        stored = getattr(config, "dtype", None) or "float32"  # "auto": the dtype the config says it was saved in
+        dtype = torch_dtype if torch_dtype != "auto" else getattr(torch, str(stored).removeprefix("torch."))
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelLoadError(f"could not rebuild the pruned model in {str(path)!r}: {exc}") from exc
+    load_pruned(model, path)
+    return LoadedModel(model, tokenizer, str(path))
 
 
 def _is_sparse_compressed(path: Path) -> bool:

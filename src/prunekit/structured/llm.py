@@ -34,6 +34,8 @@ from torch import nn
 
 from prunekit.errors import StructuralPruningError
 from prunekit.models.blocks import find_decoder_blocks
+from prunekit.structured.attention_drop import ATTENTION_NAME, DroppedAttention, prune_causal_lm_attention
+from prunekit.structured.cost import model_size
 from prunekit.structured.graph import DependencyGraph, build_dependency_graph
 from prunekit.structured.importance import (
     Criterion,
@@ -132,6 +134,7 @@ def prune_causal_lm_width(
     prune_hidden: bool = False,
     batch_size: int = 1,
     reconstruct: bool = True,
+    drop_attention: int = 0,
 ) -> StructuralResult:
     """Remove ``ratio`` of the parameters (``target="params"``), MACs or channels of a causal LM's width:
     MLP width, attention heads (query heads with their key/value head) and, with ``prune_hidden``, the
@@ -142,7 +145,13 @@ def prune_causal_lm_width(
     inputs is then refitted by least squares on the calibration windows
     (:mod:`~prunekit.structured.reconstruct`). The windows go through the model once: the criterion's norms
     and the refit's Grams are gathered in the same pass. The returned model's
-    config is updated (:func:`update_config`); ``model`` is not modified."""
+    config is updated (:func:`update_config`); ``model`` is not modified.
+
+    With ``drop_attention=k``, the attention sublayers of the ``k`` layers of lowest attention influence are
+    dropped first (:mod:`~prunekit.structured.attention_drop`, He et al. 2024), and the width pruning then
+    takes what is left of the ``params`` or ``macs`` target (both counted against the model as given). Such
+    a model is saved with :func:`~prunekit.structured.saving.save_pruned` (a transformers config cannot say
+    that a layer has no attention)."""
     model_type = getattr(getattr(model, "config", None), "model_type", "")
     if prune_hidden and model_type in ATTENTION_SIZED_BY_HIDDEN | EMBEDDINGS_SCALED_BY_HIDDEN:
         why = (
@@ -156,10 +165,12 @@ def prune_causal_lm_width(
             "width and, where the config can say so, attention heads), or remove whole layers with "
             "prune_causal_lm_depth"
         )
-    embeddings = model.get_input_embeddings()
-    embedding_name = next(name for name, module in model.named_modules() if module is embeddings)
     example = calibration[:1, : min(16, calibration.shape[1])]
     kwargs = {"use_cache": False}
+    if drop_attention:
+        model, ratio = _drop_attention_first(model, calibration, ratio, target, drop_attention, batch_size)
+    embeddings = model.get_input_embeddings()
+    embedding_name = next(name for name, module in model.named_modules() if module is embeddings)
     graph = build_dependency_graph(model, (example,), kwargs, ignored=[] if prune_hidden else [embedding_name])
     grams, norms = _calibration_statistics(model, graph, _batches(calibration, batch_size), criterion, reconstruct)
     if criterion == "taylor":
@@ -207,6 +218,36 @@ def prune_causal_lm_width(
     return StructuralResult(pruned, plan, graph)
 
 
+def _drop_attention_first(
+    model: nn.Module, calibration: torch.Tensor, ratio: float, target: Target, count: int, batch_size: int
+) -> tuple[nn.Module, float]:
+    """The model with ``count`` attention sublayers dropped, and the share of its own ``target`` that width
+    pruning must still remove for the whole to lose ``ratio`` of the original's."""
+    if target not in ("params", "macs"):
+        raise StructuralPruningError(
+            f"drop_attention needs a 'params' or 'macs' target (one the dropped attention counts towards), not "
+            f"{target!r}"
+        )
+    example = (calibration[:1, : min(16, calibration.shape[1])],)
+
+    def size(m: nn.Module) -> int:
+        if target == "params":
+            return sum(p.numel() for p in m.parameters())  # a tied parameter is yielded once
+        return model_size(m, example, {"use_cache": False})[1]
+
+    before = size(model)
+    dropped, layers = prune_causal_lm_attention(model, calibration, count, batch_size=batch_size)
+    after = size(dropped)
+    left = 1.0 - (1.0 - ratio) * before / after
+    if left <= 0.0:
+        raise StructuralPruningError(
+            f"dropping the attention of {count} layers ({layers}) already removes {1 - after / before:.1%} of the "
+            f"{target}, at least the {ratio:.1%} asked for: drop fewer (drop_attention) or use "
+            "prune_causal_lm_attention alone"
+        )
+    return dropped, left
+
+
 def _block_sizes(block: nn.Module, head_dim: int, model_type: str) -> dict[str, int]:
     """The config sizes one decoder layer has: heads, key/value heads and MLP width (those it can tell)."""
     attention = _submodule(block, _ATTENTION_NAMES)
@@ -239,6 +280,8 @@ def update_config(model: nn.Module) -> None:
     head_dim = getattr(attention[1], "head_dim", head_dim) if attention else head_dim
     sizes: dict[str, set[int]] = {}
     for block in blocks:
+        if isinstance(getattr(block, ATTENTION_NAME, None), DroppedAttention):
+            continue  # no attention sizes to write; save_pruned records the dropped attention
         for key, value in _block_sizes(block, head_dim, model_type).items():
             sizes.setdefault(key, set()).add(value)
     uneven = {k: sorted(v) for k, v in sizes.items() if len(v) > 1}

@@ -6,8 +6,11 @@ checkpoint holds 32. Saving therefore writes two files:
 - ``model.safetensors``: the weights and buffers (:func:`safetensors.torch.save_model`, tied tensors once);
 - ``prunekit_structure.json``: the shape of every parameter and buffer, the size attributes of every
   module (``in_features``, ``out_channels``, ``groups``, ``num_heads``... any public attribute that is an
-  integer or a tuple of integers, which is where module code keeps its sizes), and the modules that are
-  ``nn.Identity`` (blocks removed by depth pruning, :mod:`~prunekit.structured.depth`).
+  integer or a tuple of integers, which is where module code keeps its sizes), the modules that are
+  ``nn.Identity`` (blocks removed by depth pruning, :mod:`~prunekit.structured.depth`) and those that are a
+  :class:`~prunekit.structured.attention_drop.DroppedAttention` (attention drop);
+- ``config.json`` for a transformers model (its ``config.save_pretrained``), so that
+  :func:`prunekit.load_model` can rebuild it from the directory alone.
 
 :func:`load_pruned` takes a freshly constructed, *unpruned* model (``torchvision.models.resnet18()``),
 applies the saved attributes and shapes to it, and loads the weights with ``strict`` checking. Nothing is
@@ -26,6 +29,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from prunekit.errors import ModelLoadError
+from prunekit.structured.attention_drop import DroppedAttention
 from prunekit.export import write_atomically
 
 STRUCTURE_FILE = "prunekit_structure.json"
@@ -52,12 +56,14 @@ def structure_of(model: nn.Module) -> dict[str, Any]:
         if sizes:
             attributes[name] = sizes
     identities = [name for name, module in model.named_modules() if name and isinstance(module, nn.Identity)]
+    dropped = [name for name, module in model.named_modules() if isinstance(module, DroppedAttention)]
     return {
         "format": FORMAT_VERSION,
         "class": type(model).__qualname__,
         "tensors": tensors,
         "attributes": attributes,
         "identities": identities,
+        "dropped_attention": dropped,
     }
 
 
@@ -68,8 +74,22 @@ def save_pruned(model: nn.Module, directory: str | os.PathLike[str], *, overwrit
     def write(tmp: Path) -> None:
         save_model(model, str(tmp / WEIGHTS_FILE))
         (tmp / STRUCTURE_FILE).write_text(json.dumps(structure_of(model), indent=1))
+        config = getattr(model, "config", None)
+        if hasattr(config, "save_pretrained"):
+            config.save_pretrained(tmp)
 
     return write_atomically(directory, write, overwrite)
+
+
+def _replace(model: nn.Module, name: str, replacement: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    try:
+        parent: nn.Module | None = model.get_submodule(parent_name) if parent_name else model
+    except AttributeError:
+        parent = None
+    if parent is None or not isinstance(getattr(parent, attr, None), nn.Module):
+        raise ModelLoadError(f"the checkpoint removed a module {name!r} that the given model lacks")
+    setattr(parent, attr, replacement)
 
 
 def load_pruned(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
@@ -87,15 +107,11 @@ def load_pruned(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Modul
             f"the checkpoint was saved from a {structure.get('class')}, not a {type(model).__qualname__}: build the "
             "model with the constructor it was pruned from"
         )
-    for name in structure.get("identities", []):  # removed blocks first: their tensors and attributes go with them
-        parent_name, _, attr = name.rpartition(".")
-        try:
-            parent: nn.Module | None = model.get_submodule(parent_name) if parent_name else model
-        except AttributeError:
-            parent = None
-        if parent is None or not isinstance(getattr(parent, attr, None), nn.Module):
-            raise ModelLoadError(f"the checkpoint removed a module {name!r} that the given model lacks")
-        setattr(parent, attr, nn.Identity())
+    # removed modules first: their tensors and attributes go with them
+    for name in structure.get("identities", []):
+        _replace(model, name, nn.Identity())
+    for name in structure.get("dropped_attention", []):
+        _replace(model, name, DroppedAttention(structure["attributes"][name]["hidden_size"]))
     modules = dict(model.named_modules())
     for name, sizes in structure["attributes"].items():
         module = modules.get(name)
