@@ -6,6 +6,11 @@ Three pruned models, each made in its own process:
   activations (``criterion="activation"``), 25% of the parameters, the layers that lost inputs (``down_proj``,
   ``o_proj``) refitted by least squares on the calibration windows (the defaults);
 - ``prunekit-width_hidden``: the same with the hidden size pruned too (``prune_hidden=True``);
+- ``prunekit-attention<k>``, one per ``--drop-attention`` count ``k``: the attention sublayers of the ``k``
+  layers of lowest attention influence dropped first (He et al. 2024), each replaced by its mean output on
+  the calibration windows, then the MLP width and heads pruned to the same 25% in all (``drop_attention=k``); saved with
+  ``prunekit.save_pruned`` (a transformers config cannot say that a layer has no attention) and loaded back
+  with ``prunekit.load_model``;
 - ``prunekit-depth``: whole decoder layers of lowest Block Influence (ShortGPT) until >= 25% of parameters;
 - ``torch-pruning``: Torch-Pruning 1.6.1 following its own LLM example (``examples/LLMs/prune_llm.py``:
   MetaPruner, GroupMagnitudeImportance(p=2) (1.6.1 name of the example's GroupNormImportance), heads pruned,
@@ -39,12 +44,16 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results" / "structured_llm.json"
 DATA = ROOT.parent / "shared" / "data"
+#: Attention sublayers that the ``prunekit-attention<k>`` models drop (of SmolLM2's 30): the counts tried on
+#: validation perplexity (see BENCHMARKS.md), not on the test windows the benchmark scores.
+DROP_ATTENTION = (9, 12)
 
 
 def child_prunekit(kind: str, source: Path, out: Path, ratio: float, nsamples: int, seqlen: int) -> dict:
     import torch
 
     import prunekit
+    from prunekit.structured.attention_drop import dropped_attention_layers
     from prunekit.structured.llm import prune_causal_lm_depth, prune_causal_lm_width
 
     loaded = prunekit.load_model(str(source))
@@ -52,13 +61,15 @@ def child_prunekit(kind: str, source: Path, out: Path, ratio: float, nsamples: i
     calib = prunekit.calibration_windows(loaded.tokenizer, DATA / "wikitext2_valid.txt", nsamples, seqlen, seed=0)
     before = sum(p.numel() for p in model.parameters())
     start = time.perf_counter()
-    if kind in ("width", "width_hidden"):
+    if kind in ("width", "width_hidden") or kind.startswith("attention"):
         hidden = kind == "width_hidden"
-        result = prune_causal_lm_width(model, calib, ratio, target="params", prune_hidden=hidden)
+        drop = int(kind.removeprefix("attention")) if kind.startswith("attention") else 0
+        result = prune_causal_lm_width(model, calib, ratio, target="params", prune_hidden=hidden, drop_attention=drop)
         pruned = result.model
         c = pruned.config
         extra: dict = {
             "prune_hidden": hidden,
+            "dropped_attention": dropped_attention_layers(pruned),
             "hidden_size": c.hidden_size,
             "intermediate_size": c.intermediate_size,
             "num_attention_heads": c.num_attention_heads,
@@ -69,7 +80,10 @@ def child_prunekit(kind: str, source: Path, out: Path, ratio: float, nsamples: i
         extra = {"removed_layers": removed}
     seconds = time.perf_counter() - start
     with torch.no_grad():
-        pruned.save_pretrained(out)
+        if dropped_attention_layers(pruned):
+            prunekit.save_pruned(pruned, out)
+        else:
+            pruned.save_pretrained(out)
     loaded.tokenizer.save_pretrained(out)
     return {"params": before, "pruned_params": sum(p.numel() for p in pruned.parameters()), "prune_s": seconds, **extra}
 
@@ -240,7 +254,7 @@ def evaluate(dense_dir: Path, runs: dict[str, dict], ppl_windows: int, repeats: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--child", choices=["prunekit-width", "prunekit-width_hidden", "prunekit-depth", "torch-pruning"]
+        "--child", help="internal: prune one model (prunekit-width, prunekit-attention9, torch-pruning...)"
     )
     parser.add_argument("--source", type=Path)
     parser.add_argument("--dir", type=Path)
@@ -249,6 +263,13 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--ppl-windows", type=int, default=40)
+    parser.add_argument(
+        "--drop-attention",
+        type=int,
+        nargs="*",
+        default=list(DROP_ATTENTION),
+        help="one prunekit-attention<k> model per count k of attention sublayers to drop",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compiled-decode", action="store_true", help="also time decoding compiled (static cache)")
     parser.add_argument("--tools", nargs="*", help="run only these models (prunekit-width, prunekit-depth...)")
@@ -271,7 +292,8 @@ def main() -> None:
         shutil.rmtree(args.work)
     args.work.mkdir(parents=True)
     runs: dict[str, dict] = {}
-    jobs = [(f"prunekit-{kind}", sys.executable) for kind in ("width", "width_hidden", "depth")]
+    kinds = ["width", "width_hidden", *(f"attention{k}" for k in args.drop_attention), "depth"]
+    jobs = [(f"prunekit-{kind}", sys.executable) for kind in kinds]
     if args.peer_python:
         jobs.append(("torch-pruning", args.peer_python))
     jobs = [job for job in jobs if not args.tools or job[0] in args.tools]

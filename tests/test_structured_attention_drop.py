@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import transformers
+from tests.models import CONFIGS, VOCAB, tiny_model, tiny_tokenizer
 
 import prunekit
 from prunekit.errors import StructuralPruningError
@@ -19,7 +20,6 @@ from prunekit.structured.attention_drop import (
     prune_causal_lm_attention,
 )
 from prunekit.structured.llm import prune_causal_lm_width
-from tests.models import CONFIGS, VOCAB, tiny_model, tiny_tokenizer
 
 
 def tiny_llama(layers: int = 4, attention_bias: bool = False, seed: int = 0) -> transformers.LlamaForCausalLM:
@@ -75,7 +75,7 @@ def test_compensation_replaces_a_constant_attention_exactly() -> None:
     model = tiny_llama(attention_bias=True)
     constant = torch.linspace(-1.0, 1.0, 32)
     silence_attention(model, 1, constant)  # attention output = constant for every token
-    scores, means = attention_statistics(model, ids(2, 10))
+    _, means = attention_statistics(model, ids(2, 10))
     torch.testing.assert_close(means[1], constant, rtol=0, atol=1e-6)
     compensated = drop_attention(model, [1], biases=means)
     plain = drop_attention(model, [1])
@@ -120,7 +120,7 @@ def test_cached_greedy_decoding_matches_full_recomputation() -> None:
 
 def test_save_pruned_then_load_model_rebuilds_the_dropped_attention(tmp_path) -> None:
     model = tiny_llama(attention_bias=True)
-    scores, means = attention_statistics(model, ids())
+    _, means = attention_statistics(model, ids())
     dropped = drop_attention(model, [2], biases=means)
     prunekit.save_pruned(dropped, tmp_path / "out")
     tiny_tokenizer().save_pretrained(tmp_path / "out")

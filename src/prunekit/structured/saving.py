@@ -29,8 +29,8 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from prunekit.errors import ModelLoadError
-from prunekit.structured.attention_drop import DroppedAttention
 from prunekit.export import write_atomically
+from prunekit.structured.attention_drop import DroppedAttention
 
 STRUCTURE_FILE = "prunekit_structure.json"
 WEIGHTS_FILE = "model.safetensors"
