@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 import transformers
-from tests.models import CONFIGS, VOCAB, tiny_model, tiny_tokenizer
 
 import prunekit
+from models import CONFIGS, VOCAB, sample_text, tiny_model, tiny_tokenizer
 from prunekit.errors import StructuralPruningError
 from prunekit.structured.attention_drop import (
     DroppedAttention,
@@ -146,3 +146,28 @@ def test_width_pruning_after_attention_drop_meets_the_whole_target() -> None:
         prune_causal_lm_width(model, calibration, 0.01, target="params", drop_attention=3, reconstruct=False)
     with pytest.raises(StructuralPruningError, match="'params' or 'macs' target"):
         prune_causal_lm_width(model, calibration, 0.3, target="channels", drop_attention=1)
+
+
+def test_structured_command_drops_attention_then_prunes_width(tmp_path) -> None:
+    import json
+
+    from prunekit.cli import main
+
+    model_dir = tmp_path / "tiny"
+    tiny_llama().save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    (tmp_path / "calib.txt").write_text(sample_text())
+    out = tmp_path / "out"
+    argv = ["-q", "structured", str(model_dir), "--ratio", "0.3", "--drop-attention", "2"]
+    argv += ["--calib", str(tmp_path / "calib.txt"), "--nsamples", "4", "--seqlen", "32", "--out", str(out)]
+    assert main(argv) == 0
+    report = json.loads((out / "prunekit-report" / "report.json").read_text())
+    summary = report["summary"]
+    assert summary["params_after"] <= 0.7 * summary["params_before"]
+    assert len(report["dropped_attention"]) == 2 and 0 not in report["dropped_attention"]
+    reloaded = prunekit.load_model(out).model  # rebuilt from the saved config and structure
+    assert sum(p.numel() for p in reloaded.parameters()) == summary["params_after"]
+    assert dropped_attention_layers(reloaded) == report["dropped_attention"]
+    depth = [*argv[:3], "--mode", "depth", *argv[3:-1], str(tmp_path / "depth")]
+    assert main(depth) == 2  # --drop-attention is for width: refused before anything is written
+    assert not (tmp_path / "depth").exists()

@@ -185,6 +185,17 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def seconds_per_call(call: Callable[[], Any], device: torch.device, calls: int = 1) -> float:
+    """Wall seconds per call over ``calls`` back-to-back calls of ``call``, ``device`` synchronised before
+    and after (the timing loop that the structural report and the latency table share)."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        call()
+    synchronize(device)
+    return (time.perf_counter() - start) / calls
+
+
 def check_speed_args(
     model: nn.Module | None,
     batch_size: int,

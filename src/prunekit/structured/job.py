@@ -3,9 +3,11 @@
 Two kinds of model:
 
 - a causal LM (a Hugging Face directory, ``.gguf``, hub id or the bundled SmolLM2): width (``--mode width``:
-  MLP width and heads, refitted by least squares; the hidden size too with ``--prune-hidden``) or depth
-  (``--mode depth``: whole layers), calibrated on text windows, saved with ``save_pretrained`` (plain
-  ``transformers`` loads it) and its tokenizer;
+  MLP width and heads, refitted by least squares; the hidden size too with ``--prune-hidden``; with
+  ``--drop-attention K`` the attention of ``K`` layers dropped first) or depth (``--mode depth``: whole
+  layers), calibrated on text windows, saved with ``save_pretrained`` (plain ``transformers`` loads it) and
+  its tokenizer; a model with dropped attention is saved with :func:`save_pruned` and its config instead
+  (:func:`prunekit.load_model` rebuilds it);
 - a torchvision classifier by name (``--torchvision resnet50``; ``--blocks k`` first removes ``k`` residual
   blocks): saved with :func:`save_pruned` (rebuild it with :func:`load_pruned` from
   ``torchvision.models.get_model(name)``), optionally exported to ONNX.
@@ -70,6 +72,7 @@ class StructuredJob:
     keep_streams: bool = False
     policy: Policy = "uniform"
     prune_hidden: bool = False
+    drop_attention: int = 0
     reconstruct: bool = True
     onnx: bool = False
     overwrite: bool = False
@@ -83,6 +86,10 @@ def run_structured_job(job: StructuredJob) -> dict[str, Any]:
         raise ConfigError(f"--ratio must be in (0, 1), got {job.ratio}")
     if job.blocks < 0:
         raise ConfigError(f"--blocks must be >= 0, got {job.blocks}")
+    if job.drop_attention < 0:
+        raise ConfigError(f"--drop-attention must be >= 0, got {job.drop_attention}")
+    if job.drop_attention and (job.torchvision or job.mode != "width"):
+        raise ConfigError("--drop-attention is for language models in --mode width (depth removes whole layers)")
     check_output_dir(job.out, job.overwrite)
     if job.torchvision:
         return _vision_job(job)
@@ -151,6 +158,7 @@ def _llm_job(job: StructuredJob) -> dict[str, Any]:
     from prunekit.api import calibration_windows
     from prunekit.eval.perplexity import perplexity
     from prunekit.models.loading import load_model
+    from prunekit.structured.attention_drop import dropped_attention_layers
     from prunekit.structured.llm import prune_causal_lm_depth, prune_causal_lm_width
 
     loaded = load_model(job.model, dtype=job.dtype, device=job.device)
@@ -173,6 +181,7 @@ def _llm_job(job: StructuredJob) -> dict[str, Any]:
             round_to=job.round_to,
             prune_hidden=job.prune_hidden,
             reconstruct=job.reconstruct,
+            drop_attention=job.drop_attention,
         )
         report = structural_report(model, result, (example,), {"use_cache": False})
         pruned = result.model
@@ -187,11 +196,24 @@ def _llm_job(job: StructuredJob) -> dict[str, Any]:
         ppl["after"] = perplexity(pruned, tokenizer, job.ppl, job.ppl_seqlen, job.ppl_windows).perplexity
         report["perplexity"] = ppl
     report["command"] = {"model": loaded.source, "mode": job.mode, "ratio": job.ratio, "target": job.target}
+    dropped = dropped_attention_layers(pruned)
+    if dropped:
+        report["command"]["drop_attention"] = job.drop_attention
+        report["dropped_attention"] = dropped
 
     def extra(directory: Path) -> None:
         write_report(report, directory / REPORT_DIR, render=render_markdown, plot=plot_widths)
 
-    save_pretrained(pruned, tokenizer, job.out, job.overwrite, extra=extra)
+    if not dropped:
+        save_pretrained(pruned, tokenizer, job.out, job.overwrite, extra=extra)
+        return report
+
+    def write(tmp: Path) -> None:  # a transformers config cannot say that a layer has no attention
+        save_pruned(pruned, tmp, overwrite=True)
+        tokenizer.save_pretrained(tmp)
+        extra(tmp)
+
+    write_atomically(job.out, write, job.overwrite)
     return report
 
 

@@ -36,11 +36,11 @@ from prunekit.structured.plan import (
     DEFAULT_KINDS,
     SpacePlan,
     StructuralPlan,
-    _prunable,
-    _rounding,
-    _space_scale,
+    is_prunable,
     keep_best,
     kept_count,
+    rounding_step,
+    space_scale,
 )
 
 log = logging.getLogger(__name__)
@@ -111,13 +111,13 @@ def plan_latency_aware(
         raise ValueError(f"a {budget} reduction must be in (0, 1), got {ratio}")
     if budget not in ("macs", "params", "latency"):
         raise ValueError(f"unknown budget {budget!r}: use 'macs', 'params' or 'latency'")
-    prunable = [s for s in graph.spaces if _prunable(s, kinds, keep_streams)]
+    prunable = [s for s in graph.spaces if is_prunable(s, kinds, keep_streams)]
     nodes = aten_calls(graph)
     touching = _touching(graph, nodes, prunable)
     removed: set[int] = set()
     kept = {s.index: s.size for s in prunable}
-    floors = {s.index: kept_count(s.size, 1.0 - min_keep_ratio, _rounding(s, round_to)) for s in prunable}
-    scales = {s.index: _space_scale(s, importance) or 1.0 for s in prunable}
+    floors = {s.index: kept_count(s.size, 1.0 - min_keep_ratio, rounding_step(s, round_to)) for s in prunable}
+    scales = {s.index: space_scale(s, importance) or 1.0 for s in prunable}
     seconds = {n.name: node_seconds(graph, n, removed, table) for n in nodes}
     dense_seconds = sum(seconds.values())
 
@@ -140,7 +140,7 @@ def plan_latency_aware(
     current = total
 
     def offer(space: Space) -> _Offer | None:
-        step = _rounding(space, round_to)
+        step = rounding_step(space, round_to)
         kept_n = kept[space.index]
         target_n = ((kept_n - 1) // step) * step if step > 1 else kept_n - 1
         if target_n < floors[space.index]:

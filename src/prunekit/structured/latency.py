@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import statistics
-import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +29,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from prunekit.speed import synchronize
+from prunekit.speed import seconds_per_call
 from prunekit.structured.cost import aten_calls, planned_call
 from prunekit.structured.graph import DependencyGraph
 from prunekit.structured.plan import StructuralPlan
@@ -135,21 +134,9 @@ def _median_seconds(call: Callable[[], Any], device: torch.device, min_block_s: 
     """Median seconds per call over ``blocks`` timed blocks, each of enough calls to last ``min_block_s``,
     after two warm-up calls (which also choose the block length)."""
     call()
-    synchronize(device)
-    start = time.perf_counter()
-    call()
-    synchronize(device)
-    once = max(time.perf_counter() - start, 1e-7)
+    once = max(seconds_per_call(call, device), 1e-7)
     calls = max(1, int(min_block_s / once))
-    samples = []
-    for _ in range(blocks):
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(calls):
-            call()
-        synchronize(device)
-        samples.append((time.perf_counter() - start) / calls)
-    return statistics.median(samples)
+    return statistics.median(seconds_per_call(call, device, calls) for _ in range(blocks))
 
 
 def node_seconds(graph: DependencyGraph, node: torch.fx.Node, removed: set[int], table: LatencyTable) -> float:

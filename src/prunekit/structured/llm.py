@@ -34,7 +34,12 @@ from torch import nn
 
 from prunekit.errors import StructuralPruningError
 from prunekit.models.blocks import find_decoder_blocks
-from prunekit.structured.attention_drop import ATTENTION_NAME, DroppedAttention, prune_causal_lm_attention
+from prunekit.structured.attention_drop import (
+    ATTENTION_NAME,
+    DroppedAttention,
+    dropped_attention_layers,
+    prune_causal_lm_attention,
+)
 from prunekit.structured.cost import model_size
 from prunekit.structured.graph import DependencyGraph, build_dependency_graph
 from prunekit.structured.importance import (
@@ -215,7 +220,15 @@ def prune_causal_lm_width(
         refit_pruned_linears(model, pruned, graph, plan, grams=grams)
     update_config(pruned)
     check_config_reload(pruned, example)
-    return StructuralResult(pruned, plan, graph)
+    dropped = [f"{block_name}.{i}.{ATTENTION_NAME}" for i in dropped_attention_layers(pruned)]
+    if dropped:
+        log.warning(
+            "structured: layers %s have no attention, which a transformers config cannot say: save this model "
+            "with prunekit.save_pruned and load it with prunekit.load_model (save_pretrained output would load "
+            "with fresh random attention there)",
+            dropped_attention_layers(pruned),
+        )
+    return StructuralResult(pruned, plan, graph, removed_blocks=dropped)
 
 
 def _drop_attention_first(

@@ -84,7 +84,9 @@ def kept_count(size: int, ratio: float, round_to: int = 1) -> int:
     return max(min(size, keep), min(size, max(1, round_to)))
 
 
-def _prunable(space: Space, kinds: Sequence[str], keep_streams: bool = False) -> bool:
+def is_prunable(space: Space, kinds: Sequence[str], keep_streams: bool = False) -> bool:
+    """Whether a plan may cut ``space``: its kind is among ``kinds``, it has more than one unit, and it is not
+    a residual stream kept whole by ``keep_streams``."""
     return space.kind in kinds and space.size > 1 and not (keep_streams and space.stream)
 
 
@@ -108,17 +110,17 @@ def plan_pruning(
     plans: list[SpacePlan] = []
     if policy == "uniform":
         for space in graph.spaces:
-            r = ratios.get(space.index, ratio) if _prunable(space, kinds, keep_streams) else 0.0
-            rt = _rounding(space, round_to)
+            r = ratios.get(space.index, ratio) if is_prunable(space, kinds, keep_streams) else 0.0
+            rt = rounding_step(space, round_to)
             keep_n = kept_count(space.size, r, rt) if r > 0 else space.size
             plans.append(keep_best(space, importance, keep_n))
     elif policy == "global":
-        prunable = [s for s in graph.spaces if _prunable(s, kinds, keep_streams)]
+        prunable = [s for s in graph.spaces if is_prunable(s, kinds, keep_streams)]
         total = sum(s.size for s in prunable)
         to_remove = round(total * ratio)
-        floors = {s.index: kept_count(s.size, 1.0 - min_keep_ratio, _rounding(s, round_to)) for s in prunable}
+        floors = {s.index: kept_count(s.size, 1.0 - min_keep_ratio, rounding_step(s, round_to)) for s in prunable}
         ranked = sorted(
-            (importance[u] / (_space_scale(s, importance) or 1.0), s.index, u) for s in prunable for u in s.units
+            (importance[u] / (space_scale(s, importance) or 1.0), s.index, u) for s in prunable for u in s.units
         )
         removed_per_space: dict[int, int] = {s.index: 0 for s in prunable}
         sizes = {s.index: s.size for s in prunable}
@@ -132,7 +134,7 @@ def plan_pruning(
         for space in graph.spaces:
             if space.index in removed_per_space:
                 keep_n = space.size - removed_per_space[space.index]
-                step = _rounding(space, round_to)
+                step = rounding_step(space, round_to)
                 if step > 1:
                     keep_n = min(space.size, math.ceil(keep_n / step) * step)
                 plans.append(keep_best(space, importance, keep_n))
@@ -155,7 +157,7 @@ def plan_pruning(
 FUSED_ATTENTION_PARAMETER = "in_proj_weight"
 
 
-def _rounding(space: Space, round_to: int) -> int:
+def rounding_step(space: Space, round_to: int) -> int:
     """``round_to`` applies to channel counts: plain channels and the groups of depthwise convs (one channel
     each); counts of heads or of positions inside groups are not rounded, except that the heads of an
     ``nn.MultiheadAttention`` stay even (see :data:`FUSED_ATTENTION_PARAMETER`)."""
@@ -165,7 +167,8 @@ def _rounding(space: Space, round_to: int) -> int:
     return 2 if space.kind == "factor_outer" and fused and space.size % 2 == 0 else 1
 
 
-def _space_scale(space: Space, importance: Mapping[int, float]) -> float:
+def space_scale(space: Space, importance: Mapping[int, float]) -> float:
+    """The mean importance of the space's units: what the global ranking divides by, so spaces compare."""
     return float(np.mean([importance[u] for u in space.units]))
 
 
@@ -220,9 +223,9 @@ def fill_to_budget(
         room = ceilings.get(index, len(plan.keep)) - len(plan.keep)
         if room <= 0:
             return None
-        grown = keep_best(plan.space, importance, len(plan.keep) + min(room, _rounding(plan.space, round_to)))
+        grown = keep_best(plan.space, importance, len(plan.keep) + min(room, rounding_step(plan.space, round_to)))
         back = [u for u in grown.keep if u not in plan.keep]
-        scale = _space_scale(plan.space, importance) or 1.0
+        scale = space_scale(plan.space, importance) or 1.0
         return float(np.mean([importance.get(u, 0.0) for u in back])) / scale, grown
 
     best = within

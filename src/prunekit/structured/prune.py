@@ -52,8 +52,8 @@ class StructuralResult:
     graph: DependencyGraph
     tied: list[str] = field(default_factory=list)
     kept_whole: list[str] = field(default_factory=list)
-    #: blocks removed whole before the width was pruned (``blocks=``); the plan and graph are of the model
-    #: without them
+    #: blocks removed whole before the width was pruned (``blocks=``; the attention sublayers of an
+    #: attention drop); the plan and graph are of the model without them
     removed_blocks: list[str] = field(default_factory=list)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import statistics
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from torch import nn
 
 from prunekit.measure import versions
 from prunekit.report import pyplot
-from prunekit.speed import device_of, synchronize
+from prunekit.speed import device_of, seconds_per_call
 from prunekit.structured.cost import model_size, original_size, planned_macs, planned_parameters
 from prunekit.structured.prune import StructuralResult
 
@@ -33,13 +32,7 @@ def size_on_disk(model: nn.Module) -> int:
 
 
 def _seconds_per_call(model: nn.Module, inputs: Sequence[Any], kwargs: dict[str, Any], calls: int) -> float:
-    device = device_of(model)
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(calls):
-        model(*inputs, **kwargs)
-    synchronize(device)
-    return (time.perf_counter() - start) / calls
+    return seconds_per_call(lambda: model(*inputs, **kwargs), device_of(model), calls)
 
 
 def compare_latency(
