@@ -1,9 +1,10 @@
 """Attention drop: remove the whole attention sublayer of the decoder layers that change their input least.
 
 He, Sun, Shen and Li (2024), "What Matters in Transformers? Not All Attention is Needed" (arXiv 2406.15786),
-Sec. 3: the importance of a pre-norm attention sublayer with input ``X`` and output ``Y = X + Attention(LN(X))``
-is ``S = 1 - E_t[cos(X_t, Y_t)]`` over calibration tokens (Eq. 2, the Block Influence of ShortGPT applied to
-the sublayer); the sublayers of lowest ``S`` are dropped in one shot. A dropped layer keeps its MLP; its
+Sec. 3: the importance of a pre-norm attention sublayer with input ``X`` and output
+``Y = X + Attention(LN(X))`` is ``S = 1 - E_t[cos(X_t, Y_t)]`` over calibration tokens (their similarity-based
+score: the Block Influence of ShortGPT applied to the sublayer); the sublayers of lowest ``S`` are dropped in
+one shot. A dropped layer keeps its MLP; its
 attention and the norm that fed only the attention are gone, and with them the layer's key/value cache,
 rotary embedding and attention call: the fixed per-layer costs that width pruning cannot remove, which is
 why dropping attention speeds up batch-1 decoding more per parameter than narrowing it.
@@ -73,7 +74,7 @@ def attention_statistics(
     model: nn.Module, calibration: torch.Tensor, batch_size: int = 1
 ) -> tuple[list[float], list[torch.Tensor | None]]:
     """For every decoder layer, over the tokens of the ``(n, seqlen)`` calibration windows: the influence
-    ``S_i = 1 - E_t[cos(X_t, X_t + Attention_i(LN(X_t)))]`` of its attention (He et al. 2024, Eq. 2) and the
+    ``S_i = 1 - E_t[cos(X_t, X_t + Attention_i(LN(X_t)))]`` of its attention (He et al. 2024, Sec. 3) and the
     attention's mean output ``E_t[Attention_i(LN(X_t))]`` (float32). A layer whose attention is already
     dropped scores 0, with no mean."""
     _, blocks = find_decoder_blocks(model)
@@ -179,8 +180,8 @@ def prune_causal_lm_attention(
     al. 2024 do; :func:`attention_statistics`). With ``compensate``, each dropped attention is replaced by
     its mean output on the calibration tokens instead of zeros, which keeps the residual stream's mean where
     the attention put it (the baseline bias compensation that FLAP applies to pruned channels: An et al.
-    2024, "Fluctuation-based Adaptive Structured Pruning for Large Language Models"). Returns the new model and the layers whose
-    attention was dropped; ``model`` is not modified."""
+    2024, "Fluctuation-based Adaptive Structured Pruning for Large Language Models"). Returns the new model
+    and the layers whose attention was dropped; ``model`` is not modified."""
     scores, means = attention_statistics(model, calibration, batch_size)
     layers = least_influential_attention(scores, count, keep=[0, *dropped_attention_layers(model)])
     log.info(
