@@ -4,10 +4,10 @@ He, Sun, Shen and Li (2024), "What Matters in Transformers? Not All Attention is
 Sec. 3: the importance of a pre-norm attention sublayer with input ``X`` and output
 ``Y = X + Attention(LN(X))`` is ``S = 1 - E_t[cos(X_t, Y_t)]`` over calibration tokens (their similarity-based
 score: the Block Influence of ShortGPT applied to the sublayer); the sublayers of lowest ``S`` are dropped in
-one shot. A dropped layer keeps its MLP; its
-attention and the norm that fed only the attention are gone, and with them the layer's key/value cache,
-rotary embedding and attention call: the fixed per-layer costs that width pruning cannot remove, which is
-why dropping attention speeds up batch-1 decoding more per parameter than narrowing it.
+one shot. A dropped layer keeps its MLP; its attention and the norm that fed only the attention are gone, and
+with them the layer's key/value cache, rotary embedding and attention call: the fixed per-layer costs that
+width pruning cannot remove, which is why dropping attention speeds up batch-1 decoding more per parameter
+than narrowing it.
 
 Layer 0 always keeps its attention: transformers reads the length of the KV cache from layer 0
 (``Cache.get_seq_length(layer_idx=0)``), and a layer 0 without a cache would restart every step's positions
@@ -164,7 +164,8 @@ def dropped_attention_layers(model: nn.Module) -> list[int]:
 
 def least_influential_attention(scores: Sequence[float], count: int, *, keep: Sequence[int] = (0,)) -> list[int]:
     """The ``count`` layers of lowest attention influence ``scores``, never those in ``keep``; sorted."""
-    candidates = [i for i in range(len(scores)) if i not in set(keep)]
+    kept = set(keep)
+    candidates = [i for i in range(len(scores)) if i not in kept]
     if not 0 <= count <= len(candidates):
         raise StructuralPruningError(
             f"cannot drop the attention of {count} layers: {len(candidates)} of the {len(scores)} may drop it "

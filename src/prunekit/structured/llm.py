@@ -173,7 +173,7 @@ def prune_causal_lm_width(
     example = calibration[:1, : min(16, calibration.shape[1])]
     kwargs = {"use_cache": False}
     if drop_attention:
-        model, ratio = _drop_attention_first(model, calibration, ratio, target, drop_attention, batch_size)
+        model, ratio = _drop_attention_first(model, calibration, example, ratio, target, drop_attention, batch_size)
     embeddings = model.get_input_embeddings()
     embedding_name = next(name for name, module in model.named_modules() if module is embeddings)
     graph = build_dependency_graph(model, (example,), kwargs, ignored=[] if prune_hidden else [embedding_name])
@@ -232,7 +232,13 @@ def prune_causal_lm_width(
 
 
 def _drop_attention_first(
-    model: nn.Module, calibration: torch.Tensor, ratio: float, target: Target, count: int, batch_size: int
+    model: nn.Module,
+    calibration: torch.Tensor,
+    example: torch.Tensor,
+    ratio: float,
+    target: Target,
+    count: int,
+    batch_size: int,
 ) -> tuple[nn.Module, float]:
     """The model with ``count`` attention sublayers dropped, and the share of its own ``target`` that width
     pruning must still remove for the whole to lose ``ratio`` of the original's."""
@@ -241,12 +247,11 @@ def _drop_attention_first(
             f"drop_attention needs a 'params' or 'macs' target (one the dropped attention counts towards), not "
             f"{target!r}"
         )
-    example = (calibration[:1, : min(16, calibration.shape[1])],)
 
     def size(m: nn.Module) -> int:
         if target == "params":
             return sum(p.numel() for p in m.parameters())  # a tied parameter is yielded once
-        return model_size(m, example, {"use_cache": False})[1]
+        return model_size(m, (example,), {"use_cache": False})[1]
 
     before = size(model)
     dropped, layers = prune_causal_lm_attention(model, calibration, count, batch_size=batch_size)
