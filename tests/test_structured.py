@@ -169,7 +169,7 @@ class TinyViT(nn.Module):
         return self.head(x[:, 0])
 
 
-def tiny_llama():
+def tiny_llama(num_key_value_heads: int = 2, attention: str = "sdpa"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -179,8 +179,9 @@ def tiny_llama():
         intermediate_size=48,
         num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=num_key_value_heads,
         head_dim=8,
+        attn_implementation=attention,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -349,6 +350,42 @@ def test_llama_gqa_heads_removed_in_whole_kv_groups():
     assert attn.k_proj.out_features == 8 and attn.v_proj.out_features == 8
     assert attn.q_proj.out_features == 16 and attn.o_proj.in_features == 16
     assert pruned.model.layers[1].self_attn.q_proj.out_features == 32
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_llama_mqa_query_heads_removed_one_by_one(attention):
+    # multi-query attention: the single key/value head is broadcast to all four query heads (repeat_kv's
+    # expand, or SDPA's enable_gqa), so each query head is a unit of its own and the key/value head stays
+    model = tiny_llama(num_key_value_heads=1, attention=attention)
+    ids = torch.randint(0, 64, (1, 6))
+    kwargs = {"use_cache": False}
+
+    def units(graph):
+        return half_of_space(graph, "factor_outer", "model.layers.0.self_attn.q_proj.weight")
+
+    pruned, _graph = check_zero_units_removed(model, (ids,), units, kwargs)
+    attn = pruned.model.layers[0].self_attn
+    assert attn.q_proj.out_features == 16 and attn.o_proj.in_features == 16
+    assert attn.k_proj.out_features == 8 and attn.v_proj.out_features == 8
+    assert pruned.model.layers[1].self_attn.q_proj.out_features == 32
+
+
+def test_mqa_width_pruned_llm_decodes_with_its_cache_as_without(tmp_path):
+    from prunekit.structured.llm import prune_causal_lm_width
+
+    model = tiny_llama(num_key_value_heads=1)
+    result = prune_causal_lm_width(model, torch.randint(0, 64, (4, 16)), 0.5, target="channels")
+    config, attention = result.model.config, result.model.model.layers[1].self_attn
+    assert (config.num_attention_heads, config.num_key_value_heads, config.intermediate_size) == (2, 1, 24)
+    assert attention.num_key_value_groups == 2 and model.model.layers[1].self_attn.num_key_value_groups == 4
+    # a padded batch takes transformers' repeat_kv path, which reads num_key_value_groups
+    prompt, mask = torch.randint(1, 64, (2, 5)), torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
+    settings = {"attention_mask": mask, "max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        cached = result.model.generate(prompt, use_cache=True, **settings)
+        uncached = result.model.generate(prompt, use_cache=False, **settings)
+    assert torch.equal(cached, uncached)
+    assert _plain_reload_matches(result.model, tmp_path / "mqa").config.num_attention_heads == 2
 
 
 def test_llama_mlp_and_hidden_size():
@@ -767,9 +804,9 @@ def test_llm_width_and_depth_pruning_of_every_family_reload_with_plain_transform
     config = pruned.config
     mlp = {"gpt2": "n_inner", "opt": "ffn_dim"}.get(family, "intermediate_size")
     assert getattr(config, mlp) == (64 if family == "gpt2" else 32)  # half of the MLP width
-    # heads go in whole key/value groups where the config reads head_dim; GPT-2 and OPT size attention by
-    # hidden_size, and gemma's single key/value group cannot go: their heads stay
-    heads = 4 if family in ("gpt2", "opt", "gemma") else 2
+    # heads go in whole key/value groups where the config reads head_dim (gemma's single key/value head
+    # stays, and half its query heads go); GPT-2 and OPT size attention by hidden_size: their heads stay
+    heads = 4 if family in ("gpt2", "opt") else 2
     assert (config.num_attention_heads, config.hidden_size) == (heads, 32)
     assert _plain_reload_matches(pruned, tmp_path / "width").config.num_attention_heads == heads
     shorter, removed = prune_causal_lm_depth(model, calibration, 0.2)

@@ -14,6 +14,13 @@ both the head and the position as units is what makes the result rectangular: re
 ``D`` consecutive channels everywhere the flat layout appears, and removing a position removes one channel
 of every head.
 
+An ``expand`` of a size-1 dimension makes *copies*: ``n`` indices that all hold the one value of the source.
+Removing any of them asks nothing of the source, so they get fresh atoms rather than frozen ones, marked as
+copies until they are unified with an atom of another kind. A compound index drops its copy components, as it
+drops its frozen ones: in ``repeat_kv``'s ``(kv_heads, n_rep) -> heads`` under grouped-query attention, the
+query head follows its key/value head alone, while under multi-query attention (one key/value head, so no
+compound) the copies meet the query heads and leave them free to be removed.
+
 This module is a data structure only; the rules that say which atoms to unify live in
 :mod:`prunekit.structured.rules`.
 """
@@ -38,6 +45,7 @@ class AtomTable:
         self._parent: list[int] = [FROZEN]
         self._alias: dict[int, tuple[int, ...]] = {}
         self._leaves_cache: dict[int, tuple[int, ...]] | None = None
+        self._copies: set[int] = set()  # roots of classes made only of broadcast copies
         #: Human-readable notes on layouts that could not be reconciled (their atoms were frozen instead).
         self.conflicts: list[str] = []
 
@@ -49,6 +57,16 @@ class AtomTable:
         self._leaves_cache = None
         return np.arange(start, start + n, dtype=np.int64)
 
+    def copies(self, n: int) -> np.ndarray:
+        """``n`` fresh atoms for the copies that broadcasting a size-1 dimension makes (see the module doc)."""
+        atoms = self.new(n)
+        self._copies.update(atoms.tolist())
+        return atoms
+
+    def is_copy(self, atom: int) -> bool:
+        """Whether ``atom``'s class is made only of broadcast copies."""
+        return self.find(int(atom)) in self._copies
+
     @staticmethod
     def frozen(n: int) -> np.ndarray:
         """A dimension of ``n`` indices that can never be removed."""
@@ -56,8 +74,8 @@ class AtomTable:
 
     def compound(self, components: Sequence[int]) -> int:
         """One fresh atom standing for the tuple ``components``: removed when any component is removed.
-        Frozen components are dropped; one remaining component is returned as is."""
-        live = tuple(int(c) for c in components if self.find(int(c)) != FROZEN)
+        Frozen components and broadcast copies are dropped; one remaining component is returned as is."""
+        live = tuple(int(c) for c in components if self.find(int(c)) != FROZEN and not self.is_copy(int(c)))
         if not live:
             return FROZEN
         if len(live) == 1:
@@ -90,6 +108,9 @@ class AtomTable:
             return
         alias_a, alias_b = self._alias.pop(ra, None), self._alias.pop(rb, None)
         self._parent[rb] = ra
+        if rb not in self._copies:
+            self._copies.discard(ra)
+        self._copies.discard(rb)
         if alias_a is None and alias_b is None:
             return
         for alias in (alias_a, alias_b):
@@ -118,6 +139,7 @@ class AtomTable:
         if root == FROZEN:
             return
         self._leaves_cache = None
+        self._copies.discard(root)
         alias = self._alias.pop(root, None)
         self._parent[root] = FROZEN
         if alias is not None:

@@ -14,7 +14,8 @@ checked against its own config (:func:`check_config_reload`): one decoder layer 
 from the updated config, with the pruned weights, must give the pruned model's logits.
 
 What a config can express differs by family. Llama, Mistral, Qwen2, Gemma and Phi read ``head_dim``: heads
-(in whole key/value groups) and the MLP are pruned, and the hidden size on request (not for Gemma, which
+(in whole key/value groups; under multi-query attention, as in Gemma 2B, the query heads one by one beside
+the single key/value head) and the MLP are pruned, and the hidden size on request (not for Gemma, which
 scales its embeddings by ``sqrt(hidden_size)``: refused up front, and :func:`check_config_reload` would catch
 it). GPT-2 and OPT size
 their attention projections by ``hidden_size`` (:data:`ATTENTION_SIZED_BY_HIDDEN`): their heads are kept and
@@ -88,8 +89,8 @@ def _out_width(module: nn.Module) -> int:
 
 def _held_attention_spaces(graph: DependencyGraph, attention_prefixes: tuple[str, ...], model_type: str) -> list[int]:
     """Spaces inside attention modules that a config cannot express: the width of a head where it shows up
-    as plain channels (the value width under multi-query attention, whose single key/value head leaves no
-    head axis to factor), and every head of :data:`ATTENTION_SIZED_BY_HIDDEN` families."""
+    as plain channels (a layout whose head axis could not be factored, so that ``head_dim`` would change),
+    and every head of :data:`ATTENTION_SIZED_BY_HIDDEN` families."""
     held = []
     for space in graph.spaces:
         if not all(name.startswith(attention_prefixes) for name, _ in space.where):
@@ -285,9 +286,19 @@ def _block_sizes(block: nn.Module, head_dim: int, model_type: str) -> dict[str, 
     return sizes
 
 
+def _sync_query_groups(block: nn.Module, sizes: dict[str, int]) -> None:
+    """Set the attention's ``num_key_value_groups`` (query heads per key/value head, which transformers
+    computes once from the config and reads in ``repeat_kv`` and in one-token decoding) to the pruned
+    counts: under multi-query attention, removing query heads changes it."""
+    attention = _submodule(block, _ATTENTION_NAMES)
+    kv_heads = sizes.get("num_key_value_heads")
+    if attention is not None and kv_heads and hasattr(attention[1], "num_key_value_groups"):
+        attention[1].num_key_value_groups = sizes["num_attention_heads"] // kv_heads
+
+
 def update_config(model: nn.Module) -> None:
     """Write the pruned sizes into ``model.config`` (hidden size, MLP width, heads, key/value heads, head
-    width, layers) so that ``save_pretrained`` output loads with plain ``transformers``; the field names of
+    width, layers), and each attention's ``num_key_value_groups`` into the module, so that ``save_pretrained`` output loads with plain ``transformers``; the field names of
     GPT-2 and OPT are in :data:`MLP_WIDTH_FIELD` (the others map through the config's ``attribute_map``)."""
     config = model.config
     model_type = getattr(config, "model_type", "")
@@ -300,8 +311,10 @@ def update_config(model: nn.Module) -> None:
     for block in blocks:
         if isinstance(getattr(block, ATTENTION_NAME, None), DroppedAttention):
             continue  # no attention sizes to write; save_pruned records the dropped attention
-        for key, value in _block_sizes(block, head_dim, model_type).items():
+        block_sizes = _block_sizes(block, head_dim, model_type)
+        for key, value in block_sizes.items():
             sizes.setdefault(key, set()).add(value)
+        _sync_query_groups(block, block_sizes)
     uneven = {k: sorted(v) for k, v in sizes.items() if len(v) > 1}
     if uneven:
         raise StructuralPruningError(

@@ -241,7 +241,15 @@ def rule_transpose(ctx: RuleContext, args: list[Any], kwargs: dict[str, Any]) ->
 
 
 def rule_expand(ctx: RuleContext, args: list[Any], kwargs: dict[str, Any]) -> Any:
-    return broadcast(ctx.table, [args[0]], out_shape(ctx))
+    """``expand``: a size-1 dimension grown to ``n`` becomes ``n`` broadcast copies (fresh atoms, see
+    :meth:`AtomTable.copies`); new leading dimensions are frozen; the others pass through."""
+    dims, shape = args[0], out_shape(ctx)
+    out = broadcast(ctx.table, [dims], shape)
+    lead = len(shape) - len(dims)
+    for position in range(lead, len(shape)):
+        if dims[position - lead].size == 1 and shape[position] > 1:
+            out[position] = ctx.table.copies(shape[position])
+    return out
 
 
 def rule_select(ctx: RuleContext, args: list[Any], kwargs: dict[str, Any]) -> Any:
@@ -519,7 +527,8 @@ def _spatial_count(ctx: RuleContext) -> int:
 
 def rule_attention(ctx: RuleContext, args: list[Any], kwargs: dict[str, Any]) -> Any:
     """Scaled dot-product attention ``(..., heads, L, E)``: query and key share ``E``; heads are shared,
-    and under grouped-query attention query head ``h`` belongs to key/value head ``h // (Hq / Hkv)``."""
+    and under grouped-query attention query head ``h`` belongs to key/value head ``h // (Hq / Hkv)``; a
+    single key/value head (multi-query attention) ties no query head."""
     table = ctx.table
     q, k, v = args[0], args[1], args[2]
     table.union_arrays(q[-1], k[-1])
@@ -528,6 +537,8 @@ def rule_attention(ctx: RuleContext, args: list[Any], kwargs: dict[str, Any]) ->
     table.union_arrays(heads_kv, v[-3])
     if heads_q.size == heads_kv.size:
         table.union_arrays(heads_q, heads_kv)
+    elif heads_kv.size == 1:
+        pass  # multi-query attention (``enable_gqa``): one key/value head serves every query head
     elif heads_kv.size and heads_q.size % heads_kv.size == 0:
         rep = heads_q.size // heads_kv.size
         table.union_arrays(heads_q, np.repeat(heads_kv, rep))
