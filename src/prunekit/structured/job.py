@@ -40,7 +40,7 @@ from prunekit.structured.report import (
     size_on_disk,
     structural_report,
 )
-from prunekit.structured.saving import save_pruned
+from prunekit.structured.saving import write_pruned
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,8 @@ def _vision_job(job: StructuredJob) -> dict[str, Any]:
     }
 
     def write(tmp: Path) -> None:
-        save_pruned(result.model, tmp / "model")
+        (tmp / "model").mkdir()
+        write_pruned(result.model, tmp / "model")
         if job.onnx:
             from prunekit.onnx_export import export_onnx
 
@@ -209,7 +210,7 @@ def _llm_job(job: StructuredJob) -> dict[str, Any]:
         return report
 
     def write(tmp: Path) -> None:  # a transformers config cannot say that a layer has no attention
-        save_pruned(pruned, tmp, overwrite=True)
+        write_pruned(pruned, tmp)
         tokenizer.save_pretrained(tmp)
         extra(tmp)
 

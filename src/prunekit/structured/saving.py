@@ -67,18 +67,20 @@ def structure_of(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def write_pruned(model: nn.Module, folder: Path) -> None:
+    """Write ``model``'s weights, structure and (for a transformers model) config into the existing
+    ``folder``, as they are; :func:`save_pruned` is the atomic way, for a folder of its own."""
+    save_model(model, str(folder / WEIGHTS_FILE))
+    (folder / STRUCTURE_FILE).write_text(json.dumps(structure_of(model), indent=1))
+    config = getattr(model, "config", None)
+    if hasattr(config, "save_pretrained"):
+        config.save_pretrained(folder)
+
+
 def save_pruned(model: nn.Module, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
     """Write ``model``'s weights and structure into ``directory`` (new or empty unless ``overwrite``),
     atomically: into a temporary sibling that is then renamed."""
-
-    def write(tmp: Path) -> None:
-        save_model(model, str(tmp / WEIGHTS_FILE))
-        (tmp / STRUCTURE_FILE).write_text(json.dumps(structure_of(model), indent=1))
-        config = getattr(model, "config", None)
-        if hasattr(config, "save_pretrained"):
-            config.save_pretrained(tmp)
-
-    return write_atomically(directory, write, overwrite)
+    return write_atomically(directory, lambda tmp: write_pruned(model, tmp), overwrite)
 
 
 def _replace(model: nn.Module, name: str, replacement: nn.Module) -> None:
