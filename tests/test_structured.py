@@ -336,37 +336,29 @@ def test_multihead_attention_keeps_an_even_head_count(mha, heads_kept):
         assert pruned.attn.num_heads == heads_kept
 
 
-def test_llama_gqa_heads_removed_in_whole_kv_groups():
-    model = tiny_llama()
+@pytest.mark.parametrize(
+    ("kv_heads", "attention", "projection"),
+    [
+        # grouped-query attention: one of two key/value heads goes, and with it the two query heads that read it
+        (2, "sdpa", "k_proj"),
+        # multi-query attention: the single key/value head is broadcast to all four query heads (repeat_kv's
+        # expand, or SDPA's enable_gqa), so each query head is a unit of its own and the key/value head stays
+        (1, "sdpa", "q_proj"),
+        (1, "eager", "q_proj"),
+    ],
+)
+def test_llama_heads_removed_by_key_value_group(kv_heads, attention, projection):
+    model = tiny_llama(num_key_value_heads=kv_heads, attention=attention)
     ids = torch.randint(0, 64, (1, 6))
     kwargs = {"use_cache": False}
 
     def units(graph):
-        return half_of_space(graph, "factor_outer", "model.layers.0.self_attn.k_proj.weight")
+        return half_of_space(graph, "factor_outer", f"model.layers.0.self_attn.{projection}.weight")
 
     pruned, _graph = check_zero_units_removed(model, (ids,), units, kwargs)
     attn = pruned.model.layers[0].self_attn
-    # one of two KV heads gone, and with it the two query heads that read it
     assert attn.k_proj.out_features == 8 and attn.v_proj.out_features == 8
     assert attn.q_proj.out_features == 16 and attn.o_proj.in_features == 16
-    assert pruned.model.layers[1].self_attn.q_proj.out_features == 32
-
-
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_llama_mqa_query_heads_removed_one_by_one(attention):
-    # multi-query attention: the single key/value head is broadcast to all four query heads (repeat_kv's
-    # expand, or SDPA's enable_gqa), so each query head is a unit of its own and the key/value head stays
-    model = tiny_llama(num_key_value_heads=1, attention=attention)
-    ids = torch.randint(0, 64, (1, 6))
-    kwargs = {"use_cache": False}
-
-    def units(graph):
-        return half_of_space(graph, "factor_outer", "model.layers.0.self_attn.q_proj.weight")
-
-    pruned, _graph = check_zero_units_removed(model, (ids,), units, kwargs)
-    attn = pruned.model.layers[0].self_attn
-    assert attn.q_proj.out_features == 16 and attn.o_proj.in_features == 16
-    assert attn.k_proj.out_features == 8 and attn.v_proj.out_features == 8
     assert pruned.model.layers[1].self_attn.q_proj.out_features == 32
 
 
