@@ -127,7 +127,9 @@ def drop_attention(
 ) -> nn.Module:
     """A copy of ``model`` whose decoder layers ``layers`` have no attention: the attention becomes a
     :class:`DroppedAttention` (returning ``biases[i]`` where given, else zeros) and the norm before it an
-    ``nn.Identity`` (its only reader was the attention). ``model`` is not modified."""
+    ``nn.Identity`` (its only reader was the attention). ``model`` is not modified. The copy's
+    ``save_pretrained`` raises (:func:`refuse_save_pretrained`): save it with
+    :func:`~prunekit.structured.saving.save_pruned`."""
     _, blocks = find_decoder_blocks(model)
     drop = sorted(set(layers))
     if any(not 0 <= i < len(blocks) for i in drop):
@@ -153,7 +155,24 @@ def drop_attention(
             dropped.bias.copy_(bias)
         setattr(pruned_blocks[i], ATTENTION_NAME, dropped)
         setattr(pruned_blocks[i], INPUT_NORM_NAME, nn.Identity())
+    if drop:
+        refuse_save_pretrained(pruned)
     return pruned
+
+
+def _refuse_save_pretrained(*args: Any, **kwargs: Any) -> None:
+    raise StructuralPruningError(
+        "this model has layers without attention, which a transformers config cannot describe: save_pretrained "
+        "would write a checkpoint that plain transformers loads with fresh random attention in those layers. "
+        "Save it with prunekit.save_pruned(model, directory) and load it with prunekit.load_model(directory)"
+    )
+
+
+def refuse_save_pretrained(model: nn.Module) -> None:
+    """Make ``model.save_pretrained`` (and ``push_to_hub``, which calls it) raise on this instance, since its
+    output would silently load wrong; the class and other instances are untouched."""
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained = _refuse_save_pretrained
 
 
 def dropped_attention_layers(model: nn.Module) -> list[int]:

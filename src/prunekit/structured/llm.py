@@ -223,10 +223,9 @@ def prune_causal_lm_width(
     check_config_reload(pruned, example)
     dropped = [f"{block_name}.{i}.{ATTENTION_NAME}" for i in dropped_attention_layers(pruned)]
     if dropped:
-        log.warning(
+        log.info(
             "structured: layers %s have no attention, which a transformers config cannot say: save this model "
-            "with prunekit.save_pruned and load it with prunekit.load_model (save_pretrained output would load "
-            "with fresh random attention there)",
+            "with prunekit.save_pruned and load it with prunekit.load_model (its save_pretrained raises)",
             dropped_attention_layers(pruned),
         )
     return StructuralResult(pruned, plan, graph, removed_blocks=dropped)

@@ -30,7 +30,7 @@ from torch import nn
 
 from prunekit.errors import ModelLoadError
 from prunekit.export import write_atomically
-from prunekit.structured.attention_drop import DroppedAttention
+from prunekit.structured.attention_drop import DroppedAttention, refuse_save_pretrained
 
 STRUCTURE_FILE = "prunekit_structure.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -114,6 +114,8 @@ def load_pruned(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Modul
         _replace(model, name, nn.Identity())
     for name in structure.get("dropped_attention", []):
         _replace(model, name, DroppedAttention(structure["attributes"][name]["hidden_size"]))
+    if structure.get("dropped_attention"):
+        refuse_save_pretrained(model)
     modules = dict(model.named_modules())
     for name, sizes in structure["attributes"].items():
         module = modules.get(name)
