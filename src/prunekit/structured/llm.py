@@ -297,8 +297,9 @@ def _sync_query_groups(block: nn.Module, sizes: dict[str, int]) -> None:
 
 def update_config(model: nn.Module) -> None:
     """Write the pruned sizes into ``model.config`` (hidden size, MLP width, heads, key/value heads, head
-    width, layers), and each attention's ``num_key_value_groups`` into the module, so that ``save_pretrained`` output loads with plain ``transformers``; the field names of
-    GPT-2 and OPT are in :data:`MLP_WIDTH_FIELD` (the others map through the config's ``attribute_map``)."""
+    width, layers), and each attention's ``num_key_value_groups`` into the module, so that
+    ``save_pretrained`` output loads with plain ``transformers``; the field names of GPT-2 and OPT are in
+    :data:`MLP_WIDTH_FIELD` (the others map through the config's ``attribute_map``)."""
     config = model.config
     model_type = getattr(config, "model_type", "")
     _, blocks = find_decoder_blocks(model)
