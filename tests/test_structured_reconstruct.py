@@ -93,3 +93,40 @@ def test_one_calibration_pass_gives_the_norms_and_grams_of_separate_passes():
     for name, value in expected_norms.items():
         torch.testing.assert_close(norms[name], value, rtol=1e-5, atol=1e-5)
     assert _calibration_statistics(model, graph, batches, "l2", reconstruct=False) == ({}, None)
+
+
+def test_refit_of_any_structurally_pruned_model_from_calibration_batches():
+    from torch import nn
+
+    from prunekit import prune_structurally
+    from prunekit.structured.reconstruct import refit_pruned_linears
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    x = torch.randn(256, 6)
+    result = prune_structurally(model, (x[:1],), 0.5)
+    sliced = result.model(x).detach()
+    names = refit_pruned_linears(model, result.model, result.graph, result.plan, [((x,), {})])
+    assert names == ["2"]  # the layer that lost inputs; the first lost outputs only
+    with torch.no_grad():
+        dense = model(x)
+        assert (result.model(x) - dense).square().sum() < (sliced - dense).square().sum()
+
+
+def test_width_pruning_prunes_its_own_attention_dropped_copy_in_place_with_the_same_result():
+    from prunekit.structured.attention_drop import prune_causal_lm_attention
+    from prunekit.structured.llm import prune_causal_lm_width
+    from test_structured_attention_drop import tiny_llama
+
+    model = tiny_llama(layers=6)
+    calibration = torch.randint(0, 64, (4, 16))
+    # in place, refitted from the weights held before the surgery ...
+    together = prune_causal_lm_width(model, calibration, 0.3, drop_attention=2).model
+    # ... against the same two steps with a copy at each (the dense weights read from the dropped model)
+    dropped, _ = prune_causal_lm_attention(model, calibration, 2)
+    size = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    left = 1.0 - 0.7 * size(model) / size(dropped)
+    apart = prune_causal_lm_width(dropped, calibration, left).model
+    assert together.config.intermediate_size == apart.config.intermediate_size
+    for (name, a), (_, b) in zip(together.state_dict().items(), apart.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)

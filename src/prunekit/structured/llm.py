@@ -51,7 +51,7 @@ from prunekit.structured.importance import (
 )
 from prunekit.structured.plan import DEFAULT_KINDS, StructuralPlan, keep_best, plan_pruning
 from prunekit.structured.prune import StructuralResult, Target, plan_to_target
-from prunekit.structured.reconstruct import gram_of, linears_with_prunable_inputs, refit_pruned_linears
+from prunekit.structured.reconstruct import gram_of, linears_with_prunable_inputs, refit_linears
 from prunekit.structured.surgery import apply_plan
 
 log = logging.getLogger(__name__)
@@ -216,9 +216,13 @@ def prune_causal_lm_width(
         return StructuralPlan(graph, spaces, {u for p in spaces for u in p.removed})
 
     plan = plan_to_target(graph, scores, ratio, target, make=make)
-    pruned = apply_plan(model, plan, (example,), kwargs)
+    # the refit reads the weights as they were before the surgery, which puts new tensors in their place; an
+    # attention-dropped model is already this function's own copy, so it is pruned in place (one copy fewer)
+    dense = {name: model.get_submodule(name).weight.detach() for name in grams}
+    pruned = apply_plan(model, plan, (example,), kwargs, inplace=bool(drop_attention))
     if reconstruct:
-        refit_pruned_linears(model, pruned, graph, plan, grams=grams)
+        refit_linears(pruned, graph, plan, dense, grams)
+    del dense
     update_config(pruned)
     check_config_reload(pruned, example)
     dropped = [f"{block_name}.{i}.{ATTENTION_NAME}" for i in dropped_attention_layers(pruned)]

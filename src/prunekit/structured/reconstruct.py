@@ -126,13 +126,31 @@ def refit_pruned_linears(
     missing = [n for n in names if n not in grams]
     if missing:
         raise ValueError(f"no input Gram for {missing[:3]}: measure them for linears_with_prunable_inputs(...)")
+    dense = {name: original.get_submodule(name).weight for name in names}
+    return refit_linears(pruned, graph, plan, dense, grams, damping=damping)
+
+
+def refit_linears(
+    pruned: nn.Module,
+    graph: DependencyGraph,
+    plan: StructuralPlan,
+    dense: Mapping[str, torch.Tensor],
+    grams: Mapping[str, torch.Tensor],
+    *,
+    damping: float = 0.01,
+) -> list[str]:
+    """Refit the layers named in ``dense`` (their weights before ``plan`` was applied) that lost inputs in
+    ``pruned``, from their input ``grams``. Needs no dense model: a model pruned in place can be refitted
+    from the weights it held before (a reference kept to the old tensors costs no copy, since the surgery
+    puts new tensors in their place). ``pruned`` is changed in place; the refitted names are returned."""
+    names = [name for name, weight in dense.items() if pruned.get_submodule(name).in_features < weight.shape[1]]
     for name in names:
-        dense = original.get_submodule(name).weight
+        weight = dense[name]
         removed_rows, removed_cols = graph.removed_indices(f"{name}.weight", plan.removed)
-        rows = torch.from_numpy(~removed_rows).to(dense.device)
-        keep = torch.from_numpy(~removed_cols).to(dense.device)
+        rows = torch.from_numpy(~removed_rows).to(weight.device)
+        keep = torch.from_numpy(~removed_cols).to(weight.device)
         layer = pruned.get_submodule(name)
         with torch.no_grad():
-            layer.weight.copy_(least_squares_refit(dense[rows], grams[name], keep, damping).to(layer.weight))
+            layer.weight.copy_(least_squares_refit(weight[rows], grams[name], keep, damping).to(layer.weight))
     log.info("structured: refitted %d layers whose inputs were pruned (least squares on calibration data)", len(names))
     return names
