@@ -225,13 +225,14 @@ def prune_causal_lm_width(
     del dense
     update_config(pruned)
     check_config_reload(pruned, example)
-    dropped = [f"{block_name}.{i}.{ATTENTION_NAME}" for i in dropped_attention_layers(pruned)]
-    if dropped:
+    dropped_layers = dropped_attention_layers(pruned)
+    if dropped_layers:
         log.info(
             "structured: layers %s have no attention, which a transformers config cannot say: save this model "
             "with prunekit.save_pruned and load it with prunekit.load_model (its save_pretrained raises)",
-            dropped_attention_layers(pruned),
+            dropped_layers,
         )
+    dropped = [f"{block_name}.{i}.{ATTENTION_NAME}" for i in dropped_layers]
     return StructuralResult(pruned, plan, graph, removed_blocks=dropped)
 
 
