@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from prunekit.measure import versions
-from prunekit.models.loading import prepare_bundled_model
+from prunekit.core.measure import versions
+from prunekit.io.loading import prepare_bundled_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

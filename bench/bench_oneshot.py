@@ -35,9 +35,9 @@ import torch
 from safetensors.torch import save_file
 
 import prunekit
+from prunekit.core.measure import versions
 from prunekit.eval.perplexity import perplexity
-from prunekit.measure import versions
-from prunekit.models.loading import prepare_bundled_model
+from prunekit.io.loading import prepare_bundled_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

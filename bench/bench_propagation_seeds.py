@@ -18,7 +18,7 @@ from pathlib import Path
 
 import prunekit
 from prunekit.eval.perplexity import perplexity
-from prunekit.models.loading import prepare_bundled_model
+from prunekit.io.loading import prepare_bundled_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

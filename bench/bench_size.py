@@ -9,7 +9,7 @@ SparseGPT give the same sizes). The 49152 x 576 embedding (tied to the head) and
 Sizes are the bytes of the weight files (``checkpoint_size_bytes``); ``expected_bytes`` is the same payload
 computed from the formula (4 bytes per kept float32 value + 1 bit per weight + row offsets/shape; dense
 tensors as they are) to show where the bytes go; ``compressed_layers_bytes`` / ``compressed_layers_dense_bytes``
-is the ratio on the pruned layers alone. Save time covers ``prunekit.export.save_pretrained`` with
+is the ratio on the pruned layers alone. Save time covers ``prunekit.io.saving.save_pretrained`` with
 the tokenizer (compression included); load time covers ``prunekit.load_model`` (decompression included);
 each is the median of ``--repeats`` runs on this machine's CPU, with the page cache warm.
 
@@ -33,9 +33,9 @@ from typing import Any
 import torch
 
 import prunekit
-from prunekit.checkpoints import SPARSE_24, checkpoint_format, checkpoint_size_bytes, plan_compression
-from prunekit.export import save_pretrained
-from prunekit.measure import versions
+from prunekit.core.measure import versions
+from prunekit.io.compressed import SPARSE_24, checkpoint_format, checkpoint_size_bytes, plan_compression
+from prunekit.io.saving import save_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench_size")

@@ -4,7 +4,7 @@ Setting: the bundled SmolLM2-135M-Instruct de-quantized to float32; the same mod
 magnitude, unstructured (per row) and 2:4. Magnitude pruning is used because speed depends only on the
 weights' sparsity pattern and storage, not on which weights were chosen: Wanda or SparseGPT at the same
 pattern give the same shapes and the same dense matmuls. Each model is measured with
-:func:`prunekit.speed.measure_speed`: prefill of one 1 x 512-token prompt, and greedy decoding of 64 tokens
+:func:`prunekit.eval.speed.measure_speed`: prefill of one 1 x 512-token prompt, and greedy decoding of 64 tokens
 after it with the KV cache; median of 7 timed runs per phase. The machine is shared, and other processes on
 its 2 cores slow decoding (many small ops) far more than prefill, so the models are measured in
 interleaved rounds (one untimed warm-up round, then each round times every model once, in an order that
@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 import prunekit
-from prunekit.measure import versions
-from prunekit.speed import SpeedResult, compare_results, measure_speed, phase_timing
+from prunekit.core.measure import versions
+from prunekit.eval.speed import SpeedResult, compare_results, measure_speed, phase_timing
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench_speed")

@@ -53,7 +53,7 @@ def child_prunekit(kind: str, source: Path, out: Path, ratio: float, nsamples: i
     import torch
 
     import prunekit
-    from prunekit.structured.attention_drop import dropped_attention_layers
+    from prunekit.models.dropped_attention import dropped_attention_layers
     from prunekit.structured.llm import prune_causal_lm_depth, prune_causal_lm_width
 
     loaded = prunekit.load_model(str(source))
@@ -185,7 +185,7 @@ def decode_rounds(models: dict, repeats: int, compiled: bool) -> dict[str, dict]
     """Decode tokens/s of each model, ``repeats`` interleaved rounds (drift hits every model alike); the gain
     over ``dense`` as the ratio of medians and as the median of the same rounds' ratios. A model that cannot
     be timed (a config the static cache cannot read) gets its error instead."""
-    from prunekit.speed import measure_decode
+    from prunekit.eval.speed import measure_decode
 
     prefix = "compiled_" if compiled else ""
     timings: dict[str, list[float]] = {name: [] for name in models}
@@ -285,7 +285,7 @@ def main() -> None:
         print("RESULT " + json.dumps(result), flush=True)
         return
 
-    from prunekit.models.loading import prepare_bundled_model
+    from prunekit.io.loading import prepare_bundled_model
 
     source = prepare_bundled_model()
     if args.work.exists():

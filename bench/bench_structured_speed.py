@@ -212,7 +212,7 @@ def _onnxruntime_rows(model, pruned, batches: list[int], threads: int, min_time:
     import onnxruntime.capi._pybind_state as ort_state
     import torch
 
-    from prunekit.onnx_export import OnnxRuntimeModule, export_onnx
+    from prunekit.io.onnx import OnnxRuntimeModule, export_onnx
     from prunekit.structured.report import compare_latency
 
     ort_state.set_global_thread_pool_sizes(threads, 1)  # before the first session of this process

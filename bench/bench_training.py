@@ -556,7 +556,7 @@ def floors(experiments: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def write(args: argparse.Namespace, bench: Bench, experiments: dict[str, Any], previous: list[str]) -> None:
-    from prunekit.measure import versions
+    from prunekit.core.measure import versions
     from prunekit.training.report import write_training_report
 
     seconds = sum(e.get("seconds") or 0.0 for e in experiments.values())

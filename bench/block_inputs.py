@@ -10,7 +10,7 @@ from torch import nn
 
 import prunekit
 from prunekit.calibration.capture import BlockCall, capture_block_inputs
-from prunekit.models.loading import prepare_bundled_model
+from prunekit.io.loading import prepare_bundled_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

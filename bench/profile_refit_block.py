@@ -18,9 +18,10 @@ import time
 import torch
 
 from block_inputs import SHARED_INPUT, dense_block_inputs
+from prunekit.calibration.statistics import accumulate_gram, complete_gram
 from prunekit.config import PruneConfig
-from prunekit.solvers import accumulate_gram, complete_gram, inverse_hessian, sparsegpt_prune
-from prunekit.solvers.refit import damped, reconstruction_error, refit_kept_weights
+from prunekit.reconstruction.least_squares import damped, reconstruction_error, refit_kept_weights
+from prunekit.solvers import inverse_hessian, sparsegpt_prune
 
 STEPS = (1, 2, 4, 8, 32)
 

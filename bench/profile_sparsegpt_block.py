@@ -18,8 +18,9 @@ from collections.abc import Callable
 import torch
 
 from block_inputs import SHARED_INPUT, dense_block_inputs
+from prunekit.calibration.statistics import accumulate_gram, complete_gram
 from prunekit.config import PruneConfig
-from prunekit.solvers.sparsegpt import accumulate_gram, complete_gram, inverse_hessian, sparsegpt_prune
+from prunekit.solvers.sparsegpt import inverse_hessian, sparsegpt_prune
 
 
 def best_of(repeats: int, work: Callable[[], object]) -> float:

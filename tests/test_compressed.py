@@ -3,7 +3,7 @@
 Sparse models come from magnitude pruning of the tiny models (the on-disk size depends only on the pattern).
 "Exact" means every tensor comes back with the same dtype and the same bits, except that a zero's sign is
 not stored: pruning by multiplying with the mask leaves ``-0.0`` where a negative weight was removed, and it
-reloads as ``+0.0`` (see :mod:`prunekit.checkpoints`).
+reloads as ``+0.0`` (see :mod:`prunekit.io.compressed`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,10 @@ from safetensors.torch import load_file, save_file
 
 import prunekit
 from models import FAMILIES, save_tiny_checkpoint, tiny_model, tiny_tokenizer
-from prunekit.checkpoints import (
+from prunekit.cli import main
+from prunekit.core.errors import ConfigError, ModelLoadError
+from prunekit.core.patterns import NM, Unstructured
+from prunekit.io.compressed import (
     BITMASK,
     DENSE,
     SPARSE_24,
@@ -40,10 +43,7 @@ from prunekit.checkpoints import (
     sparse24_decompress,
     unpack_bits,
 )
-from prunekit.cli import main
-from prunekit.errors import ConfigError, ModelLoadError
-from prunekit.export import save_pretrained
-from prunekit.patterns import NM, Unstructured
+from prunekit.io.saving import save_pretrained
 
 PATTERNS = {"unstructured": {"sparsity": 0.5}, "2:4": {"pattern": "2:4"}}
 

@@ -11,8 +11,8 @@ import transformers
 import prunekit
 from models import FAMILIES, sample_text, save_tiny_checkpoint, tiny_model, tiny_tokenizer
 from prunekit.calibration.data import tokenize_text
-from prunekit.errors import ConfigError, ModelLoadError, OutputError
-from prunekit.models.lazy import INDEX_FILE, build_skeleton, shard_name
+from prunekit.core.errors import ConfigError, ModelLoadError, OutputError
+from prunekit.io.streaming import INDEX_FILE, build_skeleton, shard_name
 from prunekit.oneshot import prune_checkpoint
 
 
@@ -94,7 +94,7 @@ def test_nan_in_a_streamed_block_names_the_layer(calibration, tmp_path):
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     model.save_pretrained(tmp_path / "in")
-    with pytest.raises(prunekit.errors.NonFiniteError, match=r"layers\.1\.mlp\.up_proj"):
+    with pytest.raises(prunekit.core.errors.NonFiniteError, match=r"layers\.1\.mlp\.up_proj"):
         prune_checkpoint(tmp_path / "in", tmp_path / "out", prunekit.PruneConfig(), calibration, progress=False)
     assert not (tmp_path / "out").exists()
 
@@ -125,7 +125,7 @@ def test_cli_lazy_end_to_end_and_its_errors(tmp_path, capsys):
 def test_streamed_safetensors_writer_and_mapped_reader_round_trip(dtype, tmp_path):
     from safetensors.torch import load_file
 
-    from prunekit.models.lazy import SafetensorsCheckpoint, write_safetensors
+    from prunekit.io.streaming import SafetensorsCheckpoint, write_safetensors
 
     tensors = {
         "b.weight": (torch.arange(24).reshape(4, 6) % 3).to(dtype),

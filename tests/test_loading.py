@@ -8,8 +8,8 @@ import transformers
 
 import prunekit
 from models import FAMILIES, tiny_model
+from prunekit.io.loading import bundled_gguf_path, prepare_bundled_model
 from prunekit.models.blocks import find_decoder_blocks
-from prunekit.models.loading import bundled_gguf_path, prepare_bundled_model
 from prunekit.models.targets import find_targets
 
 EXPECTED_BLOCKS = {

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from prunekit.errors import ConfigError
-from prunekit.masks import Mask, load_masks, save_masks
-from prunekit.patterns import NM, Unstructured, count_to_prune, nm_mask, parse_pattern, unstructured_mask
-from prunekit.scoring import input_sq_norms, magnitude_scores, wanda_scores
+from prunekit.calibration.statistics import input_sq_norms
+from prunekit.core.errors import ConfigError
+from prunekit.core.masks import Mask, load_masks, save_masks
+from prunekit.core.patterns import NM, Unstructured, count_to_prune, nm_mask, parse_pattern, unstructured_mask
+from prunekit.scoring import magnitude_scores, wanda_scores
 
 
 def test_wanda_on_hand_made_4x4_keeps_the_weights_computed_by_hand():
@@ -122,7 +123,7 @@ def test_mask_value_object(tmp_path):
 @pytest.mark.parametrize("width", [4, 8, 16, 17, 64, 577])
 @pytest.mark.parametrize("k_fraction", [0.0, 0.25, 0.5, 0.9, 1.0])
 def test_fast_selection_equals_a_stable_sort_even_with_many_ties(width, k_fraction):
-    from prunekit.patterns import drop_lowest_k, keep_mask_by_sort
+    from prunekit.core.patterns import drop_lowest_k, keep_mask_by_sort
 
     generator = torch.Generator().manual_seed(width)
     scores = torch.randint(0, 5, (33, width), generator=generator).float()  # heavy ties
@@ -134,7 +135,7 @@ def test_fast_selection_equals_a_stable_sort_even_with_many_ties(width, k_fracti
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_kth_smallest_equals_torch_kthvalue_in_every_dtype_and_layout(dtype):
-    from prunekit.patterns import kth_smallest
+    from prunekit.core.patterns import kth_smallest
 
     generator = torch.Generator().manual_seed(3)
     scores = torch.randn(5, 4, 37, generator=generator).to(dtype)

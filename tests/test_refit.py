@@ -1,4 +1,4 @@
-"""Refitting the kept weights (prunekit.solvers.refit): by hand, against a direct solve, through the engine."""
+"""Refitting the kept weights (prunekit.reconstruction.least_squares): by hand, against a direct solve, through the engine."""
 
 import math
 
@@ -7,11 +7,12 @@ import torch
 
 import prunekit
 from models import tiny_model
-from prunekit.errors import ConfigError
-from prunekit.patterns import NM, Unstructured, nm_mask, unstructured_mask
-from prunekit.solvers import accumulate_gram, sparsegpt_prune
-from prunekit.solvers import refit as refit_module
-from prunekit.solvers.refit import damped, reconstruction_error, refit_kept_weights
+from prunekit.calibration.statistics import accumulate_gram
+from prunekit.core.errors import ConfigError
+from prunekit.core.patterns import NM, Unstructured, nm_mask, unstructured_mask
+from prunekit.reconstruction import least_squares as refit_module
+from prunekit.reconstruction.least_squares import damped, reconstruction_error, refit_kept_weights
+from prunekit.solvers import sparsegpt_prune
 
 
 def test_one_free_weight_by_hand():

@@ -11,7 +11,7 @@ import transformers
 
 import prunekit
 from models import FAMILIES, sample_text, tiny_model, tiny_tokenizer
-from prunekit.export import save_pretrained
+from prunekit.io.saving import save_pretrained
 
 
 @pytest.fixture(scope="module")

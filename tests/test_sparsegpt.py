@@ -8,12 +8,14 @@ import torch
 import prunekit
 from models import FAMILIES, tiny_model
 from oracles import true_sequential_oracle
-from prunekit.errors import ConfigError, NumericalError
+from prunekit.calibration import statistics
+from prunekit.calibration.statistics import accumulate_gram, complete_gram
+from prunekit.core.errors import ConfigError, NumericalError
+from prunekit.core.patterns import NM, Unstructured, nm_mask, unstructured_mask
 from prunekit.models.blocks import find_decoder_blocks
 from prunekit.models.targets import find_targets, weight_matrix
-from prunekit.patterns import NM, Unstructured, nm_mask, unstructured_mask
-from prunekit.solvers import accumulate_gram, complete_gram, inverse_hessian_factor, sparsegpt_prune
-from prunekit.solvers.refit import refit_kept_weights
+from prunekit.reconstruction.least_squares import refit_kept_weights
+from prunekit.solvers import inverse_hessian_factor, sparsegpt_prune
 
 
 def test_two_by_two_by_hand():
@@ -116,9 +118,8 @@ def test_hessian_in_float64_whatever_the_weight_dtype():
 
 @pytest.mark.parametrize("band", [3, 5, 16, 256])
 def test_accumulated_gram_equals_one_big_product(band, monkeypatch):
-    import prunekit.solvers.sparsegpt as sparsegpt
 
-    monkeypatch.setattr(sparsegpt, "GRAM_BAND", band)
+    monkeypatch.setattr(statistics, "GRAM_BAND", band)
     _, x = _correlated_problem(cols=16, tokens=60)
     gram = None
     for chunk in x.split(7):

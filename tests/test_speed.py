@@ -1,4 +1,4 @@
-"""``prunekit.speed`` and ``prunekit bench-speed``: what is measured, never how fast (no timing assertions)."""
+"""``prunekit.eval.speed`` and ``prunekit bench-speed``: what is measured, never how fast (no timing assertions)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ import transformers
 import prunekit
 from models import save_tiny_checkpoint, tiny_model, tiny_tokenizer
 from prunekit.cli import main
-from prunekit.errors import ConfigError
-from prunekit.export import save_pretrained
-from prunekit.speed import (
+from prunekit.core.errors import ConfigError
+from prunekit.eval.speed import (
     PhaseTiming,
     compare_results,
     compare_speed,
@@ -30,6 +29,7 @@ from prunekit.speed import (
     semi_structured_unsupported,
     size_stats,
 )
+from prunekit.io.saving import save_pretrained
 
 N_TARGETS = 2 * 7  # tiny llama: 2 blocks x (q, k, v, o, gate, up, down)
 
@@ -83,7 +83,7 @@ def test_greedy_decode_is_generate_with_exactly_g_new_tokens(family: str) -> Non
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "opt"])
 def test_static_cache_decode_gives_the_tokens_of_the_eager_decode(family: str) -> None:
-    from prunekit.speed import _decode_run_static, _static_step
+    from prunekit.eval.speed import _decode_run_static, _static_step
 
     model = tiny_model(family)
     prompt = random_prompt(model, 2, 9, seed=3)

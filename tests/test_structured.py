@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from prunekit.errors import ModelLoadError, OutputError, StructuralPruningError, UntraceableModuleError
-from prunekit.onnx_export import export_onnx, run_onnx
+from prunekit.core.errors import ModelLoadError, OutputError, StructuralPruningError, UntraceableModuleError
+from prunekit.io.onnx import export_onnx, run_onnx
+from prunekit.io.pruned import load_pruned, save_pruned
 from prunekit.structured import (
     apply_plan,
     build_dependency_graph,
@@ -22,7 +23,6 @@ from prunekit.structured import (
     unit_importance,
 )
 from prunekit.structured.cost import original_size, planned_macs, planned_parameters
-from prunekit.structured.saving import load_pruned, save_pruned
 
 
 def zero_units(model: nn.Module, graph, units: set[int]) -> None:
@@ -629,7 +629,7 @@ def test_onnx_export_of_a_pruned_model_matches(tmp_path, make):
 def test_onnxruntime_module_runs_an_export_like_the_module(tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    from prunekit.onnx_export import OnnxRuntimeModule
+    from prunekit.io.onnx import OnnxRuntimeModule
 
     torch.manual_seed(0)
     model = MobileBlock().eval()

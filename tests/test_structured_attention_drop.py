@@ -10,12 +10,11 @@ import transformers
 
 import prunekit
 from models import CONFIGS, VOCAB, sample_text, tiny_model, tiny_tokenizer
-from prunekit.errors import StructuralPruningError
+from prunekit.core.errors import StructuralPruningError
+from prunekit.models.dropped_attention import DroppedAttention, dropped_attention_layers
 from prunekit.structured.attention_drop import (
-    DroppedAttention,
     attention_statistics,
     drop_attention,
-    dropped_attention_layers,
     least_influential_attention,
     prune_causal_lm_attention,
 )

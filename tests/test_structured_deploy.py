@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from prunekit.errors import UntraceableModuleError
+from prunekit.core.errors import UntraceableModuleError
 from prunekit.structured import prune_structurally
 from prunekit.structured.deploy import fold_batch_norms
 from test_structured import DenseBlock, MobileBlock, ResNetBlock

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from prunekit.errors import StructuralPruningError
+from prunekit.core.errors import StructuralPruningError
+from prunekit.io.pruned import load_pruned, save_pruned
 from prunekit.structured import prune_structurally
 from prunekit.structured.depth import block_influence, prune_depth, removable_blocks, remove_blocks
-from prunekit.structured.saving import load_pruned, save_pruned
 
 
 class Residual(nn.Module):
@@ -140,7 +140,7 @@ def test_the_report_counts_the_original_and_the_removed_layers():
 
 
 def test_the_command_line_job_refuses_vision_only_options_for_language_models(tmp_path):
-    from prunekit.errors import ConfigError
+    from prunekit.core.errors import ConfigError
     from prunekit.structured.job import StructuredJob, run_structured_job
 
     with pytest.raises(ConfigError, match="--blocks must be >= 0"):

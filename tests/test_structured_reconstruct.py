@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from prunekit.structured.reconstruct import input_grams, least_squares_refit, linears_with_pruned_inputs
+from prunekit.reconstruction.least_squares import least_squares_refit
+from prunekit.structured.reconstruct import input_grams, linears_with_pruned_inputs
 
 
 def test_a_removed_input_that_is_a_combination_of_kept_ones_is_reconstructed_exactly():

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.fx
 
-from prunekit.errors import CalibrationError, ConfigError
+from prunekit.core.errors import CalibrationError, ConfigError
 from prunekit.training import cifar
 from prunekit.training.cifar import (
     CIFAR10_CLASSES,

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.errors import ConfigError
+from prunekit.core.errors import ConfigError
 from prunekit.training.data_pruning import (
     distilled_pruning_loss,
     el2n_from_logits,

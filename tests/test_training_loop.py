@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from prunekit.errors import ConfigError
+from prunekit.core.errors import ConfigError
 from prunekit.training import CubicSchedule, Sparsifier, SparsifierConfig
 from prunekit.training.loop import (
     DistillConfig,

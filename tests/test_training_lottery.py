@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from prunekit.errors import ConfigError
+from prunekit.core.errors import ConfigError
 from prunekit.training import (
     LotteryConfig,
     LotteryTicket,

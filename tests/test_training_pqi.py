@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from prunekit.errors import ConfigError
+from prunekit.core.errors import ConfigError
 from prunekit.training.pqi import (
     SAPConfig,
     model_pq_index,

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from prunekit.errors import ConfigError, TargetError
-from prunekit.patterns import NM
+from prunekit.core.errors import ConfigError, TargetError
+from prunekit.core.patterns import NM
 from prunekit.training import (
     CubicSchedule,
     LinearSchedule,

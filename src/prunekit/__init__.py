@@ -9,9 +9,10 @@ The public API::
     prunekit.perplexity(result.model, loaded.tokenizer, "test.txt")
 """
 
-from prunekit.api import calibration_windows, run_recipe
+from prunekit.api import run_recipe
+from prunekit.calibration.data import calibration_windows
 from prunekit.config import CalibrationConfig, EvalConfig, ModelConfig, OutputConfig, PruneConfig, Recipe
-from prunekit.errors import (
+from prunekit.core.errors import (
     CalibrationError,
     ConfigError,
     ModelLoadError,
@@ -20,12 +21,12 @@ from prunekit.errors import (
     PrunekitError,
     TargetError,
 )
+from prunekit.core.masks import Mask
+from prunekit.core.patterns import NM, Unstructured, parse_pattern
 from prunekit.eval.perplexity import PerplexityResult, perplexity
-from prunekit.masks import Mask
-from prunekit.models.loading import LoadedModel, load_model
+from prunekit.io.loading import LoadedModel, load_model
+from prunekit.io.onnx import export_onnx
 from prunekit.oneshot import LayerResult, PruneResult, prune
-from prunekit.onnx_export import export_onnx
-from prunekit.patterns import NM, Unstructured, parse_pattern
 from prunekit.structured import StructuralResult, load_pruned, prune_structurally, save_pruned
 
 __all__ = [

@@ -21,32 +21,21 @@ from prunekit.calibration.data import (
     read_text,
     sample_windows,
 )
-from prunekit.checkpoints import check_save_format
 from prunekit.config import CalibrationConfig, Recipe
-from prunekit.errors import CalibrationError, ConfigError, ModelLoadError
+from prunekit.core.devices import resolve_device, resolve_dtype
+from prunekit.core.errors import CalibrationError, ConfigError, ModelLoadError
+from prunekit.core.measure import current_peak_rss_bytes
 from prunekit.eval.perplexity import PerplexityResult, check_eval_seqlen, perplexity_of_tokens
-from prunekit.export import check_output_dir, save_pretrained
-from prunekit.measure import current_peak_rss_bytes
-from prunekit.models.loading import BUNDLED_NAMES, load_model, prepare_bundled_model, resolve_device, resolve_dtype
+from prunekit.io.atomic import check_output_dir
+from prunekit.io.compressed import check_save_format
+from prunekit.io.loading import BUNDLED_NAMES, load_model, prepare_bundled_model
+from prunekit.io.saving import save_pretrained
 from prunekit.oneshot import PruneResult, prune, prune_checkpoint
 from prunekit.report import build_report, record_checkpoint, write_report
 from prunekit.scoring import method_info
 
 log = logging.getLogger(__name__)
 REPORT_SUBDIR = "prunekit-report"
-
-
-def calibration_windows(
-    tokenizer: Any,
-    path: str | Path,
-    nsamples: int = 128,
-    seqlen: int = 2048,
-    seed: int = 0,
-    max_context: int | None = None,
-) -> torch.Tensor:
-    """``(nsamples, seqlen)`` token windows drawn with ``seed`` from a text file."""
-    check_window_args(nsamples, seqlen, max_context)
-    return sample_windows(load_text_tokens(tokenizer, path), nsamples, seqlen, seed)
 
 
 def _calibration_from_config(tokenizer: Any, cfg: CalibrationConfig, max_context: int | None) -> torch.Tensor:

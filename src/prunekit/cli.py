@@ -14,9 +14,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from prunekit.checkpoints import SAVE_FORMATS
 from prunekit.config import Recipe
-from prunekit.errors import PrunekitError
+from prunekit.core.errors import PrunekitError
+from prunekit.io.compressed import SAVE_FORMATS
 from prunekit.scoring import METHODS
 
 log = logging.getLogger("prunekit")
@@ -262,7 +262,7 @@ def _cmd_prune(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from prunekit.eval.perplexity import perplexity
-    from prunekit.models.loading import load_model
+    from prunekit.io.loading import load_model
 
     loaded = load_model(
         args.model, dtype=args.dtype or "auto", device=args.device, trust_remote_code=bool(args.trust_remote_code)
@@ -298,9 +298,10 @@ def _cmd_bench_speed(args: argparse.Namespace) -> int:
 
     import torch
 
-    from prunekit.errors import ConfigError
-    from prunekit.models.loading import load_model, resolve_device, resolve_dtype
-    from prunekit.speed import check_speed_args, compare_results, measure_speed, semi_structured_unsupported
+    from prunekit.core.devices import resolve_device, resolve_dtype
+    from prunekit.core.errors import ConfigError
+    from prunekit.eval.speed import check_speed_args, compare_results, measure_speed, semi_structured_unsupported
+    from prunekit.io.loading import load_model
 
     settings = {
         "batch_size": args.batch_size,

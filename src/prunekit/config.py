@@ -6,31 +6,17 @@ of being ignored. Strings such as ``"2:4"`` are parsed once, here, into pattern 
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from prunekit.checkpoints import SaveFormat
-from prunekit.errors import ConfigError
-from prunekit.patterns import NM, Pattern, parse_pattern
+from prunekit.core.config import StrictConfig
+from prunekit.core.patterns import NM, Pattern, parse_pattern
+from prunekit.io.compressed import SaveFormat
 from prunekit.scoring import METHODS
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    def __init__(self, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except ValidationError as exc:
-            error = ConfigError(format_validation_error(exc))
-            error.problems = tuple(_problems(exc))  # read back when this section is nested in another
-            raise error from None
-
-
-class PruneConfig(_Strict):
+class PruneConfig(StrictConfig):
     """What to prune and how."""
 
     method: str = Field("wanda", description=f"scoring method: {', '.join(METHODS)}")
@@ -75,7 +61,7 @@ class PruneConfig(_Strict):
         None,
         ge=0,
         description="conjugate-gradient steps refitting the kept weights to the dense layer's output once the "
-        "mask is chosen (prunekit.solvers.refit; Boza 2024); default 4 for sparsegpt, 0 for the others (with "
+        "mask is chosen (prunekit.reconstruction.least_squares; Boza 2024); default 4 for sparsegpt, 0 for the others (with "
         "more than 0 they accumulate the Hessian too, and magnitude/random then need calibration data); "
         "0 gives the paper's SparseGPT",
     )
@@ -123,12 +109,12 @@ class PruneConfig(_Strict):
         return "dense" if scored_from_activations and not isinstance(self.parsed_pattern(), NM) else "sequential"
 
     def parsed_pattern(self) -> Pattern:
-        """The pattern as an object (:class:`~prunekit.patterns.Unstructured` or :class:`~prunekit.patterns.NM`)."""
+        """The pattern as an object (:class:`~prunekit.core.patterns.Unstructured` or :class:`~prunekit.core.patterns.NM`)."""
         scope = self.scope or METHODS[self.method].default_scope
         return parse_pattern(self.pattern, self.sparsity, scope)
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictConfig):
     """Which model to load."""
 
     source: str | None = Field(None, description="HF directory, .gguf file, hub id; empty: bundled SmolLM2")
@@ -141,7 +127,7 @@ class ModelConfig(_Strict):
     )
 
 
-class CalibrationConfig(_Strict):
+class CalibrationConfig(StrictConfig):
     """Where calibration windows come from."""
 
     path: str | None = Field(None, description="a text file (e.g. a validation split)")
@@ -160,7 +146,7 @@ class CalibrationConfig(_Strict):
         return self
 
 
-class EvalConfig(_Strict):
+class EvalConfig(StrictConfig):
     """Perplexity evaluation (non-overlapping windows of a text file)."""
 
     ppl: str | None = Field(None, description="text file to report perplexity on")
@@ -170,7 +156,7 @@ class EvalConfig(_Strict):
     device: str = Field("auto", description="where to run the evaluation: auto, cpu, cuda (whole model)")
 
 
-class OutputConfig(_Strict):
+class OutputConfig(StrictConfig):
     """Where the pruned checkpoint and the report go."""
 
     dir: str | None = None
@@ -183,7 +169,7 @@ class OutputConfig(_Strict):
     )
 
 
-class Recipe(_Strict):
+class Recipe(StrictConfig):
     """A whole run: model, pruning, calibration, evaluation, output."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -192,51 +178,4 @@ class Recipe(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Recipe:
-        """Validate a plain dict, turning pydantic's error into a :class:`ConfigError` that names the key."""
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc)) from None
 
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> Recipe:
-        """Load a YAML recipe file."""
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"recipe file {str(file)!r} not found")
-        try:
-            data = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"recipe {str(file)!r} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"recipe {str(file)!r} must be a mapping of sections (model, prune, ...)")
-        return cls.from_dict(data)
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-_PREFIX = "invalid configuration: "
-
-
-def _problems(exc: ValidationError) -> list[tuple[str, str]]:
-    """``(dotted location, message)`` per problem. pydantic calls a nested section's own ``__init__``,
-    whose :class:`ConfigError` carries its problems: their locations are joined to the section's."""
-    problems = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"])
-        inner = err.get("ctx", {}).get("error")
-        if isinstance(inner, ConfigError) and inner.problems:
-            problems += [(f"{where}.{loc}" if where and loc else where or loc, msg) for loc, msg in inner.problems]
-        elif err["type"] == "extra_forbidden":
-            problems.append((where, "unknown key; check the spelling (the README lists every key)"))
-        else:
-            problems.append((where, err["msg"].removeprefix("Value error, ")))
-    return problems
-
-
-def format_validation_error(exc: ValidationError) -> str:
-    """One line per problem: ``location: message``, with unknown keys called out as such."""
-    return _PREFIX + "; ".join(f"{where}: {msg}" if where else msg for where, msg in _problems(exc))

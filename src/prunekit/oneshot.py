@@ -21,15 +21,15 @@ from torch import nn
 
 from prunekit.calibration.engine import BlockStream, BlockTiming, LayerInputs, run_sequential
 from prunekit.config import PruneConfig
-from prunekit.errors import ConfigError, NonFiniteError
-from prunekit.masks import Mask
-from prunekit.measure import MemoryMeter
+from prunekit.core.devices import resolve_device
+from prunekit.core.errors import ConfigError, NonFiniteError
+from prunekit.core.masks import Mask
+from prunekit.core.measure import MemoryMeter
+from prunekit.core.patterns import Pattern, check_pattern_fits, select_keep_mask
 from prunekit.models.blocks import find_decoder_blocks
-from prunekit.models.loading import resolve_device
 from prunekit.models.targets import Target, find_targets, weight_matrix
-from prunekit.patterns import Pattern, check_pattern_fits, select_keep_mask
+from prunekit.reconstruction.least_squares import refit_kept_weights
 from prunekit.scoring import LayerStats, method_info, score_weights
-from prunekit.solvers.refit import refit_kept_weights
 from prunekit.solvers.sparsegpt import inverse_hessian, sparsegpt_prune
 
 log = logging.getLogger(__name__)
@@ -267,10 +267,10 @@ def prune_checkpoint(
     everything succeeded. ``extra(tmp_dir, result)`` may add files (a report) before the rename.
 
     To keep the peak low, glibc is told (process-wide) to map allocations above 1 MiB individually
-    (:func:`prunekit.models.lazy.map_large_allocations`).
+    (:func:`prunekit.io.streaming.map_large_allocations`).
     """
-    from prunekit.export import write_atomically
-    from prunekit.models.lazy import StreamedBlocks, build_skeleton, map_large_allocations
+    from prunekit.io.atomic import write_atomically
+    from prunekit.io.streaming import StreamedBlocks, build_skeleton, map_large_allocations
 
     map_large_allocations()
     model, checkpoint = build_skeleton(source, dtype, trust_remote_code)

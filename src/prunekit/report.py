@@ -15,11 +15,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from prunekit.checkpoints import checkpoint_format, checkpoint_size_bytes
 from prunekit.config import Recipe
+from prunekit.core.measure import versions
 from prunekit.eval.perplexity import PerplexityResult
-from prunekit.export import write_atomically
-from prunekit.measure import versions
+from prunekit.io.atomic import write_atomically
+from prunekit.io.compressed import checkpoint_format, checkpoint_size_bytes
 from prunekit.oneshot import PruneResult
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from prunekit.errors import CalibrationError
+from prunekit.core.errors import CalibrationError
 
 log = logging.getLogger(__name__)
 
@@ -93,3 +93,16 @@ def model_max_context(config: Any) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def calibration_windows(
+    tokenizer: Any,
+    path: str | Path,
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 0,
+    max_context: int | None = None,
+) -> torch.Tensor:
+    """``(nsamples, seqlen)`` token windows drawn with ``seed`` from a text file."""
+    check_window_args(nsamples, seqlen, max_context)
+    return sample_windows(load_text_tokens(tokenizer, path), nsamples, seqlen, seed)

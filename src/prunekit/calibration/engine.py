@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 
 from prunekit.calibration.capture import BlockCall, CapturedInputs, capture_block_inputs, hidden_from_output
 from prunekit.calibration.lockstep import LockstepRunner
-from prunekit.errors import NonFiniteError
+from prunekit.calibration.statistics import accumulate_gram, complete_gram
+from prunekit.core.errors import NonFiniteError
 from prunekit.models.targets import Target
-from prunekit.solvers.sparsegpt import accumulate_gram, complete_gram
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ PruneLayer = Callable[[Target, LayerInputs], None]
 
 class BlockStream(Protocol):
     """Where block weights come from and go to when the model does not fit in memory
-    (:class:`prunekit.models.lazy.StreamedBlocks`); without one, the whole model is resident."""
+    (:class:`prunekit.io.streaming.StreamedBlocks`); without one, the whole model is resident."""
 
     def load_outside(self) -> None: ...  # weights outside the blocks, for capturing the first block's inputs
 
@@ -86,7 +86,7 @@ def _to_device(value: Any, device: torch.device) -> Any:
 
 def move_outside_blocks(model: nn.Module, blocks_name: str, device: torch.device) -> None:
     """Move every parameter and buffer that is not inside the blocks to ``device`` (in place); meta tensors
-    (not loaded: see :mod:`prunekit.models.lazy`) stay where they are."""
+    (not loaded: see :mod:`prunekit.io.streaming`) stay where they are."""
     prefix = blocks_name + "."
     for module_name, module in model.named_modules():
         if module_name == blocks_name or module_name.startswith(prefix):

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit.calibration.data import load_text_tokens, model_max_context
-from prunekit.errors import CalibrationError
+from prunekit.core.errors import CalibrationError
 
 log = logging.getLogger(__name__)
 

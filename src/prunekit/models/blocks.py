@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from prunekit.errors import TargetError
+from prunekit.core.errors import TargetError
 
 
 def _n_params(module: nn.Module) -> int:

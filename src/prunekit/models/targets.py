@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prunekit.errors import TargetError
+from prunekit.core.errors import TargetError
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:

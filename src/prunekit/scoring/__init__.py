@@ -6,11 +6,12 @@ from dataclasses import dataclass
 
 import torch
 
-from prunekit.errors import ConfigError
-from prunekit.patterns import Scope
+from prunekit.calibration.statistics import input_sq_norms
+from prunekit.core.errors import ConfigError
+from prunekit.core.patterns import Scope
 from prunekit.scoring.magnitude import magnitude_scores
 from prunekit.scoring.random import random_scores
-from prunekit.scoring.wanda import input_sq_norms, wanda_scores
+from prunekit.scoring.wanda import wanda_scores
 
 __all__ = [
     "METHODS",

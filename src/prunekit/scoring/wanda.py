@@ -1,18 +1,12 @@
 """Wanda score (Sun et al. 2023, "A Simple and Effective Pruning Approach for LLMs", Eq. 1).
 
 ``S_ij = |W_ij| * ||X_j||_2`` where ``X_j`` is the j-th input feature over all calibration tokens.
-Compared within each output row (see :mod:`prunekit.patterns`).
+Compared within each output row (see :mod:`prunekit.core.patterns`).
 """
 
 from __future__ import annotations
 
 import torch
-
-
-def input_sq_norms(inputs: torch.Tensor) -> torch.Tensor:
-    """Sum over tokens of each input feature squared: ``||X_j||_2^2`` for a ``(..., in)`` batch (float32)."""
-    flat = inputs.detach().reshape(-1, inputs.shape[-1]).float()
-    return flat.pow(2).sum(dim=0)
 
 
 def wanda_scores(weight: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:

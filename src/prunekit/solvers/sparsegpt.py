@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from prunekit.errors import NumericalError
-from prunekit.patterns import NM, Pattern, count_to_prune, drop_lowest_k
+from prunekit.core.errors import NumericalError
+from prunekit.core.patterns import NM, Pattern, count_to_prune, drop_lowest_k
 
 #: Columns updated one by one before the rest of a block is updated with one product (a multiple of M).
 INNER_BLOCK = 32
@@ -46,40 +46,6 @@ class SparseGPTResult:
     keep: torch.Tensor
     loss: float
     dampening: float
-
-
-#: Width of the bands in which :func:`accumulate_gram` computes the upper triangle of ``X^T X``. 128 was
-#: the fastest of 96-256 for 576- and 1536-wide inputs of 512 tokens on the CPU (1.34 ms vs 1.72 ms for
-#: the full product at 576; 5.0 vs 8.5 ms at 1536).
-GRAM_BAND = 128
-
-
-def accumulate_gram(gram: torch.Tensor | None, inputs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``gram + X^T X`` for a ``(..., in)`` input batch, computed in ``dtype`` (float32 or float64), *upper
-    triangle only*: row bands of :data:`GRAM_BAND` from the diagonal rightwards (54-62% of the products
-    of the full matrix at widths 576-1536; the lower triangle is left alone). Call :func:`complete_gram`
-    once all batches are in.
-
-    The factor 2 of ``H = 2 X X^T`` and any normalisation by the token count are left out: the solution
-    and the relative dampening do not depend on the scale of ``H``.
-    """
-    flat = inputs.detach().reshape(-1, inputs.shape[-1]).to(dtype)
-    n = flat.shape[1]
-    if gram is None:
-        gram = torch.zeros(n, n, dtype=dtype, device=flat.device)
-    for start in range(0, n, GRAM_BAND):
-        end = min(start + GRAM_BAND, n)
-        gram[start:end, start:].addmm_(flat[:, start:end].t(), flat[:, start:])
-    return gram
-
-
-def complete_gram(gram: torch.Tensor) -> torch.Tensor:
-    """Fill the lower triangle of an :func:`accumulate_gram` result from its upper one (in place)."""
-    n = gram.shape[0]
-    for start in range(GRAM_BAND, n, GRAM_BAND):
-        end = min(start + GRAM_BAND, n)
-        gram[start:end, :start] = gram[:start, start:end].t()
-    return gram
 
 
 def reverse_in_place(matrix: torch.Tensor, chunk: int = 256) -> torch.Tensor:
@@ -141,7 +107,7 @@ def inverse_hessian_factor(
     difference ~1e-6 in float32), and, as before, only ``hessian`` and one working matrix are alive.
 
     If ``H`` is not positive definite after dampening, the dampening is raised tenfold up to
-    :data:`DAMPENING_RETRIES` times; then :class:`~prunekit.errors.NumericalError` names the layer.
+    :data:`DAMPENING_RETRIES` times; then :class:`~prunekit.core.errors.NumericalError` names the layer.
     Returns the factor and the dampening fraction that worked.
     """
     mean_diag = float(torch.diagonal(hessian).mean())

@@ -11,6 +11,7 @@ or step by step::
     pruned = apply_plan(model, plan, (example,))
 """
 
+from prunekit.io.pruned import load_pruned, save_pruned
 from prunekit.structured.deploy import fold_batch_norms
 from prunekit.structured.graph import DependencyGraph, Space, build_dependency_graph
 from prunekit.structured.importance import unit_importance
@@ -18,7 +19,6 @@ from prunekit.structured.knapsack import plan_latency_aware
 from prunekit.structured.latency import BATCH_NORM_OPS, LatencyTable, planned_latency
 from prunekit.structured.plan import StructuralPlan, kept_count, plan_pruning, plan_removing
 from prunekit.structured.prune import StructuralResult, prune_iteratively, prune_structurally
-from prunekit.structured.saving import load_pruned, save_pruned
 from prunekit.structured.surgery import apply_plan
 
 __all__ = [

@@ -12,8 +12,8 @@ than narrowing it.
 Layer 0 always keeps its attention: transformers reads the length of the KV cache from layer 0
 (``Cache.get_seq_length(layer_idx=0)``), and a layer 0 without a cache would restart every step's positions
 at 0. A transformers config cannot say that a layer has no attention, so an attention-dropped model is saved
-with :func:`~prunekit.structured.saving.save_pruned` and loaded with :func:`prunekit.load_model` (or
-:func:`~prunekit.structured.saving.load_pruned`), which rebuild the :class:`DroppedAttention` modules.
+with :func:`~prunekit.io.pruned.save_pruned` and loaded with :func:`prunekit.load_model` (or
+:func:`~prunekit.io.pruned.load_pruned`), which rebuild the :class:`DroppedAttention` modules.
 """
 
 from __future__ import annotations
@@ -26,33 +26,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.errors import StructuralPruningError
+from prunekit.core.errors import StructuralPruningError
 from prunekit.models.blocks import find_decoder_blocks
+from prunekit.models.dropped_attention import (
+    ATTENTION_NAME,
+    DroppedAttention,
+    dropped_attention_layers,
+    refuse_save_pretrained,
+)
 
 log = logging.getLogger(__name__)
 
-#: The names of the sublayers an attention drop needs in a decoder layer: ``x + attn(ln(x))`` then
-#: ``x + mlp(ln2(x))`` (Llama, Mistral, Qwen2/3, Gemma, Phi-3...).
-ATTENTION_NAME = "self_attn"
 INPUT_NORM_NAME = "input_layernorm"
 POST_ATTENTION_NORM_NAME = "post_attention_layernorm"
 #: Layers with these modules apply more than ``x + attn(ln(x))`` around their attention (a norm on the
 #: attention's output, as Gemma 2 and 3 do; attention and MLP side by side, as Phi-1/2 do): not supported.
 _UNSUPPORTED_MARKERS = ("pre_feedforward_layernorm", "post_feedforward_layernorm", "resid_dropout")
-
-
-class DroppedAttention(nn.Module):
-    """Stands in for a removed attention sublayer: it returns ``bias`` for every token and no attention
-    weights, so the decoder layer's residual add passes its input through, shifted by ``bias``: zeros, or the
-    attention's mean output on calibration data (:func:`prune_causal_lm_attention` with ``compensate``)."""
-
-    def __init__(self, hidden_size: int) -> None:
-        super().__init__()
-        self.hidden_size = hidden_size
-        self.register_buffer("bias", torch.zeros(hidden_size))
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        return self.bias.to(hidden_states.dtype).expand_as(hidden_states), None
 
 
 def _check_layer(block: nn.Module, index: int) -> None:
@@ -129,7 +118,7 @@ def drop_attention(
     :class:`DroppedAttention` (returning ``biases[i]`` where given, else zeros) and the norm before it an
     ``nn.Identity`` (its only reader was the attention). ``model`` is not modified. The copy's
     ``save_pretrained`` raises (:func:`refuse_save_pretrained`): save it with
-    :func:`~prunekit.structured.saving.save_pruned`."""
+    :func:`~prunekit.io.pruned.save_pruned`."""
     _, blocks = find_decoder_blocks(model)
     drop = sorted(set(layers))
     if any(not 0 <= i < len(blocks) for i in drop):
@@ -158,27 +147,6 @@ def drop_attention(
     if drop:
         refuse_save_pretrained(pruned)
     return pruned
-
-
-def _refuse_save_pretrained(*args: Any, **kwargs: Any) -> None:
-    raise StructuralPruningError(
-        "this model has layers without attention, which a transformers config cannot describe: save_pretrained "
-        "would write a checkpoint that plain transformers loads with fresh random attention in those layers. "
-        "Save it with prunekit.save_pruned(model, directory) and load it with prunekit.load_model(directory)"
-    )
-
-
-def refuse_save_pretrained(model: nn.Module) -> None:
-    """Make ``model.save_pretrained`` (and ``push_to_hub``, which calls it) raise on this instance, since its
-    output would silently load wrong; the class and other instances are untouched."""
-    if hasattr(model, "save_pretrained"):
-        model.save_pretrained = _refuse_save_pretrained
-
-
-def dropped_attention_layers(model: nn.Module) -> list[int]:
-    """The decoder layers of ``model`` whose attention is a :class:`DroppedAttention`."""
-    _, blocks = find_decoder_blocks(model)
-    return [i for i, block in enumerate(blocks) if isinstance(getattr(block, ATTENTION_NAME, None), DroppedAttention)]
 
 
 def least_influential_attention(scores: Sequence[float], count: int, *, keep: Sequence[int] = (0,)) -> list[int]:

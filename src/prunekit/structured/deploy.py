@@ -15,7 +15,7 @@ import logging
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
-from prunekit.errors import UntraceableModuleError
+from prunekit.core.errors import UntraceableModuleError
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ def fold_batch_norms(model: nn.Module) -> nn.Module:
     :class:`torch.fx.GraphModule`. ``model`` is not modified.
 
     Raises ``ValueError`` for a model in training mode (its batch norms use batch statistics, which cannot be
-    folded) and :class:`~prunekit.errors.UntraceableModuleError` when ``torch.fx`` cannot trace the model."""
+    folded) and :class:`~prunekit.core.errors.UntraceableModuleError` when ``torch.fx`` cannot trace the model."""
     training = [
         name or "<root>"
         for name, m in model.named_modules()

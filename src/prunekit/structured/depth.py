@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.errors import StructuralPruningError
+from prunekit.core.errors import StructuralPruningError
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def prune_depth(
 ) -> DepthResult:
     """Remove the ``count`` removable blocks of lowest Block Influence, measured on ``calibration`` (batches of
     positional inputs; default: the example inputs). Raises
-    :class:`~prunekit.errors.StructuralPruningError` if fewer blocks are removable."""
+    :class:`~prunekit.core.errors.StructuralPruningError` if fewer blocks are removable."""
     blocks = removable_blocks(model, example_inputs, example_kwargs)
     if count < 0 or count > len(blocks):
         raise StructuralPruningError(

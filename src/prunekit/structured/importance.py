@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from prunekit.calibration.statistics import column_square_sums
 from prunekit.structured.graph import DependencyGraph
 
 Criterion = Literal["l1", "l2", "bn_scale", "taylor", "activation", "beta_rank", "random"]
@@ -266,11 +267,6 @@ def collect_input_norms(
     names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     sums = accumulate_linear_inputs(model, batches, names, column_square_sums)
     return {f"{name}.weight" if name else "weight": total.float() for name, total in sums.items()}
-
-
-def column_square_sums(x: torch.Tensor) -> torch.Tensor:
-    """``||X_j||^2`` of every column ``j`` of ``x`` ``(tokens, features)``, in float64."""
-    return x.double().square().sum(0)
 
 
 def importance_from_mapping(scores: Mapping[int, float], graph: DependencyGraph) -> dict[int, float]:

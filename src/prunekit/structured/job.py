@@ -26,8 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.errors import ConfigError
-from prunekit.export import check_output_dir, save_pretrained, write_atomically
+from prunekit.core.errors import ConfigError
+from prunekit.io.atomic import check_output_dir, write_atomically
+from prunekit.io.pruned import write_pruned
+from prunekit.io.saving import save_pretrained
 from prunekit.report import write_report
 from prunekit.structured.importance import Criterion
 from prunekit.structured.plan import Policy
@@ -40,7 +42,6 @@ from prunekit.structured.report import (
     size_on_disk,
     structural_report,
 )
-from prunekit.structured.saving import write_pruned
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ def _vision_job(job: StructuredJob) -> dict[str, Any]:
         (tmp / "model").mkdir()
         write_pruned(result.model, tmp / "model")
         if job.onnx:
-            from prunekit.onnx_export import export_onnx
+            from prunekit.io.onnx import export_onnx
 
             export_onnx(result.model, (example,), tmp / "model.onnx")
         write_report(report, tmp / REPORT_DIR, render=render_markdown, plot=plot_widths)
@@ -156,10 +157,10 @@ def _vision_job(job: StructuredJob) -> dict[str, Any]:
 
 
 def _llm_job(job: StructuredJob) -> dict[str, Any]:
-    from prunekit.api import calibration_windows
+    from prunekit.calibration.data import calibration_windows
     from prunekit.eval.perplexity import perplexity
-    from prunekit.models.loading import load_model
-    from prunekit.structured.attention_drop import dropped_attention_layers
+    from prunekit.io.loading import load_model
+    from prunekit.models.dropped_attention import dropped_attention_layers
     from prunekit.structured.llm import prune_causal_lm_depth, prune_causal_lm_width
 
     loaded = load_model(job.model, dtype=job.dtype, device=job.device)
@@ -219,7 +220,7 @@ def _llm_job(job: StructuredJob) -> dict[str, Any]:
 
 
 def _depth_report(original: nn.Module, pruned: nn.Module, removed: list[int], example: torch.Tensor) -> dict[str, Any]:
-    from prunekit.measure import versions
+    from prunekit.core.measure import versions
 
     timing = compare_latency(original, pruned, (example,), {"use_cache": False})
     return {

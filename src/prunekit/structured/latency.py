@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from prunekit.speed import seconds_per_call
+from prunekit.eval.speed import seconds_per_call
 from prunekit.structured.cost import aten_calls, planned_call
 from prunekit.structured.graph import DependencyGraph
 from prunekit.structured.plan import StructuralPlan

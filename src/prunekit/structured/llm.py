@@ -9,7 +9,7 @@ al. 2024, "ShortGPT: Layers in Large Language Models are More Redundant Than You
 
 A pruned model keeps one size per field in its config, so widths must be the same in every layer (the
 ``uniform`` policy does that); :func:`update_config` refuses otherwise and
-:func:`~prunekit.structured.saving.save_pruned` is then the way to save it. Every width-pruned model is then
+:func:`~prunekit.io.pruned.save_pruned` is then the way to save it. Every width-pruned model is then
 checked against its own config (:func:`check_config_reload`): one decoder layer rebuilt by ``transformers``
 from the updated config, with the pruned weights, must give the pruned model's logits.
 
@@ -33,25 +33,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.errors import StructuralPruningError
+from prunekit.calibration.statistics import column_square_sums, gram_of
+from prunekit.core.errors import StructuralPruningError
 from prunekit.models.blocks import find_decoder_blocks
-from prunekit.structured.attention_drop import (
-    ATTENTION_NAME,
-    DroppedAttention,
-    dropped_attention_layers,
-    prune_causal_lm_attention,
-)
+from prunekit.models.dropped_attention import ATTENTION_NAME, DroppedAttention, dropped_attention_layers
+from prunekit.structured.attention_drop import prune_causal_lm_attention
 from prunekit.structured.cost import model_size
 from prunekit.structured.graph import DependencyGraph, build_dependency_graph
-from prunekit.structured.importance import (
-    Criterion,
-    accumulate_linear_inputs,
-    column_square_sums,
-    unit_importance,
-)
+from prunekit.structured.importance import Criterion, accumulate_linear_inputs, unit_importance
 from prunekit.structured.plan import DEFAULT_KINDS, StructuralPlan, keep_best, plan_pruning
 from prunekit.structured.prune import StructuralResult, Target, plan_to_target
-from prunekit.structured.reconstruct import gram_of, linears_with_prunable_inputs, refit_linears
+from prunekit.structured.reconstruct import linears_with_prunable_inputs, refit_linears
 from prunekit.structured.surgery import apply_plan
 
 log = logging.getLogger(__name__)
@@ -156,7 +148,7 @@ def prune_causal_lm_width(
     With ``drop_attention=k``, the attention sublayers of the ``k`` layers of lowest attention influence are
     dropped first (:mod:`~prunekit.structured.attention_drop`, He et al. 2024), and the width pruning then
     takes what is left of the ``params`` or ``macs`` target (both counted against the model as given). Such
-    a model is saved with :func:`~prunekit.structured.saving.save_pruned` (a transformers config cannot say
+    a model is saved with :func:`~prunekit.io.pruned.save_pruned` (a transformers config cannot say
     that a layer has no attention)."""
     model_type = getattr(getattr(model, "config", None), "model_type", "")
     if prune_hidden and model_type in ATTENTION_SIZED_BY_HIDDEN | EMBEDDINGS_SCALED_BY_HIDDEN:

@@ -19,8 +19,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from prunekit.errors import StructuralPruningError
-from prunekit.speed import device_of
+from prunekit.core.devices import device_of
+from prunekit.core.errors import StructuralPruningError
 from prunekit.structured.cost import model_size, original_size, planned_macs, planned_parameters
 from prunekit.structured.depth import prune_depth
 from prunekit.structured.graph import DependencyGraph, build_dependency_graph
@@ -107,7 +107,7 @@ def prune_structurally(
     ``blocks > 0`` first removes that many whole residual blocks, those of lowest Block Influence on the
     example inputs (:func:`~prunekit.structured.depth.prune_depth`), then prunes the width of what is left to
     the same target, counted against the original model. Raises
-    :class:`~prunekit.errors.StructuralPruningError` if no plan gives a model that runs as planned.
+    :class:`~prunekit.core.errors.StructuralPruningError` if no plan gives a model that runs as planned.
     """
     if (policy == "latency" or target == "latency") and latency is None:
         latency = _default_table(model)

@@ -2,17 +2,10 @@
 ``nn.Linear`` is refitted so that its output on the kept inputs is as close as possible to the dense layer's
 output on all of them, over calibration data.
 
-For a layer ``y = W x`` whose inputs ``S`` are kept, the refit solves ``min_W' sum_t ||W x_t - W' x_t[S]||^2``,
-whose normal equations give (Kwon et al. 2022, "A Fast Post-Training Pruning Framework for Transformers",
-Sec. 4.3, "mask tuning" by layer-wise reconstruction; the same least squares as OBS / SparseGPT's update for a
-whole removed column set)::
-
-    W' = W G[:, S] (G[S, S] + lambda I)^-1,      G = sum_t x_t x_t^T  (the input Gram matrix)
-
-``lambda`` is a small dampening (``damping`` x the mean of ``diag G[S, S]``), as in SparseGPT. The removed
-inputs' contribution is thereby folded into the kept ones wherever they are correlated: a removed input that is
-a linear combination of kept ones is reconstructed exactly. Slicing (``W[:, S]``) is a feasible point of the
-same problem, so the refit's error on the calibration data is never larger (up to the dampening).
+The solve itself, ``W' (G_SS + lambda I) = W G[:, S] + lambda W[:, S]`` (Kwon et al. 2022, Sec. 4.3, layer-wise
+reconstruction; OBS / SparseGPT's update for a whole removed column set), is
+:func:`prunekit.reconstruction.least_squares_refit`, shared with one-shot pruning's refit; this module finds the
+layers whose inputs a structural plan cut and refits them from the weights they held before.
 """
 
 from __future__ import annotations
@@ -25,31 +18,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from prunekit.calibration.statistics import gram_of
+from prunekit.reconstruction.least_squares import least_squares_refit
 from prunekit.structured.graph import DependencyGraph
 from prunekit.structured.importance import accumulate_linear_inputs
 from prunekit.structured.plan import StructuralPlan
 
 log = logging.getLogger(__name__)
-
-
-def least_squares_refit(
-    weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, damping: float = 0.01
-) -> torch.Tensor:
-    """``W G[:, S] (G[S, S] + lambda I)^-1`` for ``weight`` ``W`` ``(out, in)``, input Gram ``gram`` ``(in, in)``
-    and the kept input indices ``keep`` (``S``, a boolean mask or indices); ``lambda = damping x
-    mean(diag G[S, S])``. Computed in float64, returned in ``weight``'s dtype, shape ``(out, |S|)``."""
-    if keep.dtype == torch.bool:
-        keep = keep.nonzero().flatten()
-    w = weight.detach().double()
-    g = gram.detach().double().to(w.device)
-    g_ss = g[keep][:, keep]
-    dead = g_ss.diagonal() == 0  # inputs that never fire: any weight fits them; keep the sliced one
-    lam = damping * float(g_ss.diagonal().mean()) if g_ss.numel() else 0.0
-    g_ss = g_ss + torch.eye(len(keep), dtype=g.dtype, device=g.device) * max(lam, 1e-12)
-    rhs = w @ g[:, keep]  # (out, |S|)
-    refit = torch.linalg.solve(g_ss, rhs.T).T  # G_SS is symmetric: (rhs G_SS^-1)^T = G_SS^-1 rhs^T
-    refit[:, dead] = w[:, keep][:, dead]
-    return refit.to(weight.dtype)
 
 
 def input_grams(
@@ -58,12 +33,6 @@ def input_grams(
     """``sum_t x_t x_t^T`` (float32) of the input of each ``nn.Linear`` named in ``names``, over every token of
     ``batches`` (``(args, kwargs)`` pairs the model is called with). Memory: ``in_features^2`` floats each."""
     return accumulate_linear_inputs(model, batches, names, gram_of)
-
-
-def gram_of(x: torch.Tensor) -> torch.Tensor:
-    """``X^T X`` (float32) of ``x`` ``(tokens, features)``."""
-    flat = x.float()
-    return flat.T @ flat
 
 
 def _shared_parameters(model: nn.Module) -> set[int]:

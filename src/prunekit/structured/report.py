@@ -14,9 +14,10 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from prunekit.measure import versions
+from prunekit.core.devices import device_of
+from prunekit.core.measure import versions
+from prunekit.eval.speed import seconds_per_call
 from prunekit.report import pyplot
-from prunekit.speed import device_of, seconds_per_call
 from prunekit.structured.cost import model_size, original_size, planned_macs, planned_parameters
 from prunekit.structured.prune import StructuralResult
 

@@ -4,7 +4,7 @@ attributes (``in_features``, ``out_channels``, ``groups``, ``num_heads``...) agr
 The input model is never modified: surgery works on a deep copy unless ``inplace=True``. With example
 inputs, the pruned model is traced again and checked against the plan tensor by tensor, size attributes that
 its Python code reads are repaired (:mod:`~prunekit.structured.verify`), and it is run once; if it fails or
-its outputs change shape, :class:`~prunekit.errors.StructuralPruningError` says so instead of handing back a
+its outputs change shape, :class:`~prunekit.core.errors.StructuralPruningError` says so instead of handing back a
 broken model.
 """
 
@@ -20,7 +20,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from prunekit.errors import StructuralPruningError
+from prunekit.core.errors import StructuralPruningError
 from prunekit.structured.plan import StructuralPlan
 from prunekit.structured.verify import UnrepairedProblem, repair_size_attributes
 

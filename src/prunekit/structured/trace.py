@@ -7,7 +7,7 @@ name, and :func:`torch.func.functionalize` so that in-place operations (``ReLU(i
 ``x += y``) appear as ordinary ones. When fake tensors are not enough (data-dependent code such as
 ``.item()``), the trace is retried with real tensors.
 
-A module that cannot be traced either way raises :class:`~prunekit.errors.UntraceableModuleError`
+A module that cannot be traced either way raises :class:`~prunekit.core.errors.UntraceableModuleError`
 naming the innermost submodule that was running when the trace failed.
 """
 
@@ -24,7 +24,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
 
-from prunekit.errors import UntraceableModuleError
+from prunekit.core.errors import UntraceableModuleError
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunekit.errors import UntraceableModuleError
+from prunekit.core.errors import UntraceableModuleError
 from prunekit.structured.atoms import AtomTable
 from prunekit.structured.plan import StructuralPlan
 from prunekit.structured.rules import shape_of

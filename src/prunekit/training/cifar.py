@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from prunekit.errors import CalibrationError, ConfigError
+from prunekit.core.errors import CalibrationError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def list_images(
 
     Classes are the sorted sub-folder names, or ``classes`` in the given order (then the folders must be
     exactly those). Images are sorted by class, then by file name. Missing folders, a split without class
-    folders, or a class folder without images raise :class:`~prunekit.errors.CalibrationError`.
+    folders, or a class folder without images raise :class:`~prunekit.core.errors.CalibrationError`.
     """
     root = Path(root).expanduser()
     base = root / split
@@ -205,7 +205,7 @@ def _decode(path: Path) -> torch.Tensor:
 def decode_images(paths: Sequence[Path], *, progress: bool = False) -> torch.Tensor:
     """Decode image files (PIL, converted to RGB) into one ``uint8`` tensor ``(N, 3, H, W)``.
 
-    All images must have the same size (a :class:`~prunekit.errors.CalibrationError` names the first that
+    All images must have the same size (a :class:`~prunekit.core.errors.CalibrationError` names the first that
     does not).
     """
     from tqdm.auto import tqdm

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.errors import ConfigError
+from prunekit.core.errors import ConfigError
 from prunekit.training.distill import kd_loss, teacher_logits
 
 SelectMode = Literal["hardest", "easiest"]

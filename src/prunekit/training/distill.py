@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.errors import ConfigError
+from prunekit.core.errors import ConfigError
 
 __all__ = ["freeze_teacher", "kd_loss", "soft_target_kl", "teacher_logits"]
 

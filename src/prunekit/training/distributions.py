@@ -12,7 +12,7 @@
 
 Masks here are ``True`` = kept. Scores are any tensors where higher is more important; ``-inf`` marks an
 entry that must go first (a weight that is already pruned). Ties keep the lower (flattened) index, as in
-:mod:`prunekit.patterns`.
+:mod:`prunekit.core.patterns`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from prunekit.errors import ConfigError
-from prunekit.patterns import NM, count_to_prune, drop_lowest_k, nm_mask
+from prunekit.core.errors import ConfigError
+from prunekit.core.patterns import NM, count_to_prune, drop_lowest_k, nm_mask
 
 if TYPE_CHECKING:
     from prunekit.training.sparse_config import SparsifierConfig

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.errors import ConfigError
+from prunekit.core.errors import ConfigError
 from prunekit.training import ddp
 from prunekit.training.cifar import CIFAR10_MEAN, CIFAR10_STD, normalize, random_crop, random_hflip
 from prunekit.training.distill import kd_loss, teacher_logits

@@ -23,8 +23,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from prunekit.errors import ConfigError
-from prunekit.masks import Mask
+from prunekit.core.errors import ConfigError
+from prunekit.core.masks import Mask
 from prunekit.training.distributions import common_device, top_k_mask
 from prunekit.training.selection import select_parameters
 

@@ -44,8 +44,8 @@ from typing import Literal
 
 import torch
 
-from prunekit.errors import ConfigError
-from prunekit.patterns import drop_lowest_k
+from prunekit.core.errors import ConfigError
+from prunekit.core.patterns import drop_lowest_k
 
 SapScope = Literal["row", "layer", "global"]
 

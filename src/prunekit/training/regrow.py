@@ -9,7 +9,7 @@ Regrown weights start at zero, so regrowth costs no extra forward pass and leave
 density of every layer stays the same. ``r_t`` decays with cosine annealing (:func:`cosine_regrow_fraction`,
 RigL eq. 1, ``f_decay(t) = α/2 (1 + cos(tπ / T_end))``).
 
-Ties keep the lower flattened index (see :mod:`prunekit.patterns`).
+Ties keep the lower flattened index (see :mod:`prunekit.core.patterns`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import math
 
 import torch
 
-from prunekit.errors import ConfigError
-from prunekit.patterns import drop_lowest_k
+from prunekit.core.errors import ConfigError
+from prunekit.core.patterns import drop_lowest_k
 
 
 def cosine_regrow_fraction(step: int, initial_fraction: float, end_step: int, min_fraction: float = 0.0) -> float:

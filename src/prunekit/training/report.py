@@ -9,7 +9,7 @@ A report is a plain dict::
 
 where an entry (:func:`history_entry`) holds ``accuracy``, ``sparsity``, ``steps``, ``seconds``, ``history`` (the
 :class:`~prunekit.training.loop.StepRecord`\\ s as dicts) and any extra fields. Every file is written to a temporary
-sibling and renamed over the target (:func:`atomic_write`), so a reader never sees a half-written file and a
+sibling and renamed over the target (:func:`write_file_atomically`), so a reader never sees a half-written file and a
 failure leaves the previous version in place. matplotlib is imported only to draw, through its object-oriented
 API (no pyplot, no global backend switch).
 """
@@ -18,38 +18,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from prunekit.io.atomic import write_file_atomically
 from prunekit.training.loop import TrainHistory
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["atomic_write", "history_entry", "plot_histories", "render_markdown", "write_training_report"]
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it to ``path`` (``os.replace``:
-    atomic on POSIX). The file gets the mode of the one it replaces (``0o644`` for a new one). On failure the
-    temporary file is removed and ``path`` is left as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = path.stat().st_mode & 0o777 if path.is_file() else 0o644  # mkstemp's 0o600 is for secrets
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        tmp.chmod(mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+__all__ = ["history_entry", "plot_histories", "render_markdown", "write_training_report"]
 
 
 def history_entry(history: TrainHistory, **extra: Any) -> dict[str, Any]:
@@ -128,7 +107,7 @@ def plot_histories(report: Mapping[str, Any], path: str | Path) -> bool:
     axes[0].set_title(report.get("title", "training"))
     if any(ax.get_legend_handles_labels()[0] for ax in axes):
         axes[0].legend(fontsize=8, ncol=2)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    write_file_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     return True
 
 
@@ -146,7 +125,7 @@ def write_training_report(
         written.append(Path(plot_path))
     if markdown_path is not None:
         text = render_markdown(report)
-        written.append(atomic_write(markdown_path, lambda tmp: tmp.write_text(text)))
+        written.append(write_file_atomically(markdown_path, lambda tmp: tmp.write_text(text)))
     payload = json.dumps(report, indent=1, allow_nan=False)
-    written.append(atomic_write(json_path, lambda tmp: tmp.write_text(payload)))
+    written.append(write_file_atomically(json_path, lambda tmp: tmp.write_text(payload)))
     return written

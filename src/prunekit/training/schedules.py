@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prunekit.errors import ConfigError
+from prunekit.core.errors import ConfigError
 
 
 def _check_int(name: str, value: object, least: int) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prunekit.errors import ConfigError, TargetError
+from prunekit.core.errors import ConfigError, TargetError
 from prunekit.models.targets import is_linear_map
 
 DEFAULT_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -19,8 +19,8 @@ DEFAULT_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Co
 
 
 class TargetSelectionError(TargetError, ConfigError):
-    """A name pattern or module type selects no parameter (a :class:`~prunekit.errors.TargetError`, as in
-    one-shot pruning, and a :class:`~prunekit.errors.ConfigError`)."""
+    """A name pattern or module type selects no parameter (a :class:`~prunekit.core.errors.TargetError`, as in
+    one-shot pruning, and a :class:`~prunekit.core.errors.ConfigError`)."""
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,5 +1,5 @@
 """What a :class:`~prunekit.training.sparsifier.Sparsifier` prunes, when and how: :class:`SparsifierConfig`,
-validated once at construction (every bad value is a :class:`~prunekit.errors.ConfigError` naming the fix)."""
+validated once at construction (every bad value is a :class:`~prunekit.core.errors.ConfigError` naming the fix)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Literal
 
 from torch import nn
 
-from prunekit.errors import ConfigError
-from prunekit.patterns import NM, Unstructured, parse_pattern
+from prunekit.core.errors import ConfigError
+from prunekit.core.patterns import NM, Unstructured, parse_pattern
 from prunekit.training.schedules import CubicSchedule, LinearSchedule, OneShotSchedule, Schedule
 
 Method = Literal["gmp", "granet"]

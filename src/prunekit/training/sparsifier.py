@@ -11,8 +11,8 @@ Methods (``SparsifierConfig.method``, with ``distribution`` choosing how the glo
   dense-to-sparse mode; ``init="erk"``/``"uniform"`` with ``initial_sparsity > 0`` starts from a random sparse
   network (sparse-to-sparse mode).
 
-Granularity: unstructured, N:M (:class:`prunekit.patterns.NM`, gradual ``M:M -> ... -> N:M``, the mask from
-:func:`prunekit.patterns.nm_mask` on ``|W|`` viewed as ``(out, in·k·k)``) or ``"channel"`` (whole output rows /
+Granularity: unstructured, N:M (:class:`prunekit.core.patterns.NM`, gradual ``M:M -> ... -> N:M``, the mask from
+:func:`prunekit.core.patterns.nm_mask` on ``|W|`` viewed as ``(out, in·k·k)``) or ``"channel"`` (whole output rows /
 filters by L2 norm; biases are left as they are). Call :meth:`Sparsifier.step` after every ``optimizer.step()``::
 
     sparsifier = Sparsifier(model, SparsifierConfig(schedule=CubicSchedule(final_sparsity=0.9, start_step=0,
@@ -37,9 +37,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.errors import ConfigError
-from prunekit.masks import Mask
-from prunekit.patterns import NM, check_pattern_fits
+from prunekit.core.errors import ConfigError
+from prunekit.core.masks import Mask
+from prunekit.core.patterns import NM, check_pattern_fits
 from prunekit.training import ddp
 from prunekit.training.distributions import decide_masks, layer_keep_counts, random_masks
 from prunekit.training.regrow import cosine_regrow_fraction, prune_and_regrow
@@ -162,7 +162,7 @@ class Sparsifier:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output; a resumed run then makes exactly the masks of an uninterrupted one.
 
-        Refuses (:class:`~prunekit.errors.ConfigError`) a state saved under another configuration or for other
+        Refuses (:class:`~prunekit.core.errors.ConfigError`) a state saved under another configuration or for other
         parameters.
         """
         self._check_live()

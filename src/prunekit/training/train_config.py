@@ -11,7 +11,7 @@ from typing import Literal
 
 import torch
 
-from prunekit.errors import ConfigError
+from prunekit.core.errors import ConfigError
 from prunekit.training.cifar import CIFAR10_MEAN, CIFAR10_STD
 
 LRSchedule = Literal["onecycle", "cosine", "constant"]

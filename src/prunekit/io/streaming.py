@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunekit.errors import ModelLoadError
-from prunekit.measure import current_rss_bytes
+from prunekit.core.errors import ModelLoadError
+from prunekit.core.measure import current_rss_bytes
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def build_skeleton(
 ) -> tuple[nn.Module, SafetensorsCheckpoint]:
     """The model of ``directory`` with its parameters on the meta device, and its checkpoint.
 
-    Raises :class:`~prunekit.errors.ModelLoadError` if a parameter has no tensor of the same name in the
+    Raises :class:`~prunekit.core.errors.ModelLoadError` if a parameter has no tensor of the same name in the
     checkpoint (checkpoints whose names need converting must be loaded in memory instead).
     """
     from accelerate import init_empty_weights

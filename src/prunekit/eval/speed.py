@@ -46,7 +46,8 @@ import torch
 from torch import nn
 
 from prunekit.calibration.data import model_max_context
-from prunekit.errors import ConfigError, PrunekitError
+from prunekit.core.devices import device_of, dtype_of, synchronize
+from prunekit.core.errors import ConfigError, PrunekitError
 from prunekit.models.blocks import find_decoder_blocks
 from prunekit.models.targets import find_targets, weight_matrix
 
@@ -165,26 +166,6 @@ class SpeedComparison:
         return asdict(self)
 
 
-def device_of(model: nn.Module) -> torch.device:
-    """The device of ``model``'s first parameter (CPU for a model without any)."""
-    for param in model.parameters():
-        return param.device
-    return torch.device("cpu")
-
-
-def _dtype_of(model: nn.Module) -> torch.dtype:
-    for param in model.parameters():
-        if param.is_floating_point():
-            return param.dtype
-    return torch.float32
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued CUDA work on ``device`` (nothing to wait for elsewhere), so wall-clock timings are true."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def seconds_per_call(call: Callable[[], Any], device: torch.device, calls: int = 1) -> float:
     """Wall seconds per call over ``calls`` back-to-back calls of ``call``, ``device`` synchronised before
     and after (the timing loop that the structural report and the latency table share)."""
@@ -204,7 +185,7 @@ def check_speed_args(
     warmup: int = 0,
     repeats: int = 1,
 ) -> None:
-    """Refuse settings that cannot be measured, naming the fix (:class:`~prunekit.errors.ConfigError`).
+    """Refuse settings that cannot be measured, naming the fix (:class:`~prunekit.core.errors.ConfigError`).
 
     ``model=None`` checks everything but the model's context length (for a check before loading).
     """
@@ -559,14 +540,14 @@ def measure_speed(
     ``compiled_decode`` times decoding on a static KV cache under :func:`torch.compile`.
 
     With ``semi_structured=True`` (CUDA, compute capability >= 8.0, float16/bfloat16 only, else
-    :class:`~prunekit.errors.ConfigError`), eligible 2:4 ``nn.Linear`` weights are then converted with
+    :class:`~prunekit.core.errors.ConfigError`), eligible 2:4 ``nn.Linear`` weights are then converted with
     :func:`torch.sparse.to_sparse_semi_structured`, both phases are measured again, and the dense weights are
     put back before returning. The model is run in eval mode; its previous mode is restored.
     """
     check_speed_args(model, batch_size, prompt_tokens, new_tokens, warmup, repeats)
     if new_tokens < 1:
         raise ConfigError(f"new_tokens (--new-tokens) must be >= 1 to measure decoding, got {new_tokens}")
-    device, dtype = device_of(model), _dtype_of(model)
+    device, dtype = device_of(model), dtype_of(model)
     if semi_structured:
         reason = semi_structured_unsupported(device, dtype)
         if reason:
@@ -677,7 +658,7 @@ def compare_speed(
     check_speed_args(dense_model, batch_size, prompt_tokens, new_tokens, warmup, repeats)
     check_speed_args(pruned_model, batch_size, prompt_tokens, new_tokens, warmup, repeats)
     if semi_structured:
-        reason = semi_structured_unsupported(device_of(pruned_model), _dtype_of(pruned_model))
+        reason = semi_structured_unsupported(device_of(pruned_model), dtype_of(pruned_model))
         if reason:
             raise ConfigError(reason)
     dense = measure_speed(dense_model, **common)

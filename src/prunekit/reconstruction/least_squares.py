@@ -1,4 +1,8 @@
-"""Refit the weights a mask keeps so that the pruned layer reproduces the dense layer's output.
+"""Least-squares reconstruction of pruned layers, for one-shot and structural pruning alike: the exact solve
+(:func:`least_squares_refit`, a column subset shared by all rows) and conjugate gradients
+(:func:`refit_kept_weights`, a mask per row), with one damping rule (:func:`ridge`).
+
+Per-row masks: refit the weights a mask keeps so that the pruned layer reproduces the dense layer's output.
 
 With the mask fixed, the layer-wise problem of SparseGPT (Frantar & Alistarh 2023, Eq. 1)
 
@@ -31,11 +35,18 @@ import torch
 REFIT_CHUNK_ELEMENTS = 1 << 22
 
 
+def ridge(hessian: torch.Tensor, dampening: float) -> float:
+    """The one damping rule of every least-squares refit: ``lambda = dampening x mean(diag H)`` over the
+    layer's whole input Gram ``H`` (SparseGPT, Sec. 3.3), with the ridge ``lambda ||W - W'||^2`` pulling the
+    refit toward the dense weights."""
+    return dampening * float(hessian.diagonal().mean()) if hessian.numel() else 0.0
+
+
 def damped(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
     """``H + dampening * mean(diag H) * I`` (a new tensor): SparseGPT's dampening (Section 3.3), here the
     ridge term that keeps the refit close to the dense weights along directions the data never excites."""
     out = hessian.clone()
-    out.diagonal().add_(dampening * float(hessian.diagonal().mean()))
+    out.diagonal().add_(ridge(hessian, dampening))
     return out
 
 
@@ -82,9 +93,9 @@ def refit_kept_weights(
     device = pruned.device
     work = hessian.dtype if hessian.dtype in (torch.float32, torch.float64) else torch.float32
     h = hessian.to(device=device, dtype=work)  # not copied when it is already there; never modified
-    ridge = dampening * float(h.diagonal().mean())  # H + ridge I is applied as h @ v + ridge v: no copy of H
+    lam = ridge(h, dampening)  # H + lam I is applied as h @ v + lam v: no copy of H
     live = h.diagonal() != 0
-    diagonal = h.diagonal() + ridge
+    diagonal = h.diagonal() + lam
     inverse_diag = torch.where(diagonal > 0, 1.0 / diagonal, 0.0)  # 0 for dead inputs when undamped
     keep = keep.to(device)
     out = torch.empty(pruned.shape, dtype=work, device=device)  # row-major whatever ``pruned``'s strides
@@ -95,7 +106,7 @@ def refit_kept_weights(
     for start in range(0, out.shape[0], chunk):  # rows are independent: bounded memory, same result
         rows = slice(start, start + chunk)
         _conjugate_gradient(
-            out[rows], dense[rows].to(device=device, dtype=work), keep[rows] & live, h, ridge, inverse_diag, steps
+            out[rows], dense[rows].to(device=device, dtype=work), keep[rows] & live, h, lam, inverse_diag, steps
         )
     return out.to(pruned.dtype)  # still exactly zero where pruned: every direction is zero off the free entries
 
@@ -139,3 +150,31 @@ def _conjugate_gradient(
         beta = torch.where(rz > tiny, rz_next / rz.clamp_min(tiny), 0.0)
         direction.mul_(beta).add_(preconditioned)
         rz = rz_next
+
+
+def least_squares_refit(
+    weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, damping: float = 0.01
+) -> torch.Tensor:
+    """The best weight on a subset ``S`` of a layer's inputs (every output row keeps the same ``S``: structural
+    pruning), solved exactly: the minimiser of ``||W X - W' X_S||^2 + lambda ||W_S - W'||^2``,
+
+        W' (G_SS + lambda I) = W G[:, S] + lambda W[:, S],      lambda = damping x mean(diag G),
+
+    for ``weight`` ``W`` ``(out, in)``, input Gram ``gram`` ``G = X X^T`` ``(in, in)`` and kept inputs ``keep``
+    (a boolean mask or indices). The ridge pulls toward the dense weights, as :func:`refit_kept_weights` and
+    SparseGPT's dampening do (Frantar & Alistarh 2023, Sec. 3.3): where the kept inputs are uncorrelated with
+    the removed ones, slicing is optimal and the result is exactly ``W[:, S]`` whatever ``lambda``; removed
+    inputs correlated with kept ones are folded into them. Inputs that never fire keep their sliced weight.
+    Computed in float64, returned in ``weight``'s dtype, shape ``(out, |S|)``."""
+    if keep.dtype == torch.bool:
+        keep = keep.nonzero().flatten()
+    w = weight.detach().double()
+    g = gram.detach().double().to(w.device)
+    sliced = w[:, keep]
+    g_ss = g[keep][:, keep]
+    dead = g_ss.diagonal() == 0  # inputs that never fire: any weight fits them; keep the sliced one
+    lam = max(ridge(g, damping), 1e-12)
+    rhs = w @ g[:, keep] + lam * sliced  # (out, |S|)
+    refit = torch.linalg.solve(g_ss + lam * torch.eye(len(keep), dtype=g.dtype, device=g.device), rhs.T).T
+    refit[:, dead] = sliced[:, dead]
+    return refit.to(weight.dtype)

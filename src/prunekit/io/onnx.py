@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunekit.errors import OutputError
+from prunekit.core.errors import OutputError
 
 
 def export_onnx(

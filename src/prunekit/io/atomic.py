@@ -1,10 +1,4 @@
-"""Writing outputs safely: check the destination first, write into a temporary sibling, then rename.
-
-The result is an ordinary ``save_pretrained`` directory (with the tokenizer) that plain
-``transformers.AutoModelForCausalLM.from_pretrained`` loads; prunekit is not needed to use it. With
-``save_format`` other than ``dense`` the sparse layers are stored compressed (see :mod:`prunekit.checkpoints`);
-:func:`prunekit.models.loading.load_model` reads those back.
-"""
+"""Atomic output: check the destination first, write into a temporary sibling, then rename."""
 
 from __future__ import annotations
 
@@ -13,12 +7,8 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from torch import nn
-
-from prunekit.checkpoints import DENSE, plan_compression, save_compressed
-from prunekit.errors import OutputError
+from prunekit.core.errors import OutputError
 
 
 def check_output_dir(path: str | Path, overwrite: bool = False) -> Path:
@@ -60,31 +50,21 @@ def write_atomically(path: str | Path, write: Callable[[Path], None], overwrite:
     return out
 
 
-def save_pretrained(
-    model: nn.Module,
-    tokenizer: Any,
-    path: str | Path,
-    overwrite: bool = False,
-    extra: Callable[[Path], None] | None = None,
-    save_format: str = DENSE,
-) -> Path:
-    """Save a model (safetensors) and its tokenizer atomically; ``extra(dir)`` may add files (a report).
-
-    ``save_format``: ``dense`` (plain), ``compressed`` (the best sparse format for the weights),
-    ``sparse-bitmask`` or ``sparse-24`` / ``sparse-24-bitmask``; see :func:`prunekit.checkpoints.plan_compression`.
-    The format is chosen (and a mismatch refused) before anything is written.
-    """
-    check_output_dir(path, overwrite)
-    plan = plan_compression(model, save_format)
-
-    def write(tmp: Path) -> None:
-        if plan.format == DENSE:
-            model.save_pretrained(tmp, safe_serialization=True)
-        else:
-            save_compressed(model, tmp, plan)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if extra is not None:
-            extra(tmp)
-
-    return write_atomically(path, write, overwrite)
+def write_file_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it to ``path`` (``os.replace``:
+    atomic on POSIX). The file gets the mode of the one it replaces (``0o644`` for a new one). On failure the
+    temporary file is removed and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o777 if path.is_file() else 0o644  # mkstemp's 0o600 is for secrets
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        tmp.chmod(mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

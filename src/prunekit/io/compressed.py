@@ -19,7 +19,7 @@ last release with them being 0.14 (the version written into the config); later r
 transformers' compressed-tensors loader no longer (de)compress sparse formats: plain
 ``AutoModelForCausalLM.from_pretrained`` reports these weights as missing and leaves them randomly
 initialised. So prunekit writes and reads the formats itself (:func:`save_compressed`,
-:func:`load_decompressed_state_dict`; :func:`prunekit.models.loading.load_model` decompresses) and needs
+:func:`load_decompressed_state_dict`; :func:`prunekit.io.loading.load_model` decompresses) and needs
 no compressed-tensors at run time.
 
 The round trip is exact except for the sign of zero: zeros are not stored, and come back as ``+0.0``. A
@@ -42,9 +42,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunekit.errors import ConfigError, ModelLoadError
+from prunekit.core.errors import ConfigError, ModelLoadError
+from prunekit.core.patterns import NM, Pattern
 from prunekit.models.targets import is_linear_map
-from prunekit.patterns import NM, Pattern
 
 log = logging.getLogger(__name__)
 
@@ -361,7 +361,7 @@ def sparsity_config(plan: CompressionPlan) -> dict[str, object]:
 
 def save_compressed(model: nn.Module, directory: Path, plan: CompressionPlan) -> None:
     """``model.save_pretrained`` into ``directory`` (an empty temporary dir: see
-    :func:`prunekit.export.save_pretrained`) with the planned weights compressed, and the format recorded
+    :func:`prunekit.io.saving.save_pretrained`) with the planned weights compressed, and the format recorded
     in ``config.json``."""
     state = compressed_state_dict(model, plan)
     model.save_pretrained(directory, state_dict=state, safe_serialization=True)

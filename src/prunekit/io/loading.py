@@ -21,12 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunekit.errors import ModelLoadError
+from prunekit.core.devices import resolve_device, resolve_dtype
+from prunekit.core.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
 BUNDLED_NAMES = ("smollm2", "default")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 
 @dataclass
@@ -36,26 +37,6 @@ class LoadedModel:
     model: nn.Module
     tokenizer: Any
     source: str
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else as given, validated."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {device!r} asked for but CUDA is not available: use --device cpu or auto")
-    return dev
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
-    """``"auto"`` keeps the checkpoint's dtype; names map to torch dtypes."""
-    if isinstance(dtype, torch.dtype) or dtype == "auto":
-        return dtype
-    try:
-        return _DTYPES[dtype]
-    except KeyError:
-        raise ModelLoadError(f"unknown dtype {dtype!r}: use auto, {', '.join(_DTYPES)}") from None
 
 
 def bundled_gguf_path() -> Path:
@@ -188,18 +169,18 @@ def _load_hf(name: str, torch_dtype: torch.dtype | str, trust_remote_code: bool)
 
 
 def _is_structurally_pruned(path: Path) -> bool:
-    from prunekit.structured.saving import STRUCTURE_FILE
+    from prunekit.io.pruned import STRUCTURE_FILE
 
     return (path / STRUCTURE_FILE).is_file()
 
 
 def _load_structurally_pruned(path: Path, torch_dtype: torch.dtype | str, trust_remote_code: bool) -> LoadedModel:
     """A model written by :func:`prunekit.save_pruned` (layers of different widths, dropped attention...):
-    transformers builds it from the saved config, then :func:`~prunekit.structured.saving.load_pruned` gives it
+    transformers builds it from the saved config, then :func:`~prunekit.io.pruned.load_pruned` gives it
     the saved structure and weights."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from prunekit.structured.saving import load_pruned
+    from prunekit.io.pruned import load_pruned
 
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -214,19 +195,19 @@ def _load_structurally_pruned(path: Path, torch_dtype: torch.dtype | str, trust_
 
 
 def _is_sparse_compressed(path: Path) -> bool:
-    from prunekit.checkpoints import DENSE, checkpoint_format
+    from prunekit.io.compressed import DENSE, checkpoint_format
 
     return checkpoint_format(path) != DENSE
 
 
 def _load_sparse_compressed(path: Path, torch_dtype: torch.dtype | str, trust_remote_code: bool) -> LoadedModel:
-    """Decompress a ``sparse-bitmask`` / ``sparse-24-bitmask`` checkpoint (:mod:`prunekit.checkpoints`) into the
+    """Decompress a ``sparse-bitmask`` / ``sparse-24-bitmask`` checkpoint (:mod:`prunekit.io.compressed`) into the
     dense state dict, then build the model from it with the ``quantization_config`` entry dropped."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    from prunekit.checkpoints import load_decompressed_state_dict
+    from prunekit.io.compressed import load_decompressed_state_dict
 
     state, fmt = load_decompressed_state_dict(path)
     try:

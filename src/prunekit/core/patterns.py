@@ -25,7 +25,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from prunekit.errors import ConfigError
+from prunekit.core.errors import ConfigError
 
 Scope = Literal["row", "layer"]
 

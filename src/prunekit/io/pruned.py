@@ -28,9 +28,9 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from prunekit.errors import ModelLoadError
-from prunekit.export import write_atomically
-from prunekit.structured.attention_drop import DroppedAttention, refuse_save_pretrained
+from prunekit.core.errors import ModelLoadError
+from prunekit.io.atomic import write_atomically
+from prunekit.models.dropped_attention import DroppedAttention, refuse_save_pretrained
 
 STRUCTURE_FILE = "prunekit_structure.json"
 WEIGHTS_FILE = "model.safetensors"
