@@ -14,7 +14,7 @@ timed models' layout, thread count and batch-norm folding.
 
 CPU latency at batch 1 and 32, threads fixed, dense and pruned in the same process, both in ``--memory-format``
 (channels_last by default: PyTorch's fast CPU layout for convolutions), with batch norms folded into their
-convolutions under ``--fold-bn`` (:func:`prunekit.structured.deploy.fold_batch_norms`, as any deployment
+convolutions under ``--fold-bn`` (:func:`prunekit.structured.graph.fold_bn.fold_batch_norms`, as any deployment
 runtime does), and compiled under ``--compile`` (``torch.compile`` with inductor's freezing on, which folds the
 weights into constants and pre-packs them for oneDNN: PyTorch's recommended CPU inference path); whatever is
 chosen applies to the dense model and the pruned one, for every tool alike. ``--runtime onnxruntime`` times
@@ -167,7 +167,7 @@ def child(
     if runtime == "onnxruntime":
         return {**sizes, **_onnxruntime_rows(model, pruned, batches, threads, min_time, dense_macs / pruned_macs)}
     if fold_bn:  # the same inference preparation for both models (and both tools)
-        from prunekit.structured.deploy import fold_batch_norms
+        from prunekit.structured.graph.fold_bn import fold_batch_norms
 
         model, pruned = fold_batch_norms(model), fold_batch_norms(pruned)
     layout = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format

@@ -133,7 +133,7 @@ def load_data(args: argparse.Namespace) -> tuple[tuple[torch.Tensor, torch.Tenso
 
 def new_resnet20(seed: int) -> nn.Module:
     """ResNet-20 (He et al. 2016, option-B shortcuts as in open_lth) initialised under ``seed``."""
-    from prunekit.training.cifar_models import resnet20
+    from prunekit.training.cifar.models import resnet20
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -413,7 +413,7 @@ class Bench:
         )
 
     def scratch(self) -> dict[str, Any]:
-        from prunekit.training.cifar_models import init_weights
+        from prunekit.training.cifar.models import init_weights
         from prunekit.training.lottery import scratch_init
         from prunekit.training.report import history_entry
 

@@ -19,9 +19,9 @@ import torch
 
 from block_inputs import SHARED_INPUT, dense_block_inputs
 from prunekit.calibration.statistics import accumulate_gram, complete_gram
-from prunekit.config import PruneConfig
+from prunekit.methods.sparsegpt.solver import inverse_hessian, sparsegpt_prune
+from prunekit.oneshot.config import PruneConfig
 from prunekit.reconstruction.least_squares import damped, reconstruction_error, refit_kept_weights
-from prunekit.solvers import inverse_hessian, sparsegpt_prune
 
 STEPS = (1, 2, 4, 8, 32)
 

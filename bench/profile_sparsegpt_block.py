@@ -19,8 +19,8 @@ import torch
 
 from block_inputs import SHARED_INPUT, dense_block_inputs
 from prunekit.calibration.statistics import accumulate_gram, complete_gram
-from prunekit.config import PruneConfig
-from prunekit.solvers.sparsegpt import inverse_hessian, sparsegpt_prune
+from prunekit.methods.sparsegpt.solver import inverse_hessian, sparsegpt_prune
+from prunekit.oneshot.config import PruneConfig
 
 
 def best_of(repeats: int, work: Callable[[], object]) -> float:

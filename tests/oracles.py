@@ -51,3 +51,13 @@ def true_sequential_oracle(model, calibration, prune):
             outs = [block(x, *args, **kwargs) for x, (args, kwargs) in zip(hidden, rest, strict=True)]
         hidden = [o if isinstance(o, torch.Tensor) else o[0] for o in outs]
     return model
+
+
+def keep_mask_by_sort(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Reference implementation of :func:`drop_lowest_k` by stable sort (used in tests)."""
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if k <= 0:
+        return keep
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    keep.scatter_(-1, order[..., scores.shape[-1] - k :], False)
+    return keep

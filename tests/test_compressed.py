@@ -31,19 +31,21 @@ from prunekit.io.compressed import (
     BITMASK,
     DENSE,
     SPARSE_24,
-    bitmask_compress,
-    bitmask_decompress,
     check_save_format,
     checkpoint_format,
     checkpoint_size_bytes,
-    pack_bits,
     pattern_fits_24,
     plan_compression,
+)
+from prunekit.io.saving import save_pretrained
+from prunekit.io.sparse_encoding import (
+    bitmask_compress,
+    bitmask_decompress,
+    pack_bits,
     sparse24_compress,
     sparse24_decompress,
     unpack_bits,
 )
-from prunekit.io.saving import save_pretrained
 
 PATTERNS = {"unstructured": {"sparsity": 0.5}, "2:4": {"pattern": "2:4"}}
 

@@ -9,9 +9,9 @@ from models import FAMILIES, tiny_model
 from oracles import first_block_inputs, true_sequential_oracle
 from prunekit.calibration.lockstep import LockstepRunner
 from prunekit.core.patterns import unstructured_mask
+from prunekit.methods.wanda.scores import wanda_scores
 from prunekit.models.blocks import find_decoder_blocks
 from prunekit.models.targets import find_targets, weight_matrix
-from prunekit.scoring import wanda_scores
 
 
 @pytest.mark.parametrize("family", FAMILIES)

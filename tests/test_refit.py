@@ -10,9 +10,9 @@ from models import tiny_model
 from prunekit.calibration.statistics import accumulate_gram
 from prunekit.core.errors import ConfigError
 from prunekit.core.patterns import NM, Unstructured, nm_mask, unstructured_mask
+from prunekit.methods.sparsegpt.solver import sparsegpt_prune
 from prunekit.reconstruction import least_squares as refit_module
 from prunekit.reconstruction.least_squares import damped, reconstruction_error, refit_kept_weights
-from prunekit.solvers import sparsegpt_prune
 
 
 def test_one_free_weight_by_hand():

@@ -12,10 +12,10 @@ from prunekit.calibration import statistics
 from prunekit.calibration.statistics import accumulate_gram, complete_gram
 from prunekit.core.errors import ConfigError, NumericalError
 from prunekit.core.patterns import NM, Unstructured, nm_mask, unstructured_mask
+from prunekit.methods.sparsegpt.solver import inverse_hessian_factor, sparsegpt_prune
 from prunekit.models.blocks import find_decoder_blocks
 from prunekit.models.targets import find_targets, weight_matrix
 from prunekit.reconstruction.least_squares import refit_kept_weights
-from prunekit.solvers import inverse_hessian_factor, sparsegpt_prune
 
 
 def test_two_by_two_by_hand():
@@ -210,7 +210,7 @@ def test_inverse_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
 
 @pytest.mark.parametrize("n", [1, 2, 5, 6, 9])
 def test_reverse_in_place_is_a_flip_of_both_dimensions(n):
-    from prunekit.solvers.sparsegpt import reverse_in_place
+    from prunekit.methods.sparsegpt.solver import reverse_in_place
 
     matrix = torch.arange(n * n, dtype=torch.float32).reshape(n, n)
     expected = matrix.flip(0, 1)
@@ -220,7 +220,7 @@ def test_reverse_in_place_is_a_flip_of_both_dimensions(n):
 
 @pytest.mark.parametrize("n", [1, 5, 8, 9, 23])
 def test_triangular_inverse_in_place_matches_a_solve(n):
-    from prunekit.solvers.sparsegpt import invert_lower_triangular_in_place
+    from prunekit.methods.sparsegpt.solver import invert_lower_triangular_in_place
 
     generator = torch.Generator().manual_seed(n)
     lower = torch.randn(n, n, generator=generator, dtype=torch.float64).tril()

@@ -83,7 +83,7 @@ def test_greedy_decode_is_generate_with_exactly_g_new_tokens(family: str) -> Non
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "opt"])
 def test_static_cache_decode_gives_the_tokens_of_the_eager_decode(family: str) -> None:
-    from prunekit.eval.speed import _decode_run_static, _static_step
+    from prunekit.eval.speed.decode import _decode_run_static, _static_step
 
     model = tiny_model(family)
     prompt = random_prompt(model, 2, 9, seed=3)

@@ -9,9 +9,7 @@ The public API::
     prunekit.perplexity(result.model, loaded.tokenizer, "test.txt")
 """
 
-from prunekit.api import run_recipe
 from prunekit.calibration.data import calibration_windows
-from prunekit.config import CalibrationConfig, EvalConfig, ModelConfig, OutputConfig, PruneConfig, Recipe
 from prunekit.core.errors import (
     CalibrationError,
     ConfigError,
@@ -27,6 +25,8 @@ from prunekit.eval.perplexity import PerplexityResult, perplexity
 from prunekit.io.loading import LoadedModel, load_model
 from prunekit.io.onnx import export_onnx
 from prunekit.oneshot import LayerResult, PruneResult, prune
+from prunekit.oneshot.config import CalibrationConfig, EvalConfig, ModelConfig, OutputConfig, PruneConfig, Recipe
+from prunekit.oneshot.job import run_recipe
 from prunekit.structured import StructuralResult, load_pruned, prune_structurally, save_pruned
 
 __all__ = [

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import torch
@@ -22,32 +22,14 @@ from tqdm.auto import tqdm
 
 from prunekit.calibration.capture import BlockCall, CapturedInputs, capture_block_inputs, hidden_from_output
 from prunekit.calibration.lockstep import LockstepRunner
-from prunekit.calibration.statistics import accumulate_gram, complete_gram
+from prunekit.calibration.statistics import LayerStatistics, accumulate_gram, complete_gram
 from prunekit.core.errors import NonFiniteError
 from prunekit.models.targets import Target
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class LayerInputs:
-    """What the engine gathered about one layer's input over all calibration batches.
-
-    ``sq_norms`` is ``sum_tokens x_j^2`` per input feature (float32); ``sample`` holds a few input rows,
-    evenly spaced over the batches, for measuring reconstruction error; ``gram`` is ``X^T X`` summed over
-    the tokens (only when the engine was asked for it: SparseGPT's Hessian); ``None`` values mean no
-    batch reached the layer. Layers fed the very same input (q/k/v) get the same object, and methods may
-    keep what they derive from it in ``cache`` (SparseGPT's inverse Hessian).
-    """
-
-    sq_norms: torch.Tensor | None
-    n_tokens: int
-    sample: torch.Tensor | None
-    gram: torch.Tensor | None = None
-    cache: dict[str, Any] = field(default_factory=dict)
-
-
-PruneLayer = Callable[[Target, LayerInputs], None]
+PruneLayer = Callable[[Target, LayerStatistics], None]
 
 
 class BlockStream(Protocol):
@@ -107,10 +89,10 @@ def module_device(module: nn.Module) -> torch.device:
 
 def _collector(
     sample_rows_per_batch: int, gram_dtype: torch.dtype | None
-) -> Callable[[nn.Module, tuple[Any, ...], LayerInputs | None], LayerInputs]:
-    """Fold one batch's input of a layer into its running :class:`LayerInputs`."""
+) -> Callable[[nn.Module, tuple[Any, ...], LayerStatistics | None], LayerStatistics]:
+    """Fold one batch's input of a layer into its running :class:`LayerStatistics`."""
 
-    def collect(module: nn.Module, args: tuple[Any, ...], pooled: LayerInputs | None) -> LayerInputs:
+    def collect(module: nn.Module, args: tuple[Any, ...], pooled: LayerStatistics | None) -> LayerStatistics:
         x = args[0].detach()
         flat = x.reshape(-1, x.shape[-1])
         sq = None if gram_dtype is not None else flat.float().pow(2).sum(dim=0)  # else: diag of the Gram
@@ -120,7 +102,7 @@ def _collector(
             sample = flat[rows.round().long().to(flat.device)].clone()
         if pooled is None:
             gram = accumulate_gram(None, flat, gram_dtype) if gram_dtype is not None else None
-            return LayerInputs(sq, flat.shape[0], sample, gram)
+            return LayerStatistics(sq, flat.shape[0], sample, gram)
         if sq is not None:
             assert pooled.sq_norms is not None
             pooled.sq_norms += sq
@@ -154,7 +136,7 @@ def run_sequential(
     """Prune ``targets`` block by block.
 
     ``prune_layer(target, inputs)`` is called exactly once per target, after all batches' inputs to that
-    layer are known. Targets that no batch reached get ``LayerInputs(None, 0, None)`` after their block.
+    layer are known. Targets that no batch reached get ``LayerStatistics(None, 0, None)`` after their block.
     With ``gram_dtype`` the inputs' Gram matrix ``X^T X`` is accumulated too, in that dtype. With a
     ``stream``, each block's weights are loaded just before it runs and handed back once it is pruned.
 
@@ -206,7 +188,7 @@ def run_sequential(
         by_module = {id(t.module): t for t in layer_targets}
 
         def finalize(
-            module: nn.Module, pooled: LayerInputs, batches: list[int], by_module: dict[int, Target] = by_module
+            module: nn.Module, pooled: LayerStatistics, batches: list[int], by_module: dict[int, Target] = by_module
         ) -> None:
             target = by_module[id(module)]
             if pooled.gram is not None and "gram_complete" not in pooled.cache:
@@ -261,7 +243,7 @@ def run_sequential(
         reached = {id(m) for m in runner.finalized}
         for target in layer_targets:
             if id(target.module) not in reached:
-                prune_layer(target, LayerInputs(None, 0, None))
+                prune_layer(target, LayerStatistics(None, 0, None))
         block.to(block_home)
         if stream is not None:
             stream.finish_block(index, block)

@@ -5,6 +5,9 @@ its upper triangle, and evenly spaced sample rows (for measuring reconstruction 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 
 #: Width of the bands in which :func:`accumulate_gram` computes the upper triangle of ``X^T X``. 128 was
@@ -63,3 +66,25 @@ def sample_rows(flat: torch.Tensor, count: int) -> torch.Tensor:
     when there are fewer), copied."""
     rows = torch.linspace(0, flat.shape[0] - 1, min(count, flat.shape[0]))
     return flat[rows.round().long().to(flat.device)].clone()
+
+
+@dataclass
+class LayerStatistics:
+    """What the calibration engine gathered about one layer's input over all calibration batches.
+
+    ``sq_norms`` is ``sum_tokens x_j^2`` per input feature (float32); ``gram`` is ``X^T X`` summed over the
+    tokens (when a method or the refit asked for it); ``sample`` holds a few input rows for measuring the
+    reconstruction error. Layers fed the very same input (q/k/v) get the same object, and methods may keep
+    what they derive from it in ``cache`` under their own name (SparseGPT's inverse Hessian).
+    """
+
+    sq_norms: torch.Tensor | None
+    n_tokens: int
+    sample: torch.Tensor | None
+    gram: torch.Tensor | None = None
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def reached(self) -> bool:
+        """Whether any calibration token reached the layer."""
+        return self.n_tokens > 0

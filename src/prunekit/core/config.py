@@ -28,6 +28,15 @@ class StrictConfig(BaseModel):
             error.problems = tuple(_problems(exc))  # read back when this section is nested in another
             raise error from None
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Validated assignment; an invalid value raises :class:`ConfigError` and leaves the config as it was."""
+        before = self.__dict__.get(name)
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as exc:
+            self.__dict__[name] = before  # whole-model validators run after the field was set
+            raise ConfigError(format_validation_error(exc)) from None
+
     @classmethod
     def from_dict(cls: type[C], data: dict[str, Any]) -> C:
         """Validate a plain dict, turning pydantic's error into a :class:`ConfigError` that names the key."""
@@ -39,20 +48,25 @@ class StrictConfig(BaseModel):
     @classmethod
     def from_yaml(cls: type[C], path: str | Path) -> C:
         """Load a YAML recipe file (a mapping of this configuration's keys)."""
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"recipe file {str(file)!r} not found")
-        try:
-            data = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"recipe {str(file)!r} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"recipe {str(file)!r} must be a mapping of sections or keys")
-        return cls.from_dict(data)
+        return cls.from_dict(read_yaml_mapping(path))
 
     def to_yaml(self) -> str:
         """The configuration as YAML, every key spelled out (what ``--print-recipe`` prints)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML recipe file holds, unvalidated (flags are laid over it before validation)."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"recipe file {str(file)!r} not found")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe {str(file)!r} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {str(file)!r} must be a mapping of sections or keys")
+    return data
 
 
 _PREFIX = "invalid configuration: "

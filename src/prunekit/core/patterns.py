@@ -150,16 +150,6 @@ def drop_lowest_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return drop.logical_not_()
 
 
-def keep_mask_by_sort(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Reference implementation of :func:`drop_lowest_k` by stable sort (used in tests)."""
-    keep = torch.ones_like(scores, dtype=torch.bool)
-    if k <= 0:
-        return keep
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    keep.scatter_(-1, order[..., scores.shape[-1] - k :], False)
-    return keep
-
-
 def unstructured_mask(scores: torch.Tensor, sparsity: float, scope: Scope = "row") -> torch.Tensor:
     """Keep-mask removing the lowest-scored ``floor(sparsity * n)`` weights per row or per matrix."""
     _check_scores(scores)

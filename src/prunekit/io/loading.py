@@ -23,6 +23,8 @@ from torch import nn
 
 from prunekit.core.devices import resolve_device, resolve_dtype
 from prunekit.core.errors import ModelLoadError
+from prunekit.io.compressed import DENSE, checkpoint_format, load_decompressed_state_dict
+from prunekit.io.pruned import STRUCTURE_FILE, load_pruned
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +171,6 @@ def _load_hf(name: str, torch_dtype: torch.dtype | str, trust_remote_code: bool)
 
 
 def _is_structurally_pruned(path: Path) -> bool:
-    from prunekit.io.pruned import STRUCTURE_FILE
-
     return (path / STRUCTURE_FILE).is_file()
 
 
@@ -179,8 +179,6 @@ def _load_structurally_pruned(path: Path, torch_dtype: torch.dtype | str, trust_
     transformers builds it from the saved config, then :func:`~prunekit.io.pruned.load_pruned` gives it
     the saved structure and weights."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from prunekit.io.pruned import load_pruned
 
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -195,8 +193,6 @@ def _load_structurally_pruned(path: Path, torch_dtype: torch.dtype | str, trust_
 
 
 def _is_sparse_compressed(path: Path) -> bool:
-    from prunekit.io.compressed import DENSE, checkpoint_format
-
     return checkpoint_format(path) != DENSE
 
 
@@ -206,8 +202,6 @@ def _load_sparse_compressed(path: Path, torch_dtype: torch.dtype | str, trust_re
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    from prunekit.io.compressed import load_decompressed_state_dict
 
     state, fmt = load_decompressed_state_dict(path)
     try:

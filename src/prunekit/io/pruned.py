@@ -8,7 +8,7 @@ checkpoint holds 32. Saving therefore writes two files:
   module (``in_features``, ``out_channels``, ``groups``, ``num_heads``... any public attribute that is an
   integer or a tuple of integers, which is where module code keeps its sizes), the modules that are
   ``nn.Identity`` (blocks removed by depth pruning, :mod:`~prunekit.structured.depth`) and those that are a
-  :class:`~prunekit.structured.attention_drop.DroppedAttention` (attention drop);
+  :class:`~prunekit.models.dropped_attention.DroppedAttention` (attention drop);
 - ``config.json`` for a transformers model (its ``config.save_pretrained``), so that
   :func:`prunekit.load_model` can rebuild it from the directory alone.
 

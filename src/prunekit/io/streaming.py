@@ -18,6 +18,8 @@ import ctypes
 import ctypes.util
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -217,16 +219,30 @@ def _libc() -> Any:
     return ctypes.CDLL(name) if name else None
 
 
-def map_large_allocations(threshold_bytes: int = 1 << 20) -> bool:
-    """Make glibc serve every allocation above ``threshold_bytes`` with its own memory mapping, returned
-    to the system when freed. By default glibc raises that threshold to the largest block freed so far
-    (up to 32 MiB), after which activations of a few MiB come from the heap and its high-water mark
-    stays resident: streaming a 1B model block by block then peaks about 0.4 GB higher. Process-wide;
-    returns False where it does not apply (not glibc)."""
-    libc = _libc()
+#: glibc's initial ``M_MMAP_THRESHOLD`` (128 KiB), what :func:`large_allocations_mapped` restores.
+GLIBC_DEFAULT_MMAP_THRESHOLD = 128 * 1024
+
+
+@contextmanager
+def large_allocations_mapped(threshold_bytes: int = 1 << 20, *, enabled: bool = True) -> Iterator[bool]:
+    """While the ``with`` block runs, make glibc serve every allocation above ``threshold_bytes`` with its
+    own memory mapping, returned to the system when freed. By default glibc raises that threshold to the
+    largest block freed so far (up to 32 MiB), after which activations of a few MiB come from the heap and
+    its high-water mark stays resident: streaming a 1B model block by block then peaks about 0.4 GB higher.
+
+    The setting is process-wide, so it is undone on exit: the threshold goes back to glibc's initial 128 KiB
+    (glibc cannot report the dynamic value it had, and setting any value fixes it from then on). Yields
+    False, and changes nothing, where it does not apply (not glibc) or ``enabled`` is False."""
+    libc = _libc() if enabled else None
     if libc is None or not hasattr(libc, "mallopt"):
-        return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold_bytes))
+        yield False
+        return
+    changed = bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold_bytes))
+    try:
+        yield changed
+    finally:
+        if changed:
+            libc.mallopt(_M_MMAP_THRESHOLD, GLIBC_DEFAULT_MMAP_THRESHOLD)
 
 
 def return_freed_memory() -> None:

@@ -1,7 +1,7 @@
-"""Model loading, decoder-block discovery and prunable-target adapters."""
+"""Finding what to prune in a model: the decoder block stack, the target weight matrices, and the module that
+stands in for a dropped attention. (Loading models from disk is :mod:`prunekit.io.loading`.)"""
 
-from prunekit.io.loading import LoadedModel, load_model
 from prunekit.models.blocks import find_decoder_blocks
 from prunekit.models.targets import Target, find_targets, weight_matrix
 
-__all__ = ["LoadedModel", "Target", "find_decoder_blocks", "find_targets", "load_model", "weight_matrix"]
+__all__ = ["Target", "find_decoder_blocks", "find_targets", "weight_matrix"]

@@ -1,6 +1,6 @@
 """The module that stands in for a removed attention sublayer, and the guard that keeps a model holding one
 from being saved in a form plain transformers would load wrongly (He et al. 2024, attention drop:
-:mod:`prunekit.structured.attention_drop`)."""
+:mod:`prunekit.structured.llm.attention_drop`)."""
 
 from __future__ import annotations
 

@@ -34,6 +34,9 @@ import torch
 #: elements (16 MiB in float32): the matrix products stay large, and memory stays flat on wide layers.
 REFIT_CHUNK_ELEMENTS = 1 << 22
 
+#: The ridge fraction of every refit whose method sets none (SparseGPT's default, Sec. 3.3).
+DEFAULT_DAMPENING = 0.01
+
 
 def ridge(hessian: torch.Tensor, dampening: float) -> float:
     """The one damping rule of every least-squares refit: ``lambda = dampening x mean(diag H)`` over the
@@ -63,7 +66,7 @@ def refit_kept_weights(
     hessian: torch.Tensor,
     steps: int,
     *,
-    dampening: float = 0.01,
+    dampening: float = DEFAULT_DAMPENING,
 ) -> torch.Tensor:
     """Refit the kept weights of a ``(out, in)`` layer by ``steps`` Jacobi-preconditioned conjugate-gradient
     steps on each row's least-squares problem (module docstring), starting from ``pruned``.

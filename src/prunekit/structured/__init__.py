@@ -12,14 +12,14 @@ or step by step::
 """
 
 from prunekit.io.pruned import load_pruned, save_pruned
-from prunekit.structured.deploy import fold_batch_norms
 from prunekit.structured.graph import DependencyGraph, Space, build_dependency_graph
+from prunekit.structured.graph.fold_bn import fold_batch_norms
+from prunekit.structured.graph.surgery import apply_plan
 from prunekit.structured.importance import unit_importance
 from prunekit.structured.knapsack import plan_latency_aware
 from prunekit.structured.latency import BATCH_NORM_OPS, LatencyTable, planned_latency
-from prunekit.structured.plan import StructuralPlan, kept_count, plan_pruning, plan_removing
+from prunekit.structured.plan import StructuralPlan, plan_pruning, plan_removing, units_to_keep
 from prunekit.structured.prune import StructuralResult, prune_iteratively, prune_structurally
-from prunekit.structured.surgery import apply_plan
 
 __all__ = [
     "BATCH_NORM_OPS",
@@ -31,7 +31,6 @@ __all__ = [
     "apply_plan",
     "build_dependency_graph",
     "fold_batch_norms",
-    "kept_count",
     "load_pruned",
     "plan_latency_aware",
     "plan_pruning",
@@ -41,4 +40,5 @@ __all__ = [
     "prune_structurally",
     "save_pruned",
     "unit_importance",
+    "units_to_keep",
 ]

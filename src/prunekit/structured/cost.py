@@ -18,8 +18,8 @@ from torch import nn
 from torch.utils.flop_counter import flop_registry
 
 from prunekit.structured.graph import DependencyGraph, build_dependency_graph
+from prunekit.structured.graph.verify import expected_shape
 from prunekit.structured.plan import StructuralPlan
-from prunekit.structured.verify import expected_shape
 
 
 def parameter_count(graph: DependencyGraph, names: Iterable[str], removed: set[int]) -> int:

@@ -13,8 +13,11 @@ Criteria:
 - ``bn_scale``: ``|gamma|`` of the BatchNorm (or other norm) scales the unit owns (Liu et al. 2017, "Network
   Slimming", Sec. 3); units without a norm scale get 0 from this criterion;
 - ``taylor``: first-order Taylor expansion of the loss change, ``(sum_s g_s w_s)^2`` over the unit's weights
-  (Molchanov et al. 2019, "Importance Estimation for Neural Network Pruning", Eq. 4); needs ``.grad`` set by
-  a backward pass of the user's loss;
+  in one batch, averaged over batches: ``(1/B) sum_b (sum_s g_{b,s} w_s)^2`` (Molchanov et al. 2019,
+  "Importance Estimation for Neural Network Pruning", Eq. 4 in its group form, computed per minibatch and
+  averaged over the minibatches of a pruning step as the paper's pruning algorithm does; the square of the *summed* gradient, ``(sum_b g_b . w)^2``, would let batches
+  whose gradients disagree cancel out). :func:`taylor_importance` runs the batches one backward pass at a
+  time; :func:`unit_importance` with ``"taylor"`` reads ``.grad`` as set by one backward pass (one batch);
 - ``activation``: like ``l2``, but a Linear's input columns are weighted by how strongly calibration data
   drives them, ``||W[:, j]||_2 x ||X_j||_2`` (the Wanda score of Sun et al. 2023, Eq. 1, summed over a
   column as in its structured variant; :func:`collect_input_norms` gathers ``||X_j||^2``);
@@ -29,13 +32,14 @@ Criteria:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
+from prunekit.calibration.hooks import first_input, observe, run_batches
 from prunekit.calibration.statistics import column_square_sums
 from prunekit.structured.graph import DependencyGraph
 
@@ -79,6 +83,46 @@ def _norm_scale_names(model: nn.Module) -> set[str]:
     return names
 
 
+def _places(
+    graph: DependencyGraph, parameters: Mapping[str, torch.Tensor], only: set[str] | None = None
+) -> Iterator[tuple[str, int, list[list[int]]]]:
+    """Every place of ``graph`` whose parameter ``model`` has (only those named in ``only``, when given):
+    ``(parameter name, dimension, the leaf units of each index of that dimension)``."""
+    for name, dims in graph.state_dims.items():
+        if name not in parameters or (only is not None and name not in only):
+            continue
+        for d, atoms in enumerate(dims):
+            leaves_per_index = [graph.table.leaves(a) for a in atoms.tolist()]
+            if any(leaves_per_index):
+                yield name, d, leaves_per_index
+
+
+def _unit_totals(leaves_per_index: list[list[int]], scores: Sequence[float], wanted: set[int]) -> dict[int, float]:
+    """The scores of the indices of one place summed per unit."""
+    totals: dict[int, float] = {}
+    for leaves, score in zip(leaves_per_index, scores, strict=False):
+        for leaf in leaves:
+            if leaf in wanted:
+                totals[leaf] = totals.get(leaf, 0.0) + score
+    return totals
+
+
+def _aggregate(
+    per_place: Iterable[dict[int, float]], units: list[int], aggregation: Aggregation, normalization: Normalization
+) -> dict[int, float]:
+    """Normalise each place's unit scores by their mean or max, then combine the places of every unit."""
+    collected: dict[int, list[float]] = {u: [] for u in units}
+    for values in per_place:
+        if normalization != "none" and values:
+            scale = (np.mean if normalization == "mean" else np.max)(list(values.values()))
+            if scale > 0:
+                values = {u: v / scale for u, v in values.items()}
+        for u, v in values.items():
+            collected[u].append(v)
+    reduce = {"mean": np.mean, "sum": np.sum, "max": np.max}[aggregation]
+    return {u: float(reduce(v)) if v else 0.0 for u, v in collected.items()}
+
+
 def unit_importance(
     graph: DependencyGraph,
     model: nn.Module,
@@ -95,6 +139,8 @@ def unit_importance(
     Per place (parameter dimension) a unit's score is the criterion over all its slices there (L2 is
     the norm of all of them together); ``normalization`` divides each place's scores by their mean or
     max so that large and small layers weigh alike; ``aggregation`` combines the places of a unit.
+    ``"taylor"`` reads the ``.grad`` of one backward pass, as one batch; :func:`taylor_importance` averages
+    the per-batch squares over several.
     """
     units = [u for s in graph.spaces for u in s.units]
     if criterion == "beta_rank":
@@ -106,33 +152,58 @@ def unit_importance(
         return dict(zip(units, rng.random(len(units)).tolist(), strict=False))
     parameters = dict(model.named_parameters())
     scales = _norm_scale_names(model) if criterion == "bn_scale" else None
-    per_place: dict[int, list[float]] = {u: [] for u in units}
     wanted = set(units)
-    for name, dims in graph.state_dims.items():
-        if name not in parameters or (scales is not None and name not in scales):
-            continue
-        tensor = parameters[name]
-        grad = tensor.grad if criterion == "taylor" else None
-        for d, atoms in enumerate(dims):
-            leaves_per_index = [graph.table.leaves(a) for a in atoms.tolist()]
-            if not any(leaves_per_index):
-                continue
+
+    def places() -> Iterator[dict[int, float]]:
+        for name, d, leaves_per_index in _places(graph, parameters, scales):
+            tensor = parameters[name]
+            grad = tensor.grad if criterion == "taylor" else None
             norms = input_norms.get(name) if input_norms is not None else None
             scores = slice_scores(tensor, d, criterion, grad, norms).tolist()
-            totals: dict[int, float] = {}
-            for leaves, score in zip(leaves_per_index, scores, strict=False):
-                for leaf in leaves:
-                    if leaf in wanted:
-                        totals[leaf] = totals.get(leaf, 0.0) + score
-            values = {u: _finish(criterion, v) for u, v in totals.items()}
-            if normalization != "none" and values:
-                scale = (np.mean if normalization == "mean" else np.max)(list(values.values()))
-                if scale > 0:
-                    values = {u: v / scale for u, v in values.items()}
-            for u, v in values.items():
-                per_place[u].append(v)
-    reduce = {"mean": np.mean, "sum": np.sum, "max": np.max}[aggregation]
-    return {u: float(reduce(v)) if v else 0.0 for u, v in per_place.items()}
+            totals = _unit_totals(leaves_per_index, scores, wanted)
+            yield {u: _finish(criterion, v) for u, v in totals.items()}
+
+    return _aggregate(places(), units, aggregation, normalization)
+
+
+def taylor_importance(
+    graph: DependencyGraph,
+    model: nn.Module,
+    losses: Iterable[Callable[[], torch.Tensor]],
+    *,
+    aggregation: Aggregation = "mean",
+    normalization: Normalization = "mean",
+) -> dict[int, float]:
+    """The ``taylor`` criterion over several batches: ``losses`` gives, per batch, a function returning that
+    batch's loss; each is backpropagated alone, and every place scores a unit with the mean over batches of
+    the squared first-order term of that batch, ``(1/B) sum_b (sum_s g_{b,s} w_s)^2`` (Molchanov et al.
+    2019, Eq. 4 per minibatch, averaged over minibatches). Batches whose gradients disagree add up instead
+    of cancelling: two batches of gradients ``g`` and ``-g`` score ``(g . w)^2``, not 0. The model's
+    ``.grad`` are cleared before and after."""
+    units = [u for s in graph.spaces for u in s.units]
+    wanted = set(units)
+    parameters = dict(model.named_parameters())
+    sums: dict[tuple[str, int], dict[int, float]] = {}
+    batches = 0
+    model.zero_grad(set_to_none=True)
+    try:
+        for loss in losses:
+            with torch.enable_grad():
+                loss().backward()
+            for name, d, leaves_per_index in _places(graph, parameters):
+                tensor = parameters[name]
+                terms = slice_scores(tensor, d, "taylor", tensor.grad).tolist()
+                place = sums.setdefault((name, d), {})
+                for u, v in _unit_totals(leaves_per_index, terms, wanted).items():
+                    place[u] = place.get(u, 0.0) + v * v
+            batches += 1
+            model.zero_grad(set_to_none=True)
+    finally:
+        model.zero_grad(set_to_none=True)
+    if not batches:
+        raise ValueError("taylor_importance needs at least one batch")
+    per_place = ({u: v / batches for u, v in place.items()} for place in sums.values())
+    return _aggregate(per_place, units, aggregation, normalization)
 
 
 def _min_max(values: dict[int, float]) -> dict[int, float]:
@@ -186,34 +257,29 @@ def collect_output_spread(
     every leading index a sample, one position), averaged over ``batches``."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    handles = []
+    convs: set[str] = set()
 
-    def hook(name: str, conv: bool) -> Any:
-        def record(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
-            x, y = args[0].detach().double(), output.detach().double()
-            if conv:  # (B, C, *pixels) -> std over the batch per (channel, pixel), summed over pixels
-                spread = y.flatten(2).std(dim=0, unbiased=False).sum(-1)
-            else:  # (..., C) -> std over all leading indices per channel
-                spread = y.reshape(-1, y.shape[-1]).std(dim=0, unbiased=False)
-            scale = float(x.std(unbiased=False))
-            value = spread / scale if scale > 0 else torch.zeros_like(spread)
-            sums[name] = sums[name] + value if name in sums else value
-            counts[name] = counts.get(name, 0) + 1
+    def record(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor) -> None:
+        x, y = args[0].detach().double(), output.detach().double()
+        if name in convs:  # (B, C, *pixels) -> std over the batch per (channel, pixel), summed over pixels
+            spread = y.flatten(2).std(dim=0, unbiased=False).sum(-1)
+        else:  # (..., C) -> std over all leading indices per channel
+            spread = y.reshape(-1, y.shape[-1]).std(dim=0, unbiased=False)
+        scale = float(x.std(unbiased=False))
+        value = spread / scale if scale > 0 else torch.zeros_like(spread)
+        sums[name] = sums[name] + value if name in sums else value
+        counts[name] = counts.get(name, 0) + 1
 
-        return record
-
+    modules = {}
     for module_name, module in model.named_modules():
         conv = isinstance(module, nn.modules.conv._ConvNd) and not module.transposed
         if conv or isinstance(module, nn.Linear):
             name = f"{module_name}.weight" if module_name else "weight"
-            handles.append(module.register_forward_hook(hook(name, conv)))
-    try:
-        with torch.no_grad():
-            for args, kwargs in batches:
-                model(*args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
+            modules[name] = module
+            if conv:
+                convs.add(name)
+    with observe(modules, on_output=record):
+        run_batches(model, batches)
     return {name: (total / counts[name]).float() for name, total in sums.items()}
 
 
@@ -235,27 +301,15 @@ def accumulate_linear_inputs(
     the ``(tokens, in_features)`` input of each module named in ``names``; keyed by module name. ``statistic``
     may be a mapping from module name to the statistic of that module (several statistics in one pass)."""
     sums: dict[str, torch.Tensor] = {}
-    handles = []
 
-    def hook(name: str) -> Any:
+    def record(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         measure = statistic[name] if isinstance(statistic, Mapping) else statistic
+        x = first_input(args, kwargs).detach()
+        value = measure(x.reshape(-1, x.shape[-1]))
+        sums[name] = sums[name] + value if name in sums else value
 
-        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0].detach()
-            value = measure(x.reshape(-1, x.shape[-1]))
-            sums[name] = sums[name] + value if name in sums else value
-
-        return record
-
-    for name in names:
-        handles.append(model.get_submodule(name).register_forward_pre_hook(hook(name)))
-    try:
-        with torch.no_grad():
-            for args, kwargs in batches:
-                model(*args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with observe({name: model.get_submodule(name) for name in names}, on_input=record):
+        run_batches(model, batches)
     return sums
 
 
@@ -267,11 +321,3 @@ def collect_input_norms(
     names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     sums = accumulate_linear_inputs(model, batches, names, column_square_sums)
     return {f"{name}.weight" if name else "weight": total.float() for name, total in sums.items()}
-
-
-def importance_from_mapping(scores: Mapping[int, float], graph: DependencyGraph) -> dict[int, float]:
-    """Check that user-supplied scores cover every unit of ``graph``."""
-    missing = [u for s in graph.spaces for u in s.units if u not in scores]
-    if missing:
-        raise ValueError(f"importance scores are missing for {len(missing)} units (first: {missing[:5]})")
-    return dict(scores)

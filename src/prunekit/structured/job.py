@@ -19,26 +19,31 @@ size on disk, latency before and after, and perplexity for LMs when a test text 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from prunekit.calibration.data import calibration_windows
 from prunekit.core.errors import ConfigError
+from prunekit.core.measure import versions
+from prunekit.eval.perplexity import perplexity
 from prunekit.io.atomic import check_output_dir, write_atomically
+from prunekit.io.loading import load_model
+from prunekit.io.onnx import export_onnx
 from prunekit.io.pruned import write_pruned
 from prunekit.io.saving import save_pretrained
-from prunekit.report import write_report
-from prunekit.structured.importance import Criterion
-from prunekit.structured.plan import Policy
-from prunekit.structured.prune import Target, prune_structurally
+from prunekit.models.blocks import find_decoder_blocks
+from prunekit.models.dropped_attention import dropped_attention_layers
+from prunekit.reporting import write_report
+from prunekit.structured.config import StructuredConfig
+from prunekit.structured.llm import prune_causal_lm_depth, prune_causal_lm_width
+from prunekit.structured.prune import prune_structurally
 from prunekit.structured.report import (
+    StructuralReport,
     compare_latency,
     layer_widths,
-    plot_widths,
-    render_markdown,
     size_on_disk,
     structural_report,
 )
@@ -48,67 +53,17 @@ log = logging.getLogger(__name__)
 REPORT_DIR = "prunekit-report"
 
 
-@dataclass
-class StructuredJob:
-    """Settings of one ``prunekit structured`` run (the command-line flags)."""
-
-    out: str
-    ratio: float = 0.25
-    target: Target = "params"
-    mode: str = "width"
-    criterion: Criterion | None = None
-    model: str | None = None
-    torchvision: str | None = None
-    weights: str | None = None
-    input_size: int = 224
-    calib: str | None = None
-    nsamples: int = 32
-    seqlen: int = 512
-    seed: int = 0
-    ppl: str | None = None
-    ppl_windows: int | None = 40
-    ppl_seqlen: int = 2048
-    round_to: int = 1
-    blocks: int = 0
-    keep_streams: bool = False
-    policy: Policy = "uniform"
-    prune_hidden: bool = False
-    drop_attention: int = 0
-    reconstruct: bool = True
-    onnx: bool = False
-    overwrite: bool = False
-    dtype: str = "auto"
-    device: str = "auto"
-
-
-def run_structured_job(job: StructuredJob) -> dict[str, Any]:
-    """Run ``job``; returns the report (also written under ``<out>/prunekit-report``)."""
-    if not 0.0 < job.ratio < 1.0:
-        raise ConfigError(f"--ratio must be in (0, 1), got {job.ratio}")
-    if job.blocks < 0:
-        raise ConfigError(f"--blocks must be >= 0, got {job.blocks}")
-    if job.drop_attention < 0:
-        raise ConfigError(f"--drop-attention must be >= 0, got {job.drop_attention}")
-    if job.drop_attention and (job.torchvision or job.mode != "width"):
-        raise ConfigError("--drop-attention is for language models in --mode width (depth removes whole layers)")
+def run_structured_job(job: StructuredConfig) -> dict[str, Any]:
+    """Run ``job``; returns the report as a dict (also written under ``<out>/prunekit-report``)."""
+    if job.out is None:
+        raise ConfigError("no output directory: pass --out DIR (or out: in the recipe)")
     check_output_dir(job.out, job.overwrite)
     if job.torchvision:
-        return _vision_job(job)
-    if job.blocks:
-        raise ConfigError("--blocks is for --torchvision models; language models lose whole layers with --mode depth")
-    if job.keep_streams:
-        raise ConfigError(
-            "--keep-streams is for --torchvision models; language models keep their hidden size unless --prune-hidden"
-        )
-    if job.policy != "uniform" or job.target == "latency":
-        raise ConfigError(
-            "--policy and --target latency are for --torchvision models; language models are pruned uniformly per "
-            "layer to a parameter target (--mode width or depth)"
-        )
-    return _llm_job(job)
+        return _vision_job(job).to_dict()
+    return _llm_job(job).to_dict()
 
 
-def _vision_job(job: StructuredJob) -> dict[str, Any]:
+def _vision_job(job: StructuredConfig) -> StructuralReport:
     try:
         import torchvision
     except ImportError:
@@ -132,7 +87,7 @@ def _vision_job(job: StructuredJob) -> dict[str, Any]:
         policy=job.policy,
     )
     report = structural_report(model, result, (example,))
-    report["command"] = {
+    report.command = {
         "torchvision": job.torchvision,
         "ratio": job.ratio,
         "target": job.target,
@@ -147,21 +102,14 @@ def _vision_job(job: StructuredJob) -> dict[str, Any]:
         (tmp / "model").mkdir()
         write_pruned(result.model, tmp / "model")
         if job.onnx:
-            from prunekit.io.onnx import export_onnx
-
             export_onnx(result.model, (example,), tmp / "model.onnx")
-        write_report(report, tmp / REPORT_DIR, render=render_markdown, plot=plot_widths)
+        write_report(report, tmp / REPORT_DIR)
 
     write_atomically(job.out, write, job.overwrite)
     return report
 
 
-def _llm_job(job: StructuredJob) -> dict[str, Any]:
-    from prunekit.calibration.data import calibration_windows
-    from prunekit.eval.perplexity import perplexity
-    from prunekit.io.loading import load_model
-    from prunekit.models.dropped_attention import dropped_attention_layers
-    from prunekit.structured.llm import prune_causal_lm_depth, prune_causal_lm_width
+def _llm_job(job: StructuredConfig) -> StructuralReport:
 
     loaded = load_model(job.model, dtype=job.dtype, device=job.device)
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
@@ -196,15 +144,15 @@ def _llm_job(job: StructuredJob) -> dict[str, Any]:
         raise ConfigError(f"--mode must be width or depth, got {job.mode!r}")
     if job.ppl:
         ppl["after"] = perplexity(pruned, tokenizer, job.ppl, job.ppl_seqlen, job.ppl_windows).perplexity
-        report["perplexity"] = ppl
-    report["command"] = {"model": loaded.source, "mode": job.mode, "ratio": job.ratio, "target": job.target}
+        report.perplexity = ppl
+    report.command = {"model": loaded.source, "mode": job.mode, "ratio": job.ratio, "target": job.target}
     dropped = dropped_attention_layers(pruned)
     if dropped:
-        report["command"]["drop_attention"] = job.drop_attention
-        report["dropped_attention"] = dropped
+        report.command["drop_attention"] = job.drop_attention
+        report.dropped_attention = dropped
 
     def extra(directory: Path) -> None:
-        write_report(report, directory / REPORT_DIR, render=render_markdown, plot=plot_widths)
+        write_report(report, directory / REPORT_DIR)
 
     if not dropped:
         save_pretrained(pruned, tokenizer, job.out, job.overwrite, extra=extra)
@@ -219,13 +167,13 @@ def _llm_job(job: StructuredJob) -> dict[str, Any]:
     return report
 
 
-def _depth_report(original: nn.Module, pruned: nn.Module, removed: list[int], example: torch.Tensor) -> dict[str, Any]:
-    from prunekit.core.measure import versions
-
+def _depth_report(
+    original: nn.Module, pruned: nn.Module, removed: list[int], example: torch.Tensor
+) -> StructuralReport:
     timing = compare_latency(original, pruned, (example,), {"use_cache": False})
-    return {
-        "model": type(original).__name__,
-        "summary": {
+    return StructuralReport(
+        model=type(original).__name__,
+        summary={
             "params_before": sum(p.numel() for p in original.parameters()),
             "params_after": sum(p.numel() for p in pruned.parameters()),
             "macs_before": 0,
@@ -234,20 +182,14 @@ def _depth_report(original: nn.Module, pruned: nn.Module, removed: list[int], ex
             "bytes_after": size_on_disk(pruned),
             **timing,
         },
-        "removed_layers": removed,
-        "tied": [],
-        "kept_whole": [],
-        "unknown_ops": {},
-        "spaces": [],
-        "layers": _depth_widths(original, removed),
-        "versions": versions(),
-    }
+        layers=_depth_widths(original, removed),
+        versions=versions(),
+        removed_layers=removed,
+    )
 
 
 def _depth_widths(original: nn.Module, removed: list[int]) -> list[dict[str, Any]]:
     """Every Linear's widths, zero for the layers of removed blocks."""
-    from prunekit.models.blocks import find_decoder_blocks
-
     blocks_name, _ = find_decoder_blocks(original)
     gone = tuple(f"{blocks_name}.{i}." for i in removed)
     rows = []

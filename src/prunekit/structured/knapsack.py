@@ -38,9 +38,9 @@ from prunekit.structured.plan import (
     StructuralPlan,
     is_prunable,
     keep_best,
-    kept_count,
     rounding_step,
     space_scale,
+    units_to_keep,
 )
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def plan_latency_aware(
     touching = _touching(graph, nodes, prunable)
     removed: set[int] = set()
     kept = {s.index: s.size for s in prunable}
-    floors = {s.index: kept_count(s.size, 1.0 - min_keep_ratio, rounding_step(s, round_to)) for s in prunable}
+    floors = {s.index: units_to_keep(s.size, 1.0 - min_keep_ratio, rounding_step(s, round_to)) for s in prunable}
     scales = {s.index: space_scale(s, importance) or 1.0 for s in prunable}
     seconds = {n.name: node_seconds(graph, n, removed, table) for n in nodes}
     dense_seconds = sum(seconds.values())

@@ -37,7 +37,7 @@ from prunekit.structured.plan import StructuralPlan
 log = logging.getLogger(__name__)
 
 #: Batch norms in evaluation mode, which deployment folds into the convolution before them
-#: (:func:`~prunekit.structured.deploy.fold_batch_norms`): pass as ``free_ops`` to cost them nothing.
+#: (:func:`~prunekit.structured.graph.fold_bn.fold_batch_norms`): pass as ``free_ops`` to cost them nothing.
 BATCH_NORM_OPS = ("aten.native_batch_norm", "aten._native_batch_norm_legit_no_training", "aten.batch_norm")
 
 #: Operations whose size argument is the shape of their result: at planned shapes it is replaced by the

@@ -72,7 +72,7 @@ class StructuralPlan:
         return "\n".join(lines) if lines else "nothing to remove"
 
 
-def kept_count(size: int, ratio: float, round_to: int = 1) -> int:
+def units_to_keep(size: int, ratio: float, round_to: int = 1) -> int:
     """Units a space of ``size`` keeps when pruned at ``ratio``: ``size x (1 - ratio)`` rounded *up* to a
     multiple of ``round_to`` (never below ``round_to`` or 1, never above ``size``)."""
     if not 0.0 <= ratio < 1.0:
@@ -112,13 +112,13 @@ def plan_pruning(
         for space in graph.spaces:
             r = ratios.get(space.index, ratio) if is_prunable(space, kinds, keep_streams) else 0.0
             rt = rounding_step(space, round_to)
-            keep_n = kept_count(space.size, r, rt) if r > 0 else space.size
+            keep_n = units_to_keep(space.size, r, rt) if r > 0 else space.size
             plans.append(keep_best(space, importance, keep_n))
     elif policy == "global":
         prunable = [s for s in graph.spaces if is_prunable(s, kinds, keep_streams)]
         total = sum(s.size for s in prunable)
         to_remove = round(total * ratio)
-        floors = {s.index: kept_count(s.size, 1.0 - min_keep_ratio, rounding_step(s, round_to)) for s in prunable}
+        floors = {s.index: units_to_keep(s.size, 1.0 - min_keep_ratio, rounding_step(s, round_to)) for s in prunable}
         ranked = sorted(
             (importance[u] / (space_scale(s, importance) or 1.0), s.index, u) for s in prunable for u in s.units
         )

@@ -24,18 +24,18 @@ from prunekit.core.errors import StructuralPruningError
 from prunekit.structured.cost import model_size, original_size, planned_macs, planned_parameters
 from prunekit.structured.depth import prune_depth
 from prunekit.structured.graph import DependencyGraph, build_dependency_graph
+from prunekit.structured.graph.surgery import apply_plan
 from prunekit.structured.importance import Aggregation, Criterion, Normalization, unit_importance
 from prunekit.structured.knapsack import plan_latency_aware
 from prunekit.structured.latency import LatencyTable, planned_latency
 from prunekit.structured.plan import DEFAULT_KINDS, Policy, StructuralPlan, fill_to_budget, plan_pruning
-from prunekit.structured.surgery import apply_plan
 
 log = logging.getLogger(__name__)
 
 #: Plans tried before giving up (each adjustment costs one more trace of the model).
 MAX_ATTEMPTS = 12
 
-Target = Literal["channels", "params", "macs", "latency"]
+BudgetTarget = Literal["channels", "params", "macs", "latency"]
 
 #: Bisection steps when the target is a parameter or MAC reduction (the channel ratio is found to 1/2^14).
 SEARCH_STEPS = 14
@@ -67,7 +67,7 @@ def prune_structurally(
     aggregation: Aggregation = "mean",
     normalization: Normalization = "mean",
     policy: Policy = "uniform",
-    target: Target = "channels",
+    target: BudgetTarget = "channels",
     round_to: int = 1,
     kinds: Sequence[str] = DEFAULT_KINDS,
     ignored: Sequence[str] = (),
@@ -177,7 +177,7 @@ def plan_to_target(
     graph: DependencyGraph,
     scores: dict[int, float],
     ratio: float,
-    target: Target,
+    target: BudgetTarget,
     *,
     make: Callable[[float], StructuralPlan] | None = None,
     latency: LatencyTable | None = None,
@@ -307,7 +307,7 @@ def _size(
     model: nn.Module,
     inputs: Sequence[Any],
     kwargs: dict[str, Any] | None,
-    target: Target,
+    target: BudgetTarget,
     latency: LatencyTable | None = None,
 ) -> float:
     """Parameters, MACs or planned latency of ``model`` as planned costs count them."""
@@ -340,7 +340,7 @@ def prune_iteratively(
     steps: int,
     *,
     between_steps: Callable[[nn.Module, int], None] | None = None,
-    target: Target = "channels",
+    target: BudgetTarget = "channels",
     **options: Any,
 ) -> StructuralResult:
     """Reach ``ratio`` in ``steps`` equal steps (linear schedule: after step ``i`` a fraction ``ratio x i /

@@ -1,5 +1,6 @@
 """What structural pruning bought: parameters, MACs, size on disk and CPU (or GPU) latency before and after,
-and the width kept by every layer, as JSON, Markdown and a PNG (written by :func:`prunekit.report.write_report`).
+and the width kept by every layer: a :class:`StructuralReport`, written as JSON, Markdown and a PNG by
+:func:`prunekit.reporting.write_report`.
 """
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import logging
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from torch import nn
 from prunekit.core.devices import device_of
 from prunekit.core.measure import versions
 from prunekit.eval.speed import seconds_per_call
-from prunekit.report import pyplot
+from prunekit.reporting import new_figure, save_figure
 from prunekit.structured.cost import model_size, original_size, planned_macs, planned_parameters
 from prunekit.structured.prune import StructuralResult
 
@@ -102,6 +104,52 @@ def _widths(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+@dataclass
+class StructuralReport:
+    """One structural pruning run (satisfies :class:`prunekit.reporting.Report`). :meth:`to_dict` gives the
+    JSON keys consumers read (``bench/summarize_structured.py``): the optional fields appear only when set."""
+
+    model: str
+    #: params/MACs/bytes before and after, and latency (``latency_before_s``, ``latency_after_s``, ``speedup``)
+    summary: dict[str, Any]
+    #: one row per Linear or convolution: ``layer``, ``in``, ``out``, ``in_kept``, ``out_kept``
+    layers: list[dict[str, Any]]
+    versions: dict[str, str]
+    tied: list[str] = field(default_factory=list)
+    kept_whole: list[str] = field(default_factory=list)
+    unknown_ops: dict[str, int] = field(default_factory=dict)
+    spaces: list[dict[str, Any]] = field(default_factory=list)
+    #: blocks removed whole before the width was pruned (width pruning; ``None`` for depth pruning of an LM)
+    removed_blocks: list[str] | None = None
+    #: decoder layers removed (depth pruning of an LM)
+    removed_layers: list[int] | None = None
+    #: the command-line settings of the run
+    command: dict[str, Any] | None = None
+    #: perplexity ``before`` and ``after``
+    perplexity: dict[str, float] | None = None
+    #: layers whose attention was dropped
+    dropped_attention: list[int] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"model": self.model, "summary": self.summary}
+        if self.removed_layers is not None:
+            data["removed_layers"] = self.removed_layers
+        data.update(tied=self.tied, kept_whole=self.kept_whole)
+        if self.removed_blocks is not None:
+            data["removed_blocks"] = self.removed_blocks
+        data.update(unknown_ops=self.unknown_ops, spaces=self.spaces, layers=self.layers, versions=self.versions)
+        for key in ("command", "perplexity", "dropped_attention"):
+            if getattr(self, key) is not None:
+                data[key] = getattr(self, key)
+        return data
+
+    def to_markdown(self) -> str:
+        return render_markdown(self.to_dict())
+
+    def plot(self, path: Path) -> bool:
+        return plot_widths(self.to_dict(), path)
+
+
 def structural_report(
     original: nn.Module,
     result: StructuralResult,
@@ -110,8 +158,8 @@ def structural_report(
     *,
     measure_latency: bool = True,
     min_run_time: float = 1.0,
-) -> dict[str, Any]:
-    """Everything about one structural pruning run, as a JSON-ready dict."""
+) -> StructuralReport:
+    """Everything about one structural pruning run."""
     params_before, macs_before = original_size(result.plan)
     if result.removed_blocks:  # the plan is of the model without them: count the original itself
         params_before, macs_before = model_size(original, example_inputs, example_kwargs)
@@ -136,20 +184,23 @@ def structural_report(
         for p in result.plan.spaces
         if p.removed
     ]
-    return {
-        "model": type(original).__name__,
-        "summary": summary,
-        "tied": result.tied,
-        "kept_whole": result.kept_whole,
-        "removed_blocks": result.removed_blocks,
-        "unknown_ops": result.graph.unknown_ops,
-        "spaces": spaces,
-        "layers": layer_widths(original, result.model),
-        "versions": versions(),
-    }
+    return StructuralReport(
+        model=type(original).__name__,
+        summary=summary,
+        layers=layer_widths(original, result.model),
+        versions=versions(),
+        tied=result.tied,
+        kept_whole=result.kept_whole,
+        unknown_ops=result.graph.unknown_ops,
+        spaces=spaces,
+        removed_blocks=result.removed_blocks,
+    )
 
 
-def render_markdown(report: dict[str, Any]) -> str:
+def render_markdown(report: dict[str, Any] | StructuralReport) -> str:
+    """The report as Markdown: the summary table, what was adjusted, every layer's widths, the versions."""
+    if isinstance(report, StructuralReport):
+        report = report.to_dict()
     s = report["summary"]
     lines = [
         f"# Structural pruning of {report['model']}",
@@ -183,13 +234,15 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_widths(report: dict[str, Any], path: Path) -> bool:
+def plot_widths(report: dict[str, Any] | StructuralReport, path: Path) -> bool:
     """Fraction of output width kept per layer, as a PNG. False if matplotlib is missing."""
-    plt = pyplot()
-    if plt is None:
-        return False
+    if isinstance(report, StructuralReport):
+        report = report.to_dict()
     layers = report["layers"]
-    fig, ax = plt.subplots(figsize=(max(8, len(layers) * 0.12), 3.5), constrained_layout=True)
+    fig = new_figure(max(8, len(layers) * 0.12), 3.5)
+    if fig is None:
+        return False
+    ax = fig.add_subplot()
     ax.bar(range(len(layers)), [r["out_kept"] / r["out"] for r in layers], color="tab:green")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("output width kept")
@@ -197,6 +250,5 @@ def plot_widths(report: dict[str, Any], path: Path) -> bool:
     ax.set_title(
         f"{report['model']}: {report['summary']['params_after'] / report['summary']['params_before']:.2f} of the parameters kept"
     )
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True

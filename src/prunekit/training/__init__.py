@@ -2,7 +2,7 @@
 GraNet regrowth (Liu et al. 2021), a :class:`Sparsifier` that wires them to a model and optimizer, lottery tickets
 with rewinding (Frankle & Carbin 2019; Frankle et al. 2020), DDP mask agreement and a Hugging Face callback;
 the PQ Index and its adaptive rule SAP (Diao et al. 2023), distillation (Hinton et al. 2015), data pruning
-(EL2N, Paul et al. 2021), CIFAR-10 data and models for experiments (``cifar``, ``cifar_models``), a plain training
+(EL2N, Paul et al. 2021), CIFAR-10 data and models for experiments (the ``cifar`` subpackage), a plain training
 loop for image classifiers (:func:`train`, :func:`evaluate`; ``loop``) and its report (``report``: JSON, Markdown,
 PNG).
 
@@ -32,6 +32,7 @@ from prunekit.training.lottery import (
 )
 from prunekit.training.pqi import SAPConfig, model_pq_index, pq_index, sap_step
 from prunekit.training.regrow import cosine_regrow_fraction, gradient_regrowth, magnitude_death, prune_and_regrow
+from prunekit.training.report import TrainingReport
 from prunekit.training.schedules import (
     CubicSchedule,
     LinearSchedule,
@@ -62,6 +63,7 @@ __all__ = [
     "TargetSelectionError",
     "TrainConfig",
     "TrainHistory",
+    "TrainingReport",
     "capture_rewind_point",
     "cosine_regrow_fraction",
     "el2n_scores",

@@ -19,7 +19,11 @@ annealing the learning rate to zero by the end, and a piecewise-linear cycle is 
 
 **Determinism.** The loop draws nothing from the global RNG (a model with dropout does: seed it). Step ``t`` (0-based) takes its batch from the permutation of epoch
 ``t // steps_per_epoch`` (a ``torch.Generator`` seeded from ``(seed, epoch)``) and its augmentation (pad-4 random
-crop and horizontal flip, He et al. 2016 Sec. 4.2) from a generator seeded from ``(seed, t)``. So a run is
+crop and horizontal flip, He et al. 2016 Sec. 4.2) from a generator seeded from ``(seed, t)``. The loop knows no data
+set: each global batch goes through ``transform(images, step)`` (default
+:func:`~prunekit.training.transforms.config_transform`: the configuration's crop, flip and normalisation; CIFAR's
+own pieces are in :mod:`prunekit.training.cifar.augment`) and evaluation batches through ``eval_transform``
+(default: normalisation with the configuration's ``mean``/``std``). So a run is
 reproducible bit for bit given the seed and the thread count, and starting at ``start_step = k`` (rewinding)
 replays exactly the batches of the uninterrupted run from step ``k`` on. Epochs drop their last partial batch.
 
@@ -38,9 +42,8 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
@@ -48,14 +51,22 @@ from torch import nn
 
 from prunekit.core.errors import ConfigError
 from prunekit.training import ddp
-from prunekit.training.cifar import CIFAR10_MEAN, CIFAR10_STD, normalize, random_crop, random_hflip
 from prunekit.training.distill import kd_loss, teacher_logits
+from prunekit.training.evaluation import (
+    Data,
+    LabelledImages,
+    evaluate,
+    measure_sparsity,
+    model_device,
+    state_difference,
+    unpack,
+    weights_pq_index,
+)
+from prunekit.training.history import StepRecord, TrainHistory
 from prunekit.training.lottery import capture_rewind_point
-from prunekit.training.pqi import model_pq_index
 from prunekit.training.selection import select_parameters
 from prunekit.training.sparsifier import Sparsifier
 from prunekit.training.train_config import (
-    AUGMENTATION_STREAM,
     EVAL_SUBSET_STREAM,
     DistillConfig,
     LRSchedule,
@@ -67,6 +78,7 @@ from prunekit.training.train_config import (
     steps_per_epoch,
     total_steps,
 )
+from prunekit.training.transforms import BatchTransform, config_transform
 
 logger = logging.getLogger(__name__)
 
@@ -89,136 +101,6 @@ __all__ = [
     "train",
     "weights_pq_index",
 ]
-
-
-class LabelledImages(Protocol):
-    """Anything with ``images`` ``(N, C, H, W)`` and ``labels`` ``(N,)`` tensors (e.g. ``cifar.ImageSet``)."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-
-
-Data = LabelledImages | tuple[torch.Tensor, torch.Tensor]
-
-
-# ---------------------------------------------------------------------------------------------- measuring
-
-
-@torch.no_grad()
-def measure_sparsity(model: nn.Module, names: Sequence[str]) -> float:
-    """Fraction of exact zeros over the named parameters of ``model`` (measured from the weights)."""
-    zeros = total = 0
-    for name in names:
-        weight = model.get_parameter(name)
-        zeros += int((weight == 0).sum())
-        total += weight.numel()
-    return zeros / max(1, total)
-
-
-@torch.no_grad()
-def weights_pq_index(model: nn.Module, names: Sequence[str]) -> float | None:
-    """Whole-model PQ Index (Diao et al. 2023, ``p = 0.5, q = 1``) of the non-zero entries of the named weights
-    (pruned entries, exact zeros, are left out); ``None`` when a weight is all zero."""
-    weights = {name: model.get_parameter(name).detach() for name in names}
-    masks = {name: w != 0 for name, w in weights.items()}
-    if any(not bool(m.any()) for m in masks.values()):
-        return None
-    return model_pq_index(weights, masks).model
-
-
-def _unpack(data: Data) -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels = data if isinstance(data, tuple) else (data.images, data.labels)
-    if images.dim() != 4 or labels.dim() != 1 or images.shape[0] != labels.shape[0]:
-        raise ConfigError(
-            f"expected images (N, C, H, W) and labels (N,), got {tuple(images.shape)} and {tuple(labels.shape)}"
-        )
-    return images, labels
-
-
-def _device(model: nn.Module) -> torch.device:
-    tensor = next(model.parameters(), None)
-    if tensor is None:
-        tensor = next(model.buffers(), None)
-    return torch.device("cpu") if tensor is None else tensor.device
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    test_set: Data,
-    *,
-    batch_size: int = 1000,
-    mean: Sequence[float] = CIFAR10_MEAN,
-    std: Sequence[float] = CIFAR10_STD,
-) -> float:
-    """Top-1 accuracy (a fraction in [0, 1]) of ``model`` on ``test_set`` in eval mode, images normalised with
-    ``mean``/``std`` (:func:`~prunekit.training.cifar.normalize`). The model's train/eval flag is restored."""
-    images, labels = _unpack(test_set)
-    was_training = model.training
-    model.eval()
-    device = _device(model)
-    correct = 0
-    try:
-        for start in range(0, images.shape[0], batch_size):
-            x = normalize(images[start : start + batch_size], mean, std).to(device)
-            y = labels[start : start + batch_size].to(device)
-            correct += int((model(x).argmax(dim=1) == y).sum())
-    finally:
-        model.train(was_training)
-    return correct / max(1, images.shape[0])
-
-
-# ----------------------------------------------------------------------------------------------- history
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    """One logged point: after ``step`` optimizer steps (``epoch`` = step / steps per epoch), the mean training
-    ``loss`` since the previous record (``None`` at the start), the learning rate of the last step, the sparsity
-    and PQ Index of the prunable weights, the test ``accuracy`` when evaluated here (on ``eval_examples``
-    examples), and the seconds since training began."""
-
-    step: int
-    epoch: float
-    loss: float | None
-    lr: float
-    sparsity: float
-    pqi: float | None
-    accuracy: float | None = None
-    eval_examples: int | None = None
-    seconds: float = 0.0
-
-
-@dataclass
-class TrainHistory:
-    """What :func:`train` returns: the records, the final accuracy on the whole test set (``None`` without one),
-    the steps run (``start_step`` to ``end_step``), wall seconds, the names whose sparsity was logged, and the
-    rewind point (``state_dict`` copy after ``rewind_step`` steps) when one was asked for."""
-
-    records: list[StepRecord] = field(default_factory=list)
-    final_accuracy: float | None = None
-    start_step: int = 0
-    end_step: int = 0
-    seconds: float = 0.0
-    targets: tuple[str, ...] = ()
-    rewind_state: dict[str, torch.Tensor] | None = None
-
-    @property
-    def final_sparsity(self) -> float | None:
-        """Sparsity of the last record."""
-        return self.records[-1].sparsity if self.records else None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: everything but the rewind tensors."""
-        return {
-            "final_accuracy": self.final_accuracy,
-            "final_sparsity": self.final_sparsity,
-            "start_step": self.start_step,
-            "end_step": self.end_step,
-            "seconds": self.seconds,
-            "targets": list(self.targets),
-            "records": [asdict(r) for r in self.records],
-        }
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -246,13 +128,6 @@ def _global_mean(value: float, count: int) -> float:
     return float(t[0] / t[1].clamp(min=1))
 
 
-def _transform(images: torch.Tensor, step: int, config: TrainConfig) -> torch.Tensor:
-    if config.augment:
-        generator = torch.Generator().manual_seed(derive_seed(config.seed, AUGMENTATION_STREAM, step))
-        images = random_hflip(random_crop(images, generator, config.padding), generator)
-    return normalize(images, config.mean, config.std)
-
-
 def train(
     model: nn.Module,
     train_set: Data,
@@ -268,6 +143,8 @@ def train(
     start_step: int = 0,
     progress: bool = True,
     desc: str = "train",
+    transform: BatchTransform | None = None,
+    eval_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> TrainHistory:
     """Train ``model`` in place on ``train_set`` and return its :class:`TrainHistory` (see the module docstring).
 
@@ -279,9 +156,11 @@ def train(
     into ``history.rewind_state`` (Frankle et al. 2020). ``start_step = k``: begin at step ``k`` of the learning-rate
     schedule and data order, as when training from a rewind point (a fresh optimizer; the sparsifier keeps its
     own step count). ``test_set = None`` skips evaluation. Under ``torch.distributed`` the model is wrapped in
-    ``DistributedDataParallel`` for the run; only rank 0 shows progress.
+    ``DistributedDataParallel`` for the run; only rank 0 shows progress. ``transform(images, step)`` turns each
+    global batch into the model's input (default :func:`~prunekit.training.transforms.config_transform`), and
+    ``eval_transform(images)`` each evaluation batch (default: normalisation with ``config.mean``/``config.std``).
     """
-    images, labels = _unpack(train_set)
+    images, labels = unpack(train_set)
     n = images.shape[0]
     total = total_steps(config, n)
     per_epoch = steps_per_epoch(n, config.batch_size)
@@ -303,10 +182,11 @@ def train(
     if sparsifier is not None and sparsifier.model is not model:
         raise ConfigError("the sparsifier was built on another model: build it on the model being trained")
     names = tuple(targets) if targets is not None else _default_targets(model, sparsifier)
-    test_pair = None if test_set is None else _unpack(test_set)
+    test_pair = None if test_set is None else unpack(test_set)
     eval_subset = _eval_subset(test_pair, config)
 
-    device = _device(model)
+    device = model_device(model)
+    batch_transform = config_transform(config) if transform is None else transform
     optimizer = torch.optim.SGD(
         model.parameters(),
         lr=lr_at(start_step, total, config),
@@ -331,7 +211,14 @@ def train(
         loss_sum, loss_count = 0.0, 0
         accuracy = examples = None
         if evaluate_now and eval_subset is not None:
-            accuracy = evaluate(model, eval_subset, batch_size=config.eval_batch_size, mean=config.mean, std=config.std)
+            accuracy = evaluate(
+                model,
+                eval_subset,
+                batch_size=config.eval_batch_size,
+                mean=config.mean,
+                std=config.std,
+                transform=eval_transform,
+            )
             examples = int(eval_subset[1].shape[0])
         entry = StepRecord(
             step=step,
@@ -361,7 +248,7 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             index = global_batch_indices(step, n, config.batch_size, config.seed, permutations)
-            x = _transform(images[index], step, config)[part]
+            x = batch_transform(images[index], step)[part]
             y = labels[index][part]
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
@@ -403,7 +290,12 @@ def train(
         bar.close()
         if test_pair is not None:
             history.final_accuracy = evaluate(
-                model, test_pair, batch_size=config.eval_batch_size, mean=config.mean, std=config.std
+                model,
+                test_pair,
+                batch_size=config.eval_batch_size,
+                mean=config.mean,
+                std=config.std,
+                transform=eval_transform,
             )
             last = history.records[-1]
             history.records[-1] = StepRecord(
@@ -438,12 +330,3 @@ def _eval_subset(
     generator = torch.Generator().manual_seed(derive_seed(config.seed, EVAL_SUBSET_STREAM, 0))
     index = torch.randperm(labels.shape[0], generator=generator)[: config.eval_samples].sort().values
     return images[index], labels[index]
-
-
-def state_difference(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
-    """Largest absolute difference between two state dicts with the same keys (floating-point entries)."""
-    worst = 0.0
-    for name, value in a.items():
-        if value.is_floating_point():
-            worst = max(worst, float((value - b[name]).abs().max()) if value.numel() else 0.0)
-    return worst

@@ -17,18 +17,21 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from pydantic import ConfigDict, field_validator, model_validator
 from torch import nn
 
+from prunekit.core.config import StrictConfig
 from prunekit.core.errors import ConfigError
 from prunekit.core.masks import Mask
 from prunekit.training.distributions import common_device, top_k_mask
-from prunekit.training.selection import select_parameters
+from prunekit.training.selection import ExcludePatterns, IncludePatterns, ModuleTypes, select_parameters
 
-Scope = Literal["global", "layer"]
+#: Where IMP ranks magnitudes: over all pruned layers together, or within each layer (not
+#: :data:`prunekit.core.patterns.Scope`, the comparison group of a one-shot mask).
+RankingScope = Literal["global", "layer"]
 
 
 def capture_rewind_point(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -38,7 +41,7 @@ def capture_rewind_point(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def imp_round(
-    masks: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor], rate: float, scope: Scope = "global"
+    masks: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor], rate: float, scope: RankingScope = "global"
 ) -> dict[str, torch.Tensor]:
     """One IMP pruning step (Frankle & Carbin 2019, Algorithm step 3): remove ``ceil(rate · remaining)`` of the
     remaining weights with the smallest ``|W|``, over all layers together (``"global"``) or in each layer
@@ -102,7 +105,7 @@ def random_reinit(
 ) -> None:
     """Control of Frankle & Carbin 2019 (sec. 2, "random reinitialization"): the same masks on a fresh draw from
     the model's initialisation, seeded (the global RNG is not disturbed). ``init(model)`` is that initialisation
-    (e.g. :func:`prunekit.training.cifar_models.init_weights`); without it every module's ``reset_parameters``
+    (e.g. :func:`prunekit.training.cifar.models.init_weights`); without it every module's ``reset_parameters``
     runs, which is PyTorch's default, not necessarily the one the model was built with."""
     _reinitialise(model, seed, init)
     apply_masks_(model, masks)
@@ -126,23 +129,31 @@ def rounds_to_reach(target_density: float, rate: float) -> int:
     return max(0, math.ceil(math.log(target_density) / math.log(1.0 - rate) - 1e-9))
 
 
-@dataclass(frozen=True, kw_only=True)
-class LotteryConfig:
+class LotteryConfig(StrictConfig):
     """IMP settings: prune ``rate`` of the remaining weights per round (``scope`` global or per layer) until at most
     ``target_density`` remains; ``include``/``exclude``/``module_types`` choose the weights as in
-    :class:`~prunekit.training.sparse_config.SparsifierConfig`."""
+    :class:`~prunekit.training.sparse_config.SparsifierConfig`. A strict, frozen pydantic configuration."""
+
+    model_config = ConfigDict(frozen=True)
 
     rate: float = 0.2
     target_density: float = 0.8**5
-    scope: Scope = "global"
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    module_types: tuple[type[nn.Module], ...] = ()
+    scope: RankingScope = "global"
+    include: IncludePatterns = ()
+    exclude: ExcludePatterns = ()
+    module_types: ModuleTypes = ()
 
-    def __post_init__(self) -> None:
+    @field_validator("scope", mode="before")
+    @classmethod
+    def _scope(cls, value: object) -> object:
+        if value not in ("global", "layer"):
+            raise ConfigError(f"scope must be 'global' or 'layer', got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> LotteryConfig:
         rounds_to_reach(self.target_density, self.rate)  # validates both
-        if self.scope not in ("global", "layer"):
-            raise ConfigError(f"scope must be 'global' or 'layer', got {self.scope!r}")
+        return self
 
 
 class LotteryTicket:

@@ -43,7 +43,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+from pydantic import ConfigDict, field_validator, model_validator
 
+from prunekit.core.config import StrictConfig
 from prunekit.core.errors import ConfigError
 from prunekit.core.patterns import drop_lowest_k
 
@@ -213,10 +215,12 @@ def sap_prune_count(
     return max(0, min(d - 1, math.floor(d * ratio + 1e-9)))
 
 
-@dataclass(frozen=True)
-class SAPConfig:
+class SAPConfig(StrictConfig):
     """Hyper-parameters of SAP (Diao et al. 2023, Alg. 1): norms ``p < q``, bound scaling ``eta_r``,
-    pruning-ratio scaling ``gamma``, largest pruning ratio per round ``beta``, and the scope."""
+    pruning-ratio scaling ``gamma``, largest pruning ratio per round ``beta``, and the scope. A strict, frozen
+    pydantic configuration (``from_yaml``/``to_yaml``)."""
+
+    model_config = ConfigDict(frozen=True)
 
     p: float = 0.5
     q: float = 1.0
@@ -225,15 +229,22 @@ class SAPConfig:
     beta: float = 0.9
     scope: SapScope = "layer"
 
-    def __post_init__(self) -> None:
+    @field_validator("scope", mode="before")
+    @classmethod
+    def _scope(cls, value: object) -> object:
+        if value not in ("row", "layer", "global"):
+            raise ConfigError(f"SAP scope must be 'row', 'layer' or 'global', got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> SAPConfig:
         _check_pq(self.p, self.q)
-        if self.scope not in ("row", "layer", "global"):
-            raise ConfigError(f"SAP scope must be 'row', 'layer' or 'global', got {self.scope!r}")
         if self.gamma < 0 or not (0.0 <= self.beta <= 1.0) or self.eta_r <= -1:
             raise ConfigError(
                 f"SAP needs gamma >= 0, 0 <= beta <= 1 and eta_r > -1, got gamma={self.gamma!r}, "
                 f"beta={self.beta!r}, eta_r={self.eta_r!r}"
             )
+        return self
 
 
 @dataclass(frozen=True)

@@ -10,25 +10,60 @@ A report is a plain dict::
 where an entry (:func:`history_entry`) holds ``accuracy``, ``sparsity``, ``steps``, ``seconds``, ``history`` (the
 :class:`~prunekit.training.loop.StepRecord`\\ s as dicts) and any extra fields. Every file is written to a temporary
 sibling and renamed over the target (:func:`write_file_atomically`), so a reader never sees a half-written file and a
-failure leaves the previous version in place. matplotlib is imported only to draw, through its object-oriented
-API (no pyplot, no global backend switch).
+failure leaves the previous version in place. :class:`TrainingReport` is the typed form
+(a :class:`prunekit.reporting.Report`); figures come from :mod:`prunekit.reporting` (matplotlib's object API, no
+pyplot, no global backend switch).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prunekit.io.atomic import write_file_atomically
-from prunekit.training.loop import TrainHistory
+from prunekit.reporting import new_figure, save_figure
+from prunekit.training.history import TrainHistory
 
-logger = logging.getLogger(__name__)
+__all__ = ["TrainingReport", "history_entry", "plot_histories", "render_markdown", "write_training_report"]
 
-__all__ = ["history_entry", "plot_histories", "render_markdown", "write_training_report"]
+
+@dataclass
+class TrainingReport:
+    """A training report (satisfies :class:`prunekit.reporting.Report`): ``title``, the ``budget`` (settings shared
+    by every experiment), ``experiments`` (name -> :func:`history_entry`) and the ``floors`` checked. ``to_dict``
+    is the JSON layout the bench scripts read; :func:`prunekit.reporting.write_report` writes it into a folder,
+    :func:`write_training_report` to chosen file names."""
+
+    title: str = "Training report"
+    budget: dict[str, Any] = field(default_factory=dict)
+    experiments: dict[str, dict[str, Any]] = field(default_factory=dict)
+    floors: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainingReport:
+        """From the plain-dict layout (missing sections empty)."""
+        return cls(
+            title=data.get("title", "Training report"),
+            budget=dict(data.get("budget") or {}),
+            experiments=dict(data.get("experiments") or {}),
+            floors=list(data.get("floors") or []),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"title": self.title, "budget": self.budget, "experiments": self.experiments, "floors": self.floors}
+
+    def to_markdown(self) -> str:
+        return render_markdown(self.to_dict())
+
+    def plot(self, path: Path) -> bool:
+        return plot_histories(self.to_dict(), path)
+
+
+def _as_dict(report: Mapping[str, Any] | TrainingReport) -> Mapping[str, Any]:
+    return report.to_dict() if isinstance(report, TrainingReport) else report
 
 
 def history_entry(history: TrainHistory, **extra: Any) -> dict[str, Any]:
@@ -50,9 +85,10 @@ def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def render_markdown(report: Mapping[str, Any]) -> str:
+def render_markdown(report: Mapping[str, Any] | TrainingReport) -> str:
     """The report as Markdown: the budget, one table row per experiment (accuracy in %, sparsity, steps, wall
     seconds, note), and the floors when present."""
+    report = _as_dict(report)
     lines = [f"# {report.get('title', 'Training report')}", ""]
     budget = report.get("budget") or {}
     if budget:
@@ -79,15 +115,13 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_histories(report: Mapping[str, Any], path: str | Path) -> bool:
+def plot_histories(report: Mapping[str, Any] | TrainingReport, path: str | Path) -> bool:
     """Sparsity, test accuracy and PQ Index against the optimizer step, one line per experiment with a
     ``history``, as a PNG written atomically to ``path``. Returns False (and logs a warning) without matplotlib."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        logger.warning("matplotlib is not installed; skipping the plot (pip install 'prunekit[plots]')")
+    report = _as_dict(report)
+    fig = new_figure(9, 10)
+    if fig is None:
         return False
-    fig = Figure(figsize=(9, 10), constrained_layout=True)
     axes = fig.subplots(3, 1, sharex=True)
     panels = (("sparsity", "sparsity (measured)"), ("accuracy", "test accuracy"), ("pqi", "PQ Index (p=0.5, q=1)"))
     for name, entry in (report.get("experiments") or {}).items():
@@ -107,12 +141,12 @@ def plot_histories(report: Mapping[str, Any], path: str | Path) -> bool:
     axes[0].set_title(report.get("title", "training"))
     if any(ax.get_legend_handles_labels()[0] for ax in axes):
         axes[0].legend(fontsize=8, ncol=2)
-    write_file_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    write_file_atomically(path, lambda tmp: save_figure(fig, tmp, dpi=100))
     return True
 
 
 def write_training_report(
-    report: Mapping[str, Any],
+    report: Mapping[str, Any] | TrainingReport,
     json_path: str | Path,
     *,
     markdown_path: str | Path | None = None,
@@ -120,6 +154,7 @@ def write_training_report(
 ) -> list[Path]:
     """Write the report as JSON (and, when paths are given, Markdown and the PNG figure), each file atomically;
     returns the paths written."""
+    report = _as_dict(report)
     written = []
     if plot_path is not None and plot_histories(report, plot_path):
         written.append(Path(plot_path))

@@ -3,11 +3,14 @@ matrix view every mask decision works on."""
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
+from pydantic import PlainSerializer, PlainValidator, WithJsonSchema
 from torch import nn
 
 from prunekit.core.errors import ConfigError, TargetError
@@ -16,6 +19,62 @@ from prunekit.models.targets import is_linear_map
 DEFAULT_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 """Modules pruned by default (plus transformers' GPT-2-style ``Conv1D``); ``nn.MultiheadAttention`` can be added
 (its ``in_proj_weight`` is then pruned; its ``out_proj`` is an ``nn.Linear`` already)."""
+
+
+def _patterns(value: object, name: str) -> tuple[str, ...]:
+    patterns = (value,) if isinstance(value, str) else tuple(value)  # type: ignore[arg-type]
+    for text in patterns:
+        try:
+            re.compile(text)
+        except (re.error, TypeError) as exc:
+            raise ConfigError(f"{name} pattern {text!r} is not a valid regular expression: {exc}") from None
+    return patterns
+
+
+def _module_type(value: object) -> object:
+    """A class, or its import path (``"torch.nn.Linear"``, as :func:`_type_path` writes it in YAML)."""
+    if not isinstance(value, str):
+        return value
+    module, _, name = value.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        raise ConfigError(f"module_types: cannot import {value!r}: give a class's import path") from None
+
+
+def _module_types(value: object) -> tuple[type[nn.Module], ...]:
+    types = tuple(_module_type(t) for t in value)  # type: ignore[union-attr]
+    if not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
+        raise ConfigError(f"module_types must be nn.Module classes such as nn.Linear, got {types!r}")
+    return types  # type: ignore[return-value]
+
+
+def _type_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+#: ``include``/``exclude`` fields of the training configurations: regular expressions (one string or several),
+#: each checked to compile (the error names the field).
+IncludePatterns = Annotated[
+    tuple[str, ...],
+    PlainValidator(lambda v: _patterns(v, "include")),
+    PlainSerializer(list, return_type=list[str]),
+    WithJsonSchema({"type": "array", "items": {"type": "string"}}),
+]
+ExcludePatterns = Annotated[
+    tuple[str, ...],
+    PlainValidator(lambda v: _patterns(v, "exclude")),
+    PlainSerializer(list, return_type=list[str]),
+    WithJsonSchema({"type": "array", "items": {"type": "string"}}),
+]
+#: ``module_types`` fields: ``nn.Module`` classes (not data, so a plain validator checks them); in YAML, import
+#: paths such as ``torch.nn.modules.linear.Linear``.
+ModuleTypes = Annotated[
+    tuple[type[nn.Module], ...],
+    PlainValidator(_module_types),
+    PlainSerializer(lambda types: [_type_path(t) for t in types], return_type=list[str]),
+    WithJsonSchema({"type": "array", "items": {"type": "string"}}),
+]
 
 
 class TargetSelectionError(TargetError, ConfigError):

@@ -4,24 +4,81 @@ validated once at construction (every bad value is a :class:`~prunekit.core.erro
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass, fields
-from typing import Literal
+from dataclasses import asdict
+from typing import Annotated, Any, Literal
 
-from torch import nn
+from pydantic import (
+    ConfigDict,
+    PlainSerializer,
+    PlainValidator,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
+from prunekit.core.config import StrictConfig
 from prunekit.core.errors import ConfigError
 from prunekit.core.patterns import NM, Unstructured, parse_pattern
 from prunekit.training.schedules import CubicSchedule, LinearSchedule, OneShotSchedule, Schedule
+from prunekit.training.selection import ExcludePatterns, IncludePatterns, ModuleTypes
 
 Method = Literal["gmp", "granet"]
 Distribution = Literal["uniform", "erk", "global"]
 Init = Literal["magnitude", "erk", "uniform"]
 Granularity = Literal["unstructured", "channel"] | NM
 
+#: The schedule classes by the ``kind`` a YAML recipe names them with.
+SCHEDULE_KINDS: dict[str, type] = {"oneshot": OneShotSchedule, "linear": LinearSchedule, "cubic": CubicSchedule}
 
-@dataclass(frozen=True, kw_only=True)
-class SparsifierConfig:
+
+def _schedule(value: object) -> Schedule:
+    """A schedule object, or (from YAML) a mapping ``{kind: oneshot | linear | cubic, <its fields>}``."""
+    if isinstance(value, dict) and value.get("kind") in SCHEDULE_KINDS:
+        fields = {k: v for k, v in value.items() if k != "kind"}
+        try:
+            return SCHEDULE_KINDS[value["kind"]](**fields)
+        except TypeError as exc:
+            raise ConfigError(f"schedule: {exc}") from None
+    if not isinstance(value, (OneShotSchedule, LinearSchedule, CubicSchedule)):
+        raise ConfigError(f"schedule must be a OneShotSchedule, LinearSchedule or CubicSchedule, got {value!r}")
+    return value
+
+
+def _schedule_data(schedule: Schedule) -> dict[str, Any]:
+    kind = next(k for k, cls in SCHEDULE_KINDS.items() if type(schedule) is cls)
+    return {"kind": kind, **asdict(schedule)}
+
+
+def _granularity(value: object) -> str | NM:
+    granularity = value
+    if isinstance(granularity, str) and granularity not in ("unstructured", "channel"):
+        granularity = parse_pattern(granularity)  # "2:4" -> NM(2, 4), or a ConfigError naming the choices
+        if isinstance(granularity, Unstructured):
+            granularity = "unstructured"
+    if not isinstance(granularity, NM) and granularity not in ("unstructured", "channel"):
+        raise ConfigError(f"granularity must be 'unstructured', 'channel' or an N:M pattern, got {granularity!r}")
+    return granularity  # type: ignore[return-value]
+
+
+#: Schedules are frozen dataclasses with their own checks (:mod:`~prunekit.training.schedules`): kept as objects,
+#: checked by type; written to YAML as ``{kind, fields}``.
+ScheduleField = Annotated[
+    Schedule,
+    PlainValidator(_schedule),
+    PlainSerializer(_schedule_data, return_type=dict),
+    WithJsonSchema({"type": "object"}),
+]
+#: ``"unstructured"``, ``"channel"`` or an :class:`~prunekit.core.patterns.NM` (``"2:4"`` is parsed); YAML: text.
+GranularityField = Annotated[
+    Granularity,
+    PlainValidator(_granularity),
+    PlainSerializer(str, return_type=str),
+    WithJsonSchema({"type": "string"}),
+]
+
+
+class SparsifierConfig(StrictConfig):
     """What to prune during training, when and how (see the module docstring for the papers).
 
     ``schedule``: a :mod:`~prunekit.training.schedules` schedule (sparsity per optimizer step).
@@ -35,67 +92,68 @@ class SparsifierConfig:
     ``include``/``exclude``: regular expressions searched in parameter names (``"features.0.weight"``);
     ``module_types``: which modules' weights are candidates (default :data:`DEFAULT_MODULE_TYPES`).
     ``seed``: seeds the random sparse initialisation.
+
+    A strict, frozen pydantic configuration (``from_yaml``/``to_yaml``). ``schedule`` and ``module_types`` hold
+    objects (a schedule dataclass, ``nn.Module`` classes) checked by plain validators rather than
+    ``arbitrary_types_allowed``; in YAML they are ``{kind: cubic, ...}`` and import paths.
     """
 
-    schedule: Schedule
+    model_config = ConfigDict(frozen=True)
+
+    schedule: ScheduleField
     method: Method = "gmp"
     distribution: Distribution = "uniform"
-    granularity: Granularity = "unstructured"
+    granularity: GranularityField = "unstructured"
     min_density: float = 0.0
     erk_power_scale: float = 1.0
     init: Init = "magnitude"
     regrow_fraction: float = 0.5
     regrow_end_step: int | None = None
     mask_gradients: bool = True
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    module_types: tuple[type[nn.Module], ...] = ()
+    include: IncludePatterns = ()
+    exclude: ExcludePatterns = ()
+    module_types: ModuleTypes = ()
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.schedule, (OneShotSchedule, LinearSchedule, CubicSchedule)):
-            raise ConfigError(
-                f"schedule must be a OneShotSchedule, LinearSchedule or CubicSchedule, got {self.schedule!r}"
-            )
-        _check_choice("method", self.method, ("gmp", "granet"))
-        _check_choice("distribution", self.distribution, ("uniform", "erk", "global"))
-        _check_choice("init", self.init, ("magnitude", "erk", "uniform"))
-        granularity = self.granularity
-        if isinstance(granularity, str) and granularity not in ("unstructured", "channel"):
-            granularity = parse_pattern(granularity)  # "2:4" -> NM(2, 4), or a ConfigError naming the choices
-            if isinstance(granularity, Unstructured):
-                granularity = "unstructured"
-            object.__setattr__(self, "granularity", granularity)
-        if not isinstance(granularity, NM) and granularity not in ("unstructured", "channel"):
-            raise ConfigError(f"granularity must be 'unstructured', 'channel' or an N:M pattern, got {granularity!r}")
-        for name in ("min_density", "regrow_fraction"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise ConfigError(f"{name} must be in [0, 1], got {value!r}")
-        if not isinstance(self.erk_power_scale, (int, float)) or self.erk_power_scale < 0:
-            raise ConfigError(f"erk_power_scale must be >= 0, got {self.erk_power_scale!r}")
-        if self.regrow_end_step is not None and (
-            isinstance(self.regrow_end_step, bool)
-            or not isinstance(self.regrow_end_step, int)
-            or self.regrow_end_step < 1
-        ):
-            raise ConfigError(f"regrow_end_step must be a whole number >= 1 or None, got {self.regrow_end_step!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError(f"seed must be a whole number, got {self.seed!r}")
-        for name in ("include", "exclude"):
-            patterns = getattr(self, name)
-            patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)
-            object.__setattr__(self, name, patterns)
-            for text in patterns:
-                try:
-                    re.compile(text)
-                except (re.error, TypeError) as exc:
-                    raise ConfigError(f"{name} pattern {text!r} is not a valid regular expression: {exc}") from None
-        types = tuple(self.module_types)
-        object.__setattr__(self, "module_types", types)
-        if not all(isinstance(t, type) and issubclass(t, nn.Module) for t in types):
-            raise ConfigError(f"module_types must be nn.Module classes such as nn.Linear, got {types!r}")
+    @field_validator("method", "distribution", "init", mode="before")
+    @classmethod
+    def _choice(cls, value: object, info: ValidationInfo) -> object:
+        choices = {"method": ("gmp", "granet"), "distribution": ("uniform", "erk", "global")}
+        _check_choice(info.field_name, value, choices.get(info.field_name, ("magnitude", "erk", "uniform")))
+        return value
+
+    @field_validator("min_density", "regrow_fraction", mode="before")
+    @classmethod
+    def _fraction(cls, value: object, info: ValidationInfo) -> object:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{info.field_name} must be in [0, 1], got {value!r}")
+        return value
+
+    @field_validator("erk_power_scale", mode="before")
+    @classmethod
+    def _power(cls, value: object) -> object:
+        if not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"erk_power_scale must be >= 0, got {value!r}")
+        return value
+
+    @field_validator("regrow_end_step", mode="before")
+    @classmethod
+    def _end(cls, value: object) -> object:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"regrow_end_step must be a whole number >= 1 or None, got {value!r}")
+        return value
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed(cls, value: object) -> object:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"seed must be a whole number, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _combination(self) -> SparsifierConfig:
         self._check_combination()
+        return self
 
     def _check_combination(self) -> None:
         structured = self.granularity != "unstructured"
@@ -126,9 +184,9 @@ class SparsifierConfig:
     def describe(self) -> dict[str, str]:
         """Every field as text (stored in checkpoints to refuse resuming under another configuration)."""
         out = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = repr(tuple(t.__qualname__ for t in value)) if f.name == "module_types" else repr(value)
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            out[name] = repr(tuple(t.__qualname__ for t in value)) if name == "module_types" else repr(value)
         return out
 
 

@@ -1,9 +1,14 @@
-"""How sparse a sparsifier's masks are, per layer and overall (:class:`SparsityReport`)."""
+"""How sparse a sparsifier's masks are, per layer and overall (:class:`SparsityReport`, a
+:class:`prunekit.reporting.Report`: ``write_report(sparsifier.sparsity_report(), folder)`` writes its JSON, Markdown and a
+bar chart of the layers' sparsity)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from prunekit.reporting import new_figure, save_figure
 
 
 @dataclass(frozen=True)
@@ -52,3 +57,34 @@ class SparsityReport:
             "sparsity": self.sparsity,
             "layers": {layer.name: {"shape": list(layer.shape), "sparsity": layer.sparsity} for layer in self.layers},
         }
+
+    def to_markdown(self) -> str:
+        """A table of the layers' sparsity under the overall figure."""
+        lines = [
+            f"# Sparsity after {self.step} steps",
+            "",
+            f"Overall {self.sparsity:.4f} (schedule target {self.target:.4f}), {self.kept} of {self.numel} weights kept.",
+            "",
+            "| layer | shape | sparsity |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {layer.name} | {tuple(layer.shape)} | {layer.sparsity:.4f} |" for layer in self.layers]
+        return "\n".join(lines) + "\n"
+
+    def plot(self, path: Path) -> bool:
+        """One horizontal bar per layer (its sparsity), the schedule's target as a line; False without layers or
+        matplotlib."""
+        if not self.layers:
+            return False
+        fig = new_figure(7, max(2.5, 0.3 * len(self.layers) + 1))
+        if fig is None:
+            return False
+        ax = fig.subplots()
+        ax.barh([layer.name for layer in self.layers], [layer.sparsity for layer in self.layers])
+        ax.axvline(self.target, color="black", linestyle="--", linewidth=1, label="target")
+        ax.set_xlim(0, 1)
+        ax.invert_yaxis()
+        ax.set_xlabel("sparsity")
+        ax.legend(fontsize=8)
+        save_figure(fig, path)
+        return True

@@ -6,22 +6,40 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from pydantic import ConfigDict, field_validator, model_validator
 
+from prunekit.core.config import StrictConfig
 from prunekit.core.errors import ConfigError
-from prunekit.training.cifar import CIFAR10_MEAN, CIFAR10_STD
 
 LRSchedule = Literal["onecycle", "cosine", "constant"]
 
 #: Independent random streams derived from the run's seed (see :func:`derive_seed`).
 PERMUTATION_STREAM, AUGMENTATION_STREAM, EVAL_SUBSET_STREAM = 0, 1, 2
 
+#: Default per-channel normalisation: the CIFAR-10 training-pixel statistics (the experiments' data set; equal
+#: to :data:`prunekit.training.cifar.augment.CIFAR10_MEAN`/``CIFAR10_STD``, which a test checks), spelled out
+#: here so that the generic loop imports nothing of CIFAR.
+DEFAULT_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
+DEFAULT_STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
 
-@dataclass(frozen=True, kw_only=True)
-class TrainConfig:
+_WHOLE = {  # field -> least value (None-able fields are checked only when set)
+    "batch_size": 1,
+    "accumulation_steps": 1,
+    "log_every": 1,
+    "eval_every": 0,
+    "eval_batch_size": 1,
+    "padding": 0,
+    "seed": 0,
+    "steps": 1,
+    "threads": 1,
+    "eval_samples": 1,
+}
+
+
+class TrainConfig(StrictConfig):
     """How to train (see the module docstring for the choices and their papers).
 
     ``epochs`` (may be fractional) or ``steps`` (optimizer steps; overrides ``epochs``) set the length.
@@ -32,10 +50,16 @@ class TrainConfig:
     ``torch.set_num_threads`` for the run (restored afterwards; ``None`` leaves it). ``accumulation_steps``:
     micro-batches per optimizer step (per rank). ``augment``: pad-``padding`` random crop + horizontal flip;
     ``mean``/``std``: per-channel normalisation (uint8 images are divided by 255 first). ``log_every``: a
-    :class:`StepRecord` every so many steps and wherever the measured sparsity changed; ``eval_every``: test accuracy every so many steps (0: only at the
-    end), on ``eval_samples`` seeded test examples (``None``: all); the final evaluation always uses the whole
-    test set. ``eval_batch_size``: evaluation batch.
+    :class:`StepRecord` every so many steps and wherever the measured sparsity changed; ``eval_every``: test
+    accuracy every so many steps (0: only at the end), on ``eval_samples`` seeded test examples (``None``: all);
+    the final evaluation always uses the whole test set. ``eval_batch_size``: evaluation batch.
+
+    A strict pydantic configuration (:class:`~prunekit.core.config.StrictConfig`): unknown keys and bad values
+    are :class:`~prunekit.core.errors.ConfigError`\\ s, and ``from_yaml``/``to_yaml`` read and write recipes.
+    Frozen, like the dataclass it replaces.
     """
+
+    model_config = ConfigDict(frozen=True)
 
     epochs: float = 1.0
     steps: int | None = None
@@ -51,31 +75,36 @@ class TrainConfig:
     accumulation_steps: int = 1
     augment: bool = True
     padding: int = 4
-    mean: tuple[float, ...] = CIFAR10_MEAN
-    std: tuple[float, ...] = CIFAR10_STD
+    mean: tuple[float, ...] = DEFAULT_MEAN
+    std: tuple[float, ...] = DEFAULT_STD
     log_every: int = 10
     eval_every: int = 0
     eval_samples: int | None = None
     eval_batch_size: int = 1000
 
-    def __post_init__(self) -> None:
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, (int, float)) or not self.epochs > 0:
-            raise ConfigError(f"epochs must be > 0 (fractions allowed), got {self.epochs!r}")
-        for name, least in (
-            ("batch_size", 1),
-            ("accumulation_steps", 1),
-            ("log_every", 1),
-            ("eval_every", 0),
-            ("eval_batch_size", 1),
-            ("padding", 0),
-        ):
-            _check_int(name, getattr(self, name), least)
-        for name in ("steps", "threads", "eval_samples"):
-            if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), 1)
-        _check_int("seed", self.seed, 0)
-        if self.lr_schedule not in ("onecycle", "cosine", "constant"):
-            raise ConfigError(f"lr_schedule must be 'onecycle', 'cosine' or 'constant', got {self.lr_schedule!r}")
+    @field_validator("epochs", mode="before")
+    @classmethod
+    def _epochs(cls, value: object) -> object:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigError(f"epochs must be > 0 (fractions allowed), got {value!r}")
+        return value
+
+    @field_validator(*_WHOLE, mode="before")
+    @classmethod
+    def _whole(cls, value: object, info) -> object:
+        if value is not None or info.field_name not in ("steps", "threads", "eval_samples"):
+            _check_int(info.field_name, value, _WHOLE[info.field_name])
+        return value
+
+    @field_validator("lr_schedule", mode="before")
+    @classmethod
+    def _schedule(cls, value: object) -> object:
+        if value not in ("onecycle", "cosine", "constant"):
+            raise ConfigError(f"lr_schedule must be 'onecycle', 'cosine' or 'constant', got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _combination(self) -> TrainConfig:
         if not (self.lr > 0 and 0.0 <= self.momentum < 1.0 and self.weight_decay >= 0 and 0.0 <= self.warmup < 1.0):
             raise ConfigError(
                 f"need lr > 0, 0 <= momentum < 1, weight_decay >= 0 and 0 <= warmup < 1, got lr={self.lr!r}, "
@@ -83,19 +112,23 @@ class TrainConfig:
             )
         if self.nesterov and self.momentum == 0:
             raise ConfigError("Nesterov momentum needs momentum > 0: set nesterov=False or a momentum")
-        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
-        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         if len(self.mean) != len(self.std) or not all(s > 0 for s in self.std):
             raise ConfigError(f"mean and std need one entry per channel and std > 0, got {self.mean}, {self.std}")
+        return self
 
 
-@dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(StrictConfig):
     """Hinton et al. 2015 distillation: loss ``alpha T^2 KL(p_teacher^T || p_student^T) + (1 - alpha) CE``
-    (:func:`~prunekit.training.distill.kd_loss`); the paper tunes both, so both are required."""
+    (:func:`~prunekit.training.distill.kd_loss`); the paper tunes both, so both are required (positionally too:
+    ``DistillConfig(0.5, 2.0)``)."""
+
+    model_config = ConfigDict(frozen=True)
 
     alpha: float
     temperature: float
+
+    def __init__(self, alpha: float, temperature: float, **data: object) -> None:
+        super().__init__(alpha=alpha, temperature=temperature, **data)
 
 
 def _check_int(name: str, value: object, least: int) -> None:

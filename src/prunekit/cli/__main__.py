@@ -1,0 +1,7 @@
+"""``python -m prunekit.cli``."""
+
+import sys
+
+from prunekit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,182 @@
+"""``prunekit prune``: one-shot pruning of a causal LM. Every flag maps onto one field of
+:class:`prunekit.oneshot.config.Recipe`; a YAML recipe (``--recipe``) gives the starting values and flags given on
+the command line override them. The registered methods' own options become flags by themselves."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from collections.abc import Sequence
+from typing import Any, Literal, get_args, get_origin
+
+from pydantic.fields import FieldInfo
+
+from prunekit.cli.common import _add_model_flags, _add_verbosity_flags
+from prunekit.core.config import read_yaml_mapping
+from prunekit.io.compressed import SAVE_FORMATS
+from prunekit.methods import method_classes, method_names
+from prunekit.oneshot.config import Recipe
+from prunekit.oneshot.job import run_recipe
+
+# flag destination -> (recipe section, field)
+_PRUNE_FLAGS = {
+    "method": ("prune", "method"),
+    "sparsity": ("prune", "sparsity"),
+    "pattern": ("prune", "pattern"),
+    "scope": ("prune", "scope"),
+    "include": ("prune", "include"),
+    "exclude": ("prune", "exclude"),
+    "batch_size": ("prune", "batch_size"),
+    "device": ("prune", "device"),
+    "sample_tokens": ("prune", "sample_tokens"),
+    "offload_activations": ("prune", "offload_activations"),
+    "propagation": ("prune", "propagation"),
+    "refit_steps": ("prune", "refit_steps"),
+    "dtype": ("model", "dtype"),
+    "trust_remote_code": ("model", "trust_remote_code"),
+    "lazy": ("model", "lazy"),
+    "calib": ("calibration", "path"),
+    "calib_dataset": ("calibration", "dataset"),
+    "nsamples": ("calibration", "nsamples"),
+    "seqlen": ("calibration", "seqlen"),
+    "seed": ("calibration", "seed"),
+    "ppl": ("eval", "ppl"),
+    "ppl_seqlen": ("eval", "seqlen"),
+    "ppl_windows": ("eval", "max_windows"),
+    "out": ("output", "dir"),
+    "overwrite": ("output", "overwrite"),
+    "report": ("output", "report_dir"),
+    "save_format": ("output", "save_format"),
+}
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("prune", help="one-shot prune a causal LM and save it")
+    _add_verbosity_flags(p, argparse.SUPPRESS)  # accepted after the subcommand too
+    _add_model_flags(p)
+    p.add_argument("--recipe", help="YAML recipe; flags override its values")
+    p.add_argument(
+        "--method",
+        choices=method_names(),
+        default=None,
+        help="default: wanda; " + "; ".join(f"{m.name}: {m.summary}" for m in method_classes()),
+    )
+    p.add_argument("--sparsity", type=float, default=None, help="fraction removed, in [0, 1); default 0.5")
+    p.add_argument("--pattern", default=None, help="'unstructured' (default) or N:M such as 2:4")
+    p.add_argument("--scope", choices=["row", "layer"], default=None, help="unstructured comparison group")
+    p.add_argument("--include", action="append", default=None, help="regex of layer names to prune (repeatable)")
+    p.add_argument("--exclude", action="append", default=None, help="regex of layer names to skip (repeatable)")
+    p.add_argument("--calib", default=None, help="calibration text file (e.g. a validation split)")
+    p.add_argument("--calib-dataset", default=None, help="Hugging Face dataset name instead of --calib")
+    p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per calibration window (default 2048)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the calibration draw (default 0)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="windows per forward batch (default 1; all batches are in flight together, so larger batches only add transient memory)",
+    )
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--sample-tokens", type=int, default=None, help="tokens per layer for the error report")
+    p.add_argument("--offload-activations", action="store_true", default=None, help="keep activations on CPU")
+    p.add_argument(
+        "--propagation",
+        choices=["auto", "sequential", "block", "dense"],
+        default=None,
+        help="inputs behind the statistics: sequential (1 pass), block (2 passes), dense (1 pass); auto (default): "
+        "dense for unstructured Wanda, sequential otherwise",
+    )
+    p.add_argument(
+        "--lazy",
+        action="store_true",
+        default=None,
+        help="models larger than memory: read, prune and write one block at a time (needs --out, no --ppl)",
+    )
+    _add_method_option_flags(p)
+    p.add_argument(
+        "--refit-steps",
+        type=int,
+        default=None,
+        help="conjugate-gradient steps refitting the kept weights to the dense output after masking (default 4 for "
+        "sparsegpt, 0 otherwise; 0 = the paper's SparseGPT; any method with > 0 needs --calib)",
+    )
+    p.add_argument("--ppl", default=None, help="text file to measure perplexity on, before and after")
+    p.add_argument("--ppl-seqlen", type=int, default=None, help="perplexity window length (default 2048)")
+    p.add_argument("--ppl-windows", type=int, default=None, help="use only the first N perplexity windows")
+    p.add_argument("--out", default=None, help="output directory for the pruned checkpoint")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty --out")
+    p.add_argument("--report", default=None, help="report directory (default: <out>/prunekit-report)")
+    p.add_argument(
+        "--save-format",
+        choices=list(SAVE_FORMATS),
+        default=None,
+        help="dense (default), compressed (sparse layers stored compressed: compressed-tensors' sparse-24-bitmask "
+        "when 2:4, else sparse-bitmask), or a format by name",
+    )
+    p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe as YAML and exit")
+
+
+def _method_options() -> dict[str, tuple[FieldInfo, list[str]]]:
+    """Every registered method's own options: ``field name -> (field, [methods that have it])``."""
+    options: dict[str, tuple[FieldInfo, list[str]]] = {}
+    for method in method_classes():
+        for name, field in method.config_class.model_fields.items():
+            options.setdefault(name, (field, []))[1].append(method.name)
+    return options
+
+
+def _add_method_option_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per option of a registered method (``--dampening`` for SparseGPT...), built from the methods'
+    config classes, so a newly registered method's options are on the command line without editing it."""
+    for name, (field, owners) in _method_options().items():
+        kwargs: dict[str, Any] = {"default": None}
+        annotation = field.annotation
+        if get_origin(annotation) is Literal:
+            kwargs["choices"] = list(get_args(annotation))
+        elif annotation is bool:
+            kwargs["action"] = "store_true"
+        elif annotation in (int, float, str):
+            kwargs["type"] = annotation
+        description = (field.description or "").split(": ", 1)[-1]
+        kwargs["help"] = f"{'/'.join(owners)}: {description} (default {field.default})"
+        parser.add_argument("--" + name.replace("_", "-"), **kwargs)
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """Start from ``--recipe`` (or defaults) and apply every flag that was given."""
+    data: dict[str, Any] = {}
+    if args.recipe:
+        Recipe.from_yaml(args.recipe)  # the file alone must be valid
+        data = read_yaml_mapping(args.recipe)
+    if args.model is not None:
+        data.setdefault("model", {})["source"] = args.model
+    flags = {**_PRUNE_FLAGS, **{name: ("prune", name) for name in _method_options()}}
+    for flag, (section, key) in flags.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            data.setdefault(section, {})[key] = value
+    return Recipe.from_dict(data)
+
+
+def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    recipe = recipe_from_args(args)
+    if args.print_recipe:
+        print(recipe.to_yaml(), end="")
+        return 0
+    command = shlex.join(["prunekit", *argv])
+    run = run_recipe(recipe, command=command, progress=not args.quiet)
+    s = run.report["summary"]
+    print(f"pruned {s['layers']} layers: sparsity {s['overall_sparsity']:.2%} in {s['prune_seconds']:.1f} s")
+    if run.ppl_before:
+        print(
+            f"perplexity before: {run.ppl_before.perplexity:.3f} ({run.ppl_before.windows} x {run.ppl_before.seqlen})"
+        )
+    if run.ppl_after:
+        print(f"perplexity after:  {run.ppl_after.perplexity:.3f} ({run.ppl_after.windows} x {run.ppl_after.seqlen})")
+    if run.output_dir:
+        out = run.report["output"]
+        print(f"checkpoint: {run.output_dir} ({out['written_format']}, {out['size_bytes'] / 2**20:.1f} MiB of weights)")
+    if run.report_dir:
+        print(f"report: {run.report_dir}")
+    return 0

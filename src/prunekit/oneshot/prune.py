@@ -1,0 +1,217 @@
+"""One-shot pruning of a causal LM: select targets -> gather statistics -> score -> pattern -> apply.
+
+:func:`prune` is the public entry point. Methods whose scores need activations (Wanda) run the sequential
+engine; weight-only methods (magnitude, random) prune directly, and still use the engine when calibration
+data is given, to report each layer's reconstruction error on real inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from prunekit.calibration.engine import BlockStream, BlockTiming, run_sequential
+from prunekit.calibration.statistics import LayerStatistics
+from prunekit.core.devices import resolve_device
+from prunekit.core.errors import ConfigError, NonFiniteError
+from prunekit.core.measure import MemoryMeter
+from prunekit.core.patterns import check_pattern_fits
+from prunekit.methods import LayerTask, MethodConfig, OneShotMethod, method_class
+from prunekit.models.blocks import find_decoder_blocks
+from prunekit.models.targets import Target, find_targets, weight_matrix
+from prunekit.oneshot.config import PruneConfig
+from prunekit.reconstruction.least_squares import DEFAULT_DAMPENING, refit_kept_weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerResult:
+    """What happened to one layer."""
+
+    name: str
+    block: int | None
+    shape: tuple[int, int]
+    method: str
+    sparsity: float
+    relative_error: float | None
+    error_tokens: int
+    seconds: float
+
+
+@dataclass
+class PruneResult:
+    """The pruned model and a record of the run."""
+
+    model: nn.Module
+    layers: list[LayerResult] = field(default_factory=list)
+    blocks: list[BlockTiming] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_rss_bytes: int = 0
+    peak_device_bytes: int | None = None
+    calibration_shape: tuple[int, int] | None = None
+
+    @property
+    def overall_sparsity(self) -> float:
+        total = sum(r.shape[0] * r.shape[1] for r in self.layers)
+        zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in self.layers)
+        return zeros / max(1, total)
+
+
+def relative_reconstruction_error(weight: torch.Tensor, pruned: torch.Tensor, inputs: torch.Tensor) -> float:
+    """``||W X - W' X||^2 / ||W X||^2`` on sample input rows ``X`` (tokens x in); ``W'`` = ``pruned``."""
+    w = weight.float()
+    x = inputs.to(w.device).float()
+    dense = x @ w.t()
+    difference = x @ (w - pruned.to(w.device).float()).t()
+    denominator = dense.pow(2).sum()
+    return float(difference.pow(2).sum() / denominator) if denominator > 0 else 0.0
+
+
+def _check_finite_weight(target: Target, weight: torch.Tensor) -> None:
+    if not torch.isfinite(weight).all():
+        raise NonFiniteError(
+            f"NaN or Inf in the weights of layer {target.name!r}: the checkpoint is damaged or was saved in "
+            "a dtype that overflowed; reload it in float32"
+        )
+
+
+def prune(
+    model: nn.Module,
+    config: PruneConfig | None = None,
+    calibration: torch.Tensor | None = None,
+    *,
+    inplace: bool = False,
+    progress: bool = True,
+    stream: BlockStream | None = None,
+) -> PruneResult:
+    """Prune a Hugging Face causal LM one-shot.
+
+    Args:
+        model: a decoder-only transformers model (any family: the block stack is discovered).
+        config: method, sparsity/pattern, targets...; defaults to Wanda at 50% unstructured.
+        calibration: ``(nsamples, seqlen)`` token ids (see :func:`prunekit.calibration.sample_windows`);
+            required by Wanda, optional for magnitude and random (used then to measure errors).
+        inplace: prune ``model`` itself; by default a deep copy is pruned and ``model`` is untouched.
+        progress: show a progress bar per block.
+        stream: for models larger than memory (see :func:`prune_checkpoint`): ``model`` is a skeleton on
+            the meta device, pruned in place, whose blocks ``stream`` loads and writes one at a time.
+    """
+    config = config or PruneConfig()
+    pattern = config.parsed_pattern()
+    method = config.build_method()
+    refit_steps = config.resolved_refit_steps()
+    if config.needs_calibration() and calibration is None:
+        if method.needs_activations:
+            raise ConfigError(f"method {config.method!r} needs calibration data: pass calibration token ids")
+        raise ConfigError(
+            "refitting the kept weights needs calibration data: pass calibration token ids or refit_steps=0"
+        )
+    if calibration is not None and (calibration.dim() != 2 or calibration.numel() == 0):
+        raise ConfigError(f"calibration must be a non-empty (nsamples, seqlen) tensor, got {tuple(calibration.shape)}")
+
+    blocks_name, blocks = find_decoder_blocks(model)
+    targets = find_targets(model, blocks_name, config.include, config.exclude)
+    for target in targets:
+        check_pattern_fits(pattern, target.shape[1], target.name)
+        if (calibration is not None or stream is not None) and target.block_index is None:
+            raise ConfigError(
+                f"layer {target.name!r} is outside the decoder blocks, where calibration cannot reach it "
+                "(or, with --lazy, that are not streamed): prune it in memory with --method magnitude and no "
+                "calibration, or exclude it"
+            )
+        if stream is None:  # streamed weights are checked as they are loaded
+            _check_finite_weight(target, weight_matrix(target.module))
+
+    if not inplace and stream is None:
+        model = copy.deepcopy(model)
+        blocks_name, blocks = find_decoder_blocks(model)
+        targets = find_targets(model, blocks_name, config.include, config.exclude)
+    device = resolve_device(config.device)
+    fallback = method_class("magnitude")(MethodConfig())  # for layers no calibration batch reached
+    result = PruneResult(model=model)
+    meter = MemoryMeter(device)
+    started = time.perf_counter()
+
+    def prune_layer(target: Target, inputs: LayerStatistics) -> None:
+        t0 = time.perf_counter()
+        weight = weight_matrix(target.module)
+        if stream is not None:
+            _check_finite_weight(target, weight)
+        chosen: OneShotMethod = method
+        if not inputs.reached and method.needs_activations:
+            log.warning("no calibration batch reached %s; pruning it by magnitude", target.name)
+            chosen = fallback
+        stats = inputs if inputs.reached else None
+        task = LayerTask(target.name, weight, stats, pattern, keep_gram=refit_steps > 0)
+        pruned = chosen.finalize(task)
+        mask, new_weight = pruned.mask, pruned.weight
+        if refit_steps and inputs.gram is not None:
+            dampening = DEFAULT_DAMPENING if pruned.dampening is None else pruned.dampening
+            gram = inputs.gram.to(weight.device)
+            new_weight = refit_kept_weights(weight, new_weight, mask.keep, gram, refit_steps, dampening=dampening)
+        error = None
+        if inputs.sample is not None and inputs.sample.numel():
+            error = relative_reconstruction_error(weight, new_weight, inputs.sample)
+        with torch.no_grad():
+            weight.copy_(new_weight)
+        result.layers.append(
+            LayerResult(
+                target.name,
+                target.block_index,
+                target.shape,
+                chosen.name,
+                mask.sparsity,
+                error,
+                0 if inputs.sample is None else int(inputs.sample.shape[0]),
+                time.perf_counter() - t0,
+            )
+        )
+
+    with meter:
+        if calibration is None:
+            for index, block in enumerate(blocks):
+                if stream is not None:
+                    stream.load_block(index, block)
+                for target in targets:
+                    if target.block_index == index or (index == 0 and target.block_index is None):
+                        prune_layer(target, LayerStatistics(None, 0, None))
+                if stream is not None:
+                    stream.finish_block(index, block)
+        else:
+            result.calibration_shape = (int(calibration.shape[0]), int(calibration.shape[1]))
+            result.blocks = run_sequential(
+                model,
+                blocks_name,
+                blocks,
+                targets,
+                calibration,
+                prune_layer,
+                device=device,
+                batch_size=config.batch_size,
+                sample_tokens=config.sample_tokens,
+                offload_activations=config.offload_activations,
+                propagation=config.resolved_propagation(),
+                gram_dtype=method.gram_dtype() if config.needs_hessian() else None,
+                stream=stream,
+                progress=progress,
+            )
+    result.seconds = time.perf_counter() - started
+    result.peak_rss_bytes = meter.peak_rss_bytes
+    result.peak_device_bytes = meter.peak_device_bytes
+    order = {t.name: i for i, t in enumerate(targets)}
+    result.layers.sort(key=lambda r: order[r.name])
+    log.info(
+        "pruned %d layers to %.2f%% sparsity in %.1f s",
+        len(result.layers),
+        100 * result.overall_sparsity,
+        result.seconds,
+    )
+    return result
+
+
