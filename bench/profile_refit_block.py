@@ -1,7 +1,7 @@
 """How much refitting the kept weights lowers SparseGPT's layer errors, in one decoder block of SmolLM2-135M.
 
 The block's dense inputs (calibration 32 x 512, seed 0), each of its seven layers pruned by SparseGPT, then
-refitted by 1, 2, 4, 8 and 32 conjugate-gradient steps (:func:`prunekit.solvers.refit_kept_weights`).
+refitted by 1, 2, 4, 8 and 32 conjugate-gradient steps (:func:`prunekit.reconstruction.least_squares.refit_kept_weights`).
 Prints, per pattern and layer, SparseGPT's reconstruction error ``(w - w') (H + lambda I) (w - w')^T`` (the
 objective both solve) and the fraction of it left after each number of steps, with the refit's time.
 

@@ -126,3 +126,40 @@ def test_assigning_another_method_keeps_options_consistent():
     with pytest.raises(ConfigError, match="are not options of method wanda"):
         tuned.method = "wanda"
     assert tuned.method == "sparsegpt" and tuned.options.dampening == 0.02  # unchanged by the refused assignment
+
+
+def test_a_recipe_written_before_methods_had_own_options_still_loads(caplog):
+    # old recipes and reports listed SparseGPT's defaults for every method: default values are dropped
+    old = {"method": "wanda", "dampening": 0.01, "block_size": 128, "hessian_dtype": "float32"}
+    assert prunekit.PruneConfig(**old) == prunekit.PruneConfig(method="wanda")
+    assert "ignoring dampening=0.01" in caplog.text
+    with pytest.raises(ConfigError, match="dampening is an option of method sparsegpt, not of wanda"):
+        prunekit.PruneConfig(method="wanda", dampening=0.02)
+
+
+class Clashing(KeepFirst):
+    name = "clashing"
+
+    class config_class(MethodConfig):
+        seed: int = 3
+
+
+def test_a_method_option_named_like_a_common_key_is_refused():
+    with registered(Clashing), pytest.raises(ConfigError, match="options named like common keys \\(seed\\)"):
+        prunekit.PruneConfig(method="clashing")
+
+
+def test_method_flag_replaces_the_recipes_method_and_its_options(tmp_path):
+    from prunekit.cli import build_parser
+    from prunekit.cli.prune import recipe_from_args
+
+    file = tmp_path / "r.yaml"
+    file.write_text("prune:\n  method: sparsegpt\n  dampening: 0.05\n")
+    args = build_parser().parse_args(["prune", "--recipe", str(file), "--method", "wanda"])
+    assert recipe_from_args(args).prune == prunekit.PruneConfig(method="wanda")
+    args = build_parser().parse_args(["prune", "--recipe", str(file), "--block-size", "64"])
+    assert recipe_from_args(args).prune.options.model_dump() == {
+        "dampening": 0.05,
+        "block_size": 64,
+        "hessian_dtype": "float32",
+    }

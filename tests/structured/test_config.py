@@ -53,3 +53,12 @@ def test_an_unknown_or_invalid_key_names_itself(tmp_path):
     with pytest.raises(ConfigError, match="mode: Input should be 'width' or 'depth'"):
         StructuredConfig(mode="height")
     assert not (tmp_path / "o").exists()
+
+
+def test_model_flags_are_config_keys():
+    from prunekit.cli import build_parser
+    from prunekit.cli.structured import config_from_args
+
+    args = build_parser().parse_args(["structured", "--trust-remote-code", "--dtype", "bfloat16", "--out", "x"])
+    config = config_from_args(args)
+    assert config.trust_remote_code is True and config.dtype == "bfloat16"

@@ -5,6 +5,7 @@ the command line override them. The registered methods' own options become flags
 from __future__ import annotations
 
 import argparse
+import logging
 import shlex
 from collections.abc import Sequence
 from typing import Any, Literal, get_args, get_origin
@@ -17,6 +18,8 @@ from prunekit.io.compressed import SAVE_FORMATS
 from prunekit.methods import method_classes, method_names
 from prunekit.oneshot.config import Recipe
 from prunekit.oneshot.job import run_recipe
+
+log = logging.getLogger(__name__)
 
 # flag destination -> (recipe section, field)
 _PRUNE_FLAGS = {
@@ -140,7 +143,11 @@ def _add_method_option_flags(parser: argparse.ArgumentParser) -> None:
             kwargs["type"] = annotation
         description = (field.description or "").split(": ", 1)[-1]
         kwargs["help"] = f"{'/'.join(owners)}: {description} (default {field.default})"
-        parser.add_argument("--" + name.replace("_", "-"), **kwargs)
+        flag = "--" + name.replace("_", "-")
+        if flag in parser._option_string_actions:  # a common flag: PruneConfig refuses the method when it is used
+            log.warning("method option %s of %s is named like a common flag; not offered", name, "/".join(owners))
+            continue
+        parser.add_argument(flag, **kwargs)
 
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
@@ -151,6 +158,17 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         data = read_yaml_mapping(args.recipe)
     if args.model is not None:
         data.setdefault("model", {})["source"] = args.model
+    prune_section = data.get("prune") if isinstance(data.get("prune"), dict) else None
+    if args.method is not None and prune_section is not None and prune_section.get("method", "wanda") != args.method:
+        # --method replaces the recipe's method: the recipe's options of that method go with it
+        for key in [k for k in prune_section if k in _method_options()]:
+            log.warning(
+                "--method %s replaces the recipe's %s: dropping its option %s",
+                args.method,
+                prune_section.get("method", "wanda"),
+                key,
+            )
+            del prune_section[key]
     flags = {**_PRUNE_FLAGS, **{name: ("prune", name) for name in _method_options()}}
     for flag, (section, key) in flags.items():
         value = getattr(args, flag, None)

@@ -6,6 +6,7 @@ of being ignored. Strings such as ``"2:4"`` are parsed once, here, into pattern 
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 from pydantic import Field, SerializeAsAny, model_serializer, model_validator
@@ -14,6 +15,8 @@ from prunekit.core.config import StrictConfig
 from prunekit.core.patterns import NM, Pattern, parse_pattern
 from prunekit.io.compressed import SaveFormat
 from prunekit.methods import MethodConfig, OneShotMethod, method_class, method_classes
+
+log = logging.getLogger(__name__)
 
 
 class PruneConfig(StrictConfig):
@@ -80,13 +83,24 @@ class PruneConfig(StrictConfig):
         if name not in known:
             raise ValueError(f"unknown method {name!r}: choose one of {', '.join(sorted(known))}")
         config_class = known[name].config_class
+        clashes = sorted(set(config_class.model_fields) & set(cls.model_fields))
+        if clashes:
+            raise ValueError(f"method {name!r} has options named like common keys ({', '.join(clashes)}): rename them")
         given = data.pop("options", None)
         own = {key: data.pop(key) for key in list(data) if key in config_class.model_fields}
         foreign = [key for key in data if key not in cls.model_fields]
         for key in foreign:
-            owners = sorted(m.name for m in known.values() if key in m.config_class.model_fields)
-            if owners:
-                raise ValueError(f"{key} is an option of method {' or '.join(owners)}, not of {name}")
+            owners = [m for m in known.values() if key in m.config_class.model_fields]
+            if not owners:
+                continue  # an unknown key: the strict model names it
+            if all(data[key] == m.config_class.model_fields[key].default for m in owners):
+                # recipes written before methods had options of their own list SparseGPT's defaults for every
+                # method; a default value changes nothing, so it is dropped rather than refused
+                log.warning("ignoring %s=%r: an option of %s, not of %s", key, data.pop(key), owners[0].name, name)
+                continue
+            raise ValueError(
+                f"{key} is an option of method {' or '.join(sorted(m.name for m in owners))}, not of {name}"
+            )
         if isinstance(given, config_class) and not own:
             data["options"] = given
         else:
@@ -214,5 +228,3 @@ class Recipe(StrictConfig):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
-
-

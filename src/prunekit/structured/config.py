@@ -42,6 +42,7 @@ class StructuredConfig(StrictConfig):
     onnx: bool = Field(False, description="torchvision: also export model.onnx")
     overwrite: bool = Field(False, description="replace a non-empty out")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = Field(False, description="LMs: run model code from the hub")
     device: str = Field("auto", description="LMs: auto, cpu, cuda")
 
     @model_validator(mode="after")

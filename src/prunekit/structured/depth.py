@@ -43,7 +43,7 @@ class DepthResult:
     influence: dict[str, float]
 
 
-def block_influence(x_in: torch.Tensor, x_out: torch.Tensor, *, per: Granularity = "token") -> float:
+def block_influence(x_in: torch.Tensor, x_out: torch.Tensor, *, per: Granularity = "example") -> float:
     """ShortGPT's Block Influence of a block that maps ``x_in`` to ``x_out``: ``1 - E[cos(x_in, x_out)]`` (Men
     et al. 2024, "ShortGPT: Layers in Large Language Models are More Redundant Than You Expect", Eq. 1).
 

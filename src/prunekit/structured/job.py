@@ -111,7 +111,7 @@ def _vision_job(job: StructuredConfig) -> StructuralReport:
 
 def _llm_job(job: StructuredConfig) -> StructuralReport:
 
-    loaded = load_model(job.model, dtype=job.dtype, device=job.device)
+    loaded = load_model(job.model, dtype=job.dtype, device=job.device, trust_remote_code=job.trust_remote_code)
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
     if not job.calib:
         raise ConfigError("a causal LM needs calibration text: pass --calib FILE (e.g. wikitext2_valid.txt)")
