@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from prunekit.core.config import StrictConfig
-from prunekit.structured.importance import Criterion
+from prunekit.structured.importance import Criterion, criterion_names
 from prunekit.structured.plan import Policy
 from prunekit.structured.prune import BudgetTarget
 
@@ -44,6 +44,13 @@ class StructuredConfig(StrictConfig):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = Field(False, description="LMs: run model code from the hub")
     device: str = Field("auto", description="LMs: auto, cpu, cuda")
+
+    @field_validator("criterion")
+    @classmethod
+    def _registered_criterion(cls, value: str | None) -> str | None:
+        if value is not None and value not in criterion_names():
+            raise ValueError(f"unknown criterion {value!r}: choose one of {', '.join(criterion_names())}")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> StructuredConfig:

@@ -6,7 +6,8 @@ that reads it. Each criterion scores the unit's slices in every parameter it own
 normalises the scores within each place, and aggregates the places into one score per unit (the group
 importance of Fang et al. 2023, "DepGraph", Sec. 3.3).
 
-Criteria:
+Criteria (registered by name: :func:`slice_criterion` for those that score each slice, :data:`UNIT_CRITERIA` for
+those that score whole units; :func:`criterion_names` lists them):
 
 - ``l1`` / ``l2``: the norm of the unit's weights (Li et al. 2017, "Pruning Filters for Efficient ConvNets",
   Sec. 3.1 for L1);
@@ -33,6 +34,7 @@ Criteria:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -43,11 +45,106 @@ from prunekit.calibration.hooks import first_input, observe, run_batches
 from prunekit.calibration.statistics import column_square_sums
 from prunekit.structured.graph import DependencyGraph
 
-Criterion = Literal["l1", "l2", "bn_scale", "taylor", "activation", "beta_rank", "random"]
+#: The name of a registered importance criterion (:func:`criterion_names`).
+Criterion = str
 Aggregation = Literal["mean", "sum", "max"]
 Normalization = Literal["none", "mean", "max"]
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+@dataclass(frozen=True)
+class SliceCriterion:
+    """A criterion that scores each slice of a parameter (one per index of a dimension): ``score(tensor, dim,
+    grad, input_norms)`` gives one number per index; the numbers a unit gets in one place are summed, then
+    ``finish`` maps the sum to the unit's score there (a square root for squared norms, a square for Taylor).
+    ``norm_scales_only``: only the scales of norm layers count (``bn_scale``); ``needs_grad``: ``.grad`` is read."""
+
+    name: str
+    score: Callable[[torch.Tensor, int, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
+    finish: Callable[[float], float]
+    norm_scales_only: bool = False
+    needs_grad: bool = False
+
+
+#: The registry of slice criteria, filled by :func:`slice_criterion` (the criteria that score whole units,
+#: ``beta_rank`` and ``random``, are in :data:`UNIT_CRITERIA`).
+SLICE_CRITERIA: dict[str, SliceCriterion] = {}
+#: The criteria that score whole units at once, not slice by slice: ``name -> scorer(graph, model, units, *,
+#: seed, output_spread, aggregation)`` (``random`` and ``beta_rank``, registered below their definitions).
+UNIT_CRITERIA: dict[str, Callable[..., dict[int, float]]] = {}
+
+
+def _identity(value: float) -> float:
+    return float(value)
+
+
+def _square_root(value: float) -> float:
+    return float(np.sqrt(value))
+
+
+def _square(value: float) -> float:
+    return float(value * value)
+
+
+def slice_criterion(
+    name: str, *, finish: Callable[[float], float] = _identity, norm_scales_only: bool = False, needs_grad: bool = False
+) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """Register the decorated ``score(tensor, dim, grad, input_norms)`` as criterion ``name``."""
+
+    def register(score: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        if name in SLICE_CRITERIA or name in UNIT_CRITERIA:
+            raise ValueError(f"an importance criterion named {name!r} is already registered")
+        SLICE_CRITERIA[name] = SliceCriterion(name, score, finish, norm_scales_only, needs_grad)
+        return score
+
+    return register
+
+
+def _slices(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    """``tensor`` as ``(size of dim, everything else)``, float32, detached."""
+    return tensor.detach().float().movedim(dim, 0).reshape(tensor.shape[dim], -1)
+
+
+@slice_criterion("l1")
+def _l1(tensor: torch.Tensor, dim: int, grad: torch.Tensor | None, input_norms: torch.Tensor | None) -> torch.Tensor:
+    return _slices(tensor, dim).abs().sum(1)
+
+
+@slice_criterion("l2", finish=_square_root)
+def _l2(tensor: torch.Tensor, dim: int, grad: torch.Tensor | None, input_norms: torch.Tensor | None) -> torch.Tensor:
+    return _slices(tensor, dim).square().sum(1)  # squared: summed over the slices of a unit, square-rooted at the end
+
+
+@slice_criterion("bn_scale", finish=_square_root, norm_scales_only=True)
+def _bn_scale(
+    tensor: torch.Tensor, dim: int, grad: torch.Tensor | None, input_norms: torch.Tensor | None
+) -> torch.Tensor:
+    return _slices(tensor, dim).square().sum(1)
+
+
+@slice_criterion("activation", finish=_square_root)
+def _activation(
+    tensor: torch.Tensor, dim: int, grad: torch.Tensor | None, input_norms: torch.Tensor | None
+) -> torch.Tensor:
+    if input_norms is None or tensor.dim() != 2:
+        return _slices(tensor, dim).square().sum(1)
+    weighted = tensor.detach().float().square() * input_norms.to(tensor.device, torch.float32).unsqueeze(0)
+    return weighted.movedim(dim, 0).reshape(tensor.shape[dim], -1).sum(1)
+
+
+@slice_criterion("taylor", finish=_square, needs_grad=True)
+def _taylor(
+    tensor: torch.Tensor, dim: int, grad: torch.Tensor | None, input_norms: torch.Tensor | None
+) -> torch.Tensor:
+    if grad is None:
+        raise ValueError("the taylor criterion needs gradients: run loss.backward() on the model first")
+    return (_slices(tensor, dim) * _slices(grad, dim)).sum(1)  # summed per unit, squared at the end (Eq. 4)
+
+
+def criterion_names() -> list[str]:
+    """Every registered importance criterion."""
+    return sorted([*SLICE_CRITERIA, *UNIT_CRITERIA])
 
 
 def slice_scores(
@@ -59,20 +156,9 @@ def slice_scores(
 ) -> torch.Tensor:
     """One score per index of ``dim`` of ``tensor``: the criterion applied to each slice. ``input_norms``
     (``||X_j||^2`` per input column of a 2-D weight) weights the squared entries for ``activation``."""
-    if criterion == "activation" and input_norms is not None and tensor.dim() == 2:
-        weighted = tensor.detach().float().square() * input_norms.to(tensor.device, torch.float32).unsqueeze(0)
-        return weighted.movedim(dim, 0).reshape(tensor.shape[dim], -1).sum(1)
-    t = tensor.detach().float().movedim(dim, 0).reshape(tensor.shape[dim], -1)
-    if criterion == "l1":
-        return t.abs().sum(1)
-    if criterion in ("l2", "bn_scale", "activation"):
-        return t.square().sum(1)  # squared: summed over the slices of a unit, square-rooted at the end
-    if criterion == "taylor":
-        if grad is None:
-            raise ValueError("the taylor criterion needs gradients: run loss.backward() on the model first")
-        g = grad.detach().float().movedim(dim, 0).reshape(tensor.shape[dim], -1)
-        return (t * g).sum(1)  # summed per unit, squared at the end (Eq. 4)
-    raise ValueError(f"unknown criterion {criterion!r}")
+    if criterion not in SLICE_CRITERIA:
+        raise ValueError(f"unknown criterion {criterion!r}: choose one of {', '.join(criterion_names())}")
+    return SLICE_CRITERIA[criterion].score(tensor, dim, grad, input_norms)
 
 
 def _norm_scale_names(model: nn.Module) -> set[str]:
@@ -143,25 +229,25 @@ def unit_importance(
     the per-batch squares over several.
     """
     units = [u for s in graph.spaces for u in s.units]
-    if criterion == "beta_rank":
-        if output_spread is None:
-            raise ValueError("beta_rank needs output_spread: run collect_output_spread on calibration data first")
-        return _beta_rank(graph, model, units, output_spread, aggregation)
-    if criterion == "random":
-        rng = np.random.default_rng(seed)
-        return dict(zip(units, rng.random(len(units)).tolist(), strict=False))
+    if criterion in UNIT_CRITERIA:
+        return UNIT_CRITERIA[criterion](
+            graph, model, units, seed=seed, output_spread=output_spread, aggregation=aggregation
+        )
+    if criterion not in SLICE_CRITERIA:
+        raise ValueError(f"unknown criterion {criterion!r}: choose one of {', '.join(criterion_names())}")
+    chosen = SLICE_CRITERIA[criterion]
     parameters = dict(model.named_parameters())
-    scales = _norm_scale_names(model) if criterion == "bn_scale" else None
+    scales = _norm_scale_names(model) if chosen.norm_scales_only else None
     wanted = set(units)
 
     def places() -> Iterator[dict[int, float]]:
         for name, d, leaves_per_index in _places(graph, parameters, scales):
             tensor = parameters[name]
-            grad = tensor.grad if criterion == "taylor" else None
+            grad = tensor.grad if chosen.needs_grad else None
             norms = input_norms.get(name) if input_norms is not None else None
-            scores = slice_scores(tensor, d, criterion, grad, norms).tolist()
+            scores = chosen.score(tensor, d, grad, norms).tolist()
             totals = _unit_totals(leaves_per_index, scores, wanted)
-            yield {u: _finish(criterion, v) for u, v in totals.items()}
+            yield {u: chosen.finish(v) for u, v in totals.items()}
 
     return _aggregate(places(), units, aggregation, normalization)
 
@@ -204,6 +290,32 @@ def taylor_importance(
         raise ValueError("taylor_importance needs at least one batch")
     per_place = ({u: v / batches for u, v in place.items()} for place in sums.values())
     return _aggregate(per_place, units, aggregation, normalization)
+
+
+def _random_units(
+    graph: DependencyGraph, model: nn.Module, units: list[int], *, seed: int = 0, **_: Any
+) -> dict[int, float]:
+    """``random``: uniform scores from ``seed`` (the control)."""
+    rng = np.random.default_rng(seed)
+    return dict(zip(units, rng.random(len(units)).tolist(), strict=False))
+
+
+def _beta_rank_units(
+    graph: DependencyGraph,
+    model: nn.Module,
+    units: list[int],
+    *,
+    output_spread: Mapping[str, torch.Tensor] | None = None,
+    aggregation: Aggregation = "mean",
+    **_: Any,
+) -> dict[int, float]:
+    """``beta_rank`` (see the module docstring)."""
+    if output_spread is None:
+        raise ValueError("beta_rank needs output_spread: run collect_output_spread on calibration data first")
+    return _beta_rank(graph, model, units, output_spread, aggregation)
+
+
+UNIT_CRITERIA.update(random=_random_units, beta_rank=_beta_rank_units)
 
 
 def _min_max(values: dict[int, float]) -> dict[int, float]:
@@ -281,14 +393,6 @@ def collect_output_spread(
     with observe(modules, on_output=record):
         run_batches(model, batches)
     return {name: (total / counts[name]).float() for name, total in sums.items()}
-
-
-def _finish(criterion: Criterion, value: float) -> float:
-    if criterion in ("l2", "bn_scale", "activation"):
-        return float(np.sqrt(value))
-    if criterion == "taylor":
-        return float(value * value)
-    return float(value)
 
 
 def accumulate_linear_inputs(
