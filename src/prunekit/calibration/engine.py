@@ -22,7 +22,13 @@ from tqdm.auto import tqdm
 
 from prunekit.calibration.capture import BlockCall, CapturedInputs, capture_block_inputs, hidden_from_output
 from prunekit.calibration.lockstep import LockstepRunner
-from prunekit.calibration.statistics import LayerStatistics, accumulate_gram, complete_gram
+from prunekit.calibration.statistics import (
+    LayerStatistics,
+    accumulate_gram,
+    complete_gram,
+    input_sq_norms,
+    sample_rows,
+)
 from prunekit.core.errors import NonFiniteError
 from prunekit.models.targets import Target
 
@@ -95,11 +101,8 @@ def _collector(
     def collect(module: nn.Module, args: tuple[Any, ...], pooled: LayerStatistics | None) -> LayerStatistics:
         x = args[0].detach()
         flat = x.reshape(-1, x.shape[-1])
-        sq = None if gram_dtype is not None else flat.float().pow(2).sum(dim=0)  # else: diag of the Gram
-        sample = None
-        if sample_rows_per_batch > 0:
-            rows = torch.linspace(0, flat.shape[0] - 1, min(sample_rows_per_batch, flat.shape[0]))
-            sample = flat[rows.round().long().to(flat.device)].clone()
+        sq = None if gram_dtype is not None else input_sq_norms(flat)  # else: the diagonal of the Gram
+        sample = sample_rows(flat, sample_rows_per_batch) if sample_rows_per_batch > 0 else None
         if pooled is None:
             gram = accumulate_gram(None, flat, gram_dtype) if gram_dtype is not None else None
             return LayerStatistics(sq, flat.shape[0], sample, gram)

@@ -154,14 +154,15 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     """Start from ``--recipe`` (or defaults) and apply every flag that was given."""
     data: dict[str, Any] = {}
     if args.recipe:
-        Recipe.from_yaml(args.recipe)  # the file alone must be valid
         data = read_yaml_mapping(args.recipe)
+        Recipe.from_dict(data)  # the file alone must be valid
     if args.model is not None:
         data.setdefault("model", {})["source"] = args.model
+    options = _method_options()
     prune_section = data.get("prune") if isinstance(data.get("prune"), dict) else None
     if args.method is not None and prune_section is not None and prune_section.get("method", "wanda") != args.method:
         # --method replaces the recipe's method: the recipe's options of that method go with it
-        for key in [k for k in prune_section if k in _method_options()]:
+        for key in [k for k in prune_section if k in options]:
             log.warning(
                 "--method %s replaces the recipe's %s: dropping its option %s",
                 args.method,
@@ -169,7 +170,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
                 key,
             )
             del prune_section[key]
-    flags = {**_PRUNE_FLAGS, **{name: ("prune", name) for name in _method_options()}}
+    flags = {**_PRUNE_FLAGS, **{name: ("prune", name) for name in options}}
     for flag, (section, key) in flags.items():
         value = getattr(args, flag, None)
         if value is not None:

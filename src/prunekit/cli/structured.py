@@ -88,8 +88,8 @@ def config_from_args(args: argparse.Namespace) -> StructuredConfig:
     """Start from ``--recipe`` (or the defaults) and apply every flag that was given."""
     data: dict[str, Any] = {}
     if args.recipe:
-        StructuredConfig.from_yaml(args.recipe)  # the file alone must be valid
         data = read_yaml_mapping(args.recipe)
+        StructuredConfig.from_dict(data)  # the file alone must be valid
     for flag, value in vars(args).items():
         if flag in _NOT_CONFIG or value is None:
             continue

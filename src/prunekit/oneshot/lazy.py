@@ -43,24 +43,6 @@ def prune_checkpoint(
     while the run lasts, which keeps the peak low; the process-wide setting is undone afterwards
     (:func:`prunekit.io.streaming.large_allocations_mapped`).
     """
-    with large_allocations_mapped(enabled=map_large_allocations):
-        return _prune_checkpoint(
-            source, out_dir, config, calibration, tokenizer, dtype, overwrite, trust_remote_code, progress, extra
-        )
-
-
-def _prune_checkpoint(
-    source: str | Path,
-    out_dir: str | Path,
-    config: PruneConfig | None,
-    calibration: torch.Tensor | None,
-    tokenizer: Any,
-    dtype: torch.dtype | str,
-    overwrite: bool,
-    trust_remote_code: bool,
-    progress: bool,
-    extra: Callable[[Path, PruneResult], None] | None,
-) -> PruneResult:
     model, checkpoint = build_skeleton(source, dtype, trust_remote_code)
     blocks_name, blocks = find_decoder_blocks(model)
     outcome: list[PruneResult] = []
@@ -79,5 +61,6 @@ def _prune_checkpoint(
             extra(tmp, result)
         outcome.append(result)
 
-    write_atomically(out_dir, write, overwrite)
+    with large_allocations_mapped(enabled=map_large_allocations):
+        write_atomically(out_dir, write, overwrite)
     return outcome[0]
