@@ -185,8 +185,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return 0
     command = shlex.join(["prunekit", *argv])
     run = run_recipe(recipe, command=command, progress=not args.quiet)
-    s = run.report["summary"]
-    print(f"pruned {s['layers']} layers: sparsity {s['overall_sparsity']:.2%} in {s['prune_seconds']:.1f} s")
+    s = run.report.summary
+    print(f"pruned {s.layers} layers: sparsity {s.overall_sparsity:.2%} in {s.prune_seconds:.1f} s")
     if run.ppl_before:
         print(
             f"perplexity before: {run.ppl_before.perplexity:.3f} ({run.ppl_before.windows} x {run.ppl_before.seqlen})"
@@ -194,8 +194,10 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if run.ppl_after:
         print(f"perplexity after:  {run.ppl_after.perplexity:.3f} ({run.ppl_after.windows} x {run.ppl_after.seqlen})")
     if run.output_dir:
-        out = run.report["output"]
-        print(f"checkpoint: {run.output_dir} ({out['written_format']}, {out['size_bytes'] / 2**20:.1f} MiB of weights)")
+        out = run.report.output
+        print(
+            f"checkpoint: {run.output_dir} ({out.written_format}, {(out.size_bytes or 0) / 2**20:.1f} MiB of weights)"
+        )
     if run.report_dir:
         print(f"report: {run.report_dir}")
     return 0

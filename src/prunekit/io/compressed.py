@@ -72,8 +72,6 @@ WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _PARAMS = {BITMASK: ("compressed", "bitmask", "row_offsets", "shape"), SPARSE_24: ("compressed", "bitmask", "shape")}
 
 
-
-
 # --- the model --------------------------------------------------------------------------------------------
 
 

@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 BUNDLED_NAMES = ("smollm2", "default")
 
 
-
 @dataclass
 class LoadedModel:
     """A model, its tokenizer, and where they came from."""

@@ -7,12 +7,14 @@ from prunekit.oneshot.config import CalibrationConfig, EvalConfig, ModelConfig, 
 from prunekit.oneshot.job import RunResult, run_recipe
 from prunekit.oneshot.lazy import prune_checkpoint
 from prunekit.oneshot.prune import LayerResult, PruneResult, prune, relative_reconstruction_error
+from prunekit.oneshot.report import OneShotReport
 
 __all__ = [
     "CalibrationConfig",
     "EvalConfig",
     "LayerResult",
     "ModelConfig",
+    "OneShotReport",
     "OutputConfig",
     "PruneConfig",
     "PruneResult",

@@ -32,7 +32,7 @@ from prunekit.io.saving import save_pretrained
 from prunekit.oneshot.config import CalibrationConfig, Recipe
 from prunekit.oneshot.lazy import prune_checkpoint
 from prunekit.oneshot.prune import PruneResult, prune
-from prunekit.oneshot.report import build_report, record_checkpoint, write_report
+from prunekit.oneshot.report import OneShotReport, build_report, record_checkpoint, write_report
 
 log = logging.getLogger(__name__)
 REPORT_SUBDIR = "prunekit-report"
@@ -57,7 +57,7 @@ class RunResult:
     ppl_after: PerplexityResult | None
     output_dir: Path | None
     report_dir: Path | None
-    report: dict[str, Any]
+    report: OneShotReport
 
 
 def run_recipe(recipe: Recipe, command: str | None = None, progress: bool = True) -> RunResult:
@@ -192,7 +192,7 @@ def _run_lazily(
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not read the tokenizer or config of {str(source)!r}: {exc}") from exc
     calibration = _calibration_from_config(tokenizer, recipe.calibration, context) if has_calibration else None
-    reports: list[dict[str, Any]] = []
+    reports: list[OneShotReport] = []
 
     def add_report(tmp: Path, result: PruneResult) -> None:
         report = build_report(

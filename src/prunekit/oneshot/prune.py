@@ -213,5 +213,3 @@ def prune(
         result.seconds,
     )
     return result
-
-

@@ -1,4 +1,5 @@
-"""Run reports: one dict, written as JSON (for machines), Markdown (for people) and a PNG plot.
+"""Run reports: a typed :class:`OneShotReport`, written as JSON (for machines), Markdown (for people) and a
+PNG plot by :func:`prunekit.reporting.write_report`.
 
 The plot shows, per target layer, the sparsity reached and the relative reconstruction error
 ``||WX - W'X||^2 / ||WX||^2`` on calibration inputs, and the time spent per block.
@@ -9,21 +10,98 @@ from __future__ import annotations
 import logging
 import shlex
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prunekit import reporting
+from prunekit.calibration.engine import BlockTiming
 from prunekit.core.measure import versions
 from prunekit.eval.perplexity import PerplexityResult
 from prunekit.io.compressed import checkpoint_format, checkpoint_size_bytes
 from prunekit.oneshot.config import Recipe
-from prunekit.oneshot.prune import PruneResult
+from prunekit.oneshot.prune import LayerResult, PruneResult
 from prunekit.reporting import new_figure, save_figure
 
 log = logging.getLogger(__name__)
 
 GIB = 1024**3
+
+
+@dataclass
+class RunSummary:
+    """The run in numbers: target layers, sparsity over all of them, mean error, time and memory."""
+
+    layers: int
+    overall_sparsity: float
+    mean_relative_error: float | None
+    prune_seconds: float
+    load_seconds: float | None
+    total_seconds: float | None
+    prune_peak_rss_gib: float
+    process_peak_rss_gib: float | None
+    peak_device_gib: float | None
+
+
+@dataclass
+class CheckpointRecord:
+    """Where the pruned model went: the folder and format asked for, and (once saved) the format written
+    (``dense``, ``sparse-bitmask``, ``sparse-24-bitmask``) and the bytes of its weight files."""
+
+    dir: str | None
+    save_format: str
+    written_format: str | None = None
+    size_bytes: int | None = None
+
+
+@dataclass
+class OneShotReport:
+    """One one-shot run (satisfies :class:`prunekit.reporting.Report`); :meth:`to_dict` is ``report.json``."""
+
+    command: str
+    #: the whole recipe, as ``prunekit prune --print-recipe`` writes it
+    recipe: dict[str, Any]
+    versions: dict[str, str]
+    model: str
+    pattern: str
+    method: str
+    propagation: str
+    refit_steps: int
+    calibration_windows: int
+    calibration_seqlen: int
+    summary: RunSummary
+    output: CheckpointRecord
+    perplexity_before: PerplexityResult | None = None
+    perplexity_after: PerplexityResult | None = None
+    blocks: list[BlockTiming] = field(default_factory=list)
+    layers: list[LayerResult] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "command": self.command,
+            "recipe": self.recipe,
+            "versions": self.versions,
+            "model": self.model,
+            "pattern": self.pattern,
+            "method": self.method,
+            "propagation": self.propagation,
+            "refit_steps": self.refit_steps,
+            "calibration": {"windows": self.calibration_windows, "seqlen": self.calibration_seqlen},
+            "summary": asdict(self.summary),
+            "perplexity": {
+                "before": None if self.perplexity_before is None else asdict(self.perplexity_before),
+                "after": None if self.perplexity_after is None else asdict(self.perplexity_after),
+            },
+            "output": asdict(self.output),
+            "blocks": [asdict(b) for b in self.blocks],
+            "layers": [asdict(layer) for layer in self.layers],
+        }
+
+    def to_markdown(self) -> str:
+        return render_markdown(self.to_dict())
+
+    def plot(self, path: Path) -> bool:
+        return plot_report(self.to_dict(), path)
 
 
 def build_report(
@@ -37,54 +115,45 @@ def build_report(
     load_seconds: float | None = None,
     total_seconds: float | None = None,
     process_peak_rss_bytes: int | None = None,
-) -> dict[str, Any]:
-    """Collect everything about a run into a JSON-ready dict."""
+) -> OneShotReport:
+    """Collect everything about a run into a :class:`OneShotReport`."""
     errors = [r.relative_error for r in result.layers if r.relative_error is not None]
-    return {
-        "command": command if command is not None else shlex.join(sys.argv),
-        "recipe": recipe.model_dump(mode="json"),
-        "versions": versions(),
-        "model": model_source,
-        "pattern": str(recipe.prune.parsed_pattern()),
-        "method": recipe.prune.method,
-        "propagation": recipe.prune.resolved_propagation(),
-        "refit_steps": recipe.prune.resolved_refit_steps(),
-        "calibration": {
-            "windows": result.calibration_shape[0] if result.calibration_shape else 0,
-            "seqlen": result.calibration_shape[1] if result.calibration_shape else 0,
-        },
-        "summary": {
-            "layers": len(result.layers),
-            "overall_sparsity": result.overall_sparsity,
-            "mean_relative_error": sum(errors) / len(errors) if errors else None,
-            "prune_seconds": result.seconds,
-            "load_seconds": load_seconds,
-            "total_seconds": total_seconds,
-            "prune_peak_rss_gib": result.peak_rss_bytes / GIB,
-            "process_peak_rss_gib": None if process_peak_rss_bytes is None else process_peak_rss_bytes / GIB,
-            "peak_device_gib": None if result.peak_device_bytes is None else result.peak_device_bytes / GIB,
-        },
-        "perplexity": {
-            "before": None if ppl_before is None else asdict(ppl_before),
-            "after": None if ppl_after is None else asdict(ppl_after),
-        },
-        "output": {
-            "dir": recipe.output.dir,
-            "save_format": recipe.output.save_format,
-            "written_format": None,  # filled by record_checkpoint once saved
-            "size_bytes": None,
-        },
-        "blocks": [asdict(b) for b in result.blocks],
-        "layers": [asdict(layer) for layer in result.layers],
-    }
+    windows, seqlen = result.calibration_shape or (0, 0)
+    return OneShotReport(
+        command=command if command is not None else shlex.join(sys.argv),
+        recipe=recipe.model_dump(mode="json"),
+        versions=versions(),
+        model=model_source,
+        pattern=str(recipe.prune.parsed_pattern()),
+        method=recipe.prune.method,
+        propagation=recipe.prune.resolved_propagation(),
+        refit_steps=recipe.prune.resolved_refit_steps(),
+        calibration_windows=windows,
+        calibration_seqlen=seqlen,
+        summary=RunSummary(
+            layers=len(result.layers),
+            overall_sparsity=result.overall_sparsity,
+            mean_relative_error=sum(errors) / len(errors) if errors else None,
+            prune_seconds=result.seconds,
+            load_seconds=load_seconds,
+            total_seconds=total_seconds,
+            prune_peak_rss_gib=result.peak_rss_bytes / GIB,
+            process_peak_rss_gib=None if process_peak_rss_bytes is None else process_peak_rss_bytes / GIB,
+            peak_device_gib=None if result.peak_device_bytes is None else result.peak_device_bytes / GIB,
+        ),
+        output=CheckpointRecord(dir=recipe.output.dir, save_format=recipe.output.save_format),
+        perplexity_before=ppl_before,
+        perplexity_after=ppl_after,
+        blocks=list(result.blocks),
+        layers=list(result.layers),
+    )
 
 
-def record_checkpoint(report: dict[str, Any], directory: str | Path) -> None:
-    """Fill ``report["output"]`` with the format written (``dense``, ``sparse-bitmask``, ``sparse-24-bitmask``)
-    and the on-disk size of the weight files of the checkpoint in ``directory``."""
-    output = report.setdefault("output", {})
-    output["written_format"] = checkpoint_format(directory)
-    output["size_bytes"] = checkpoint_size_bytes(directory)
+def record_checkpoint(report: OneShotReport, directory: str | Path) -> None:
+    """Fill ``report.output`` with the format written and the on-disk size of the weight files of the
+    checkpoint in ``directory``."""
+    report.output.written_format = checkpoint_format(directory)
+    report.output.size_bytes = checkpoint_size_bytes(directory)
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:
@@ -164,22 +233,6 @@ def plot_report(report: dict[str, Any], path: Path) -> bool:
     return True
 
 
-@dataclass
-class OneShotReport:
-    """A one-shot run's report (:func:`build_report`'s data) as a :class:`prunekit.reporting.Report`."""
-
-    data: dict[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.data
-
-    def to_markdown(self) -> str:
-        return render_markdown(self.data)
-
-    def plot(self, path: Path) -> bool:
-        return plot_report(self.data, path)
-
-
-def write_report(report: dict[str, Any], directory: str | Path, overwrite: bool = False) -> Path:
+def write_report(report: OneShotReport, directory: str | Path, overwrite: bool = False) -> Path:
     """Write ``report.json``, ``report.md`` and ``layers.png`` into ``directory`` atomically."""
-    return reporting.write_report(OneShotReport(report), directory, overwrite)
+    return reporting.write_report(report, directory, overwrite)

@@ -66,7 +66,9 @@ class StructuredConfig(StrictConfig):
         if self.torchvision:
             return self
         if self.blocks:
-            raise ValueError("--blocks is for --torchvision models; language models lose whole layers with --mode depth")
+            raise ValueError(
+                "--blocks is for --torchvision models; language models lose whole layers with --mode depth"
+            )
         if self.keep_streams:
             raise ValueError(
                 "--keep-streams is for --torchvision models; language models keep their hidden size unless "

@@ -17,7 +17,9 @@ from prunekit.methods.sparsegpt.solver import inverse_hessian, sparsegpt_prune
 class SparseGPTConfig(MethodConfig):
     """SparseGPT's options (Frantar & Alistarh 2023, Sec. 3.3 and 3.4)."""
 
-    dampening: float = Field(0.01, ge=0, description="sparsegpt: added to the Hessian diagonal, as a fraction of its mean")
+    dampening: float = Field(
+        0.01, ge=0, description="sparsegpt: added to the Hessian diagonal, as a fraction of its mean"
+    )
     block_size: int = Field(128, gt=0, description="sparsegpt: columns per lazy-update block")
     hessian_dtype: Literal["float32", "float64"] = Field(
         "float32", description="sparsegpt: dtype the Hessian (and the refit's) is accumulated and inverted in"
@@ -41,7 +43,9 @@ class SparseGPT(OneShotMethod):
     def check(cls, config: MethodConfig, pattern: Pattern) -> None:
         assert isinstance(config, SparseGPTConfig)
         if isinstance(pattern, NM) and config.block_size % pattern.m:
-            raise ValueError(f"block_size {config.block_size} must be a multiple of M={pattern.m} for pattern {pattern}")
+            raise ValueError(
+                f"block_size {config.block_size} must be a multiple of M={pattern.m} for pattern {pattern}"
+            )
 
     def gram_dtype(self) -> torch.dtype:
         return getattr(torch, self.config.hessian_dtype)

@@ -171,4 +171,3 @@ def trace_model(
     error.module_name = culprit_name
     error.progress = progress
     raise error
-

@@ -127,7 +127,9 @@ def prune_causal_lm_width(
     embeddings = model.get_input_embeddings()
     embedding_name = next(name for name, module in model.named_modules() if module is embeddings)
     graph = build_dependency_graph(model, (example,), kwargs, ignored=[] if prune_hidden else [embedding_name])
-    grams, norms = _calibration_statistics(model, graph, window_batches(calibration, batch_size), criterion, reconstruct)
+    grams, norms = _calibration_statistics(
+        model, graph, window_batches(calibration, batch_size), criterion, reconstruct
+    )
     if criterion == "taylor":
         losses = [
             lambda ids=ids, kw=batch_kwargs: model(ids, labels=ids, **kw).loss
