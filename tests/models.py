@@ -42,11 +42,45 @@ CONFIGS = {
 }
 FAMILIES = sorted(CONFIGS)
 
+_MOE = {**_COMMON, "num_key_value_heads": 2, "max_position_embeddings": 256, "num_experts_per_tok": 2}
+
+#: Mixture-of-experts families (fused 3-D experts in current transformers), 4 experts of width 32, top-2.
+MOE_CONFIGS = {
+    "mixtral": lambda: transformers.MixtralConfig(**_MOE, intermediate_size=32, num_local_experts=4),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
+        **_MOE, intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4
+    ),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+        **_MOE, intermediate_size=64, moe_intermediate_size=32, num_experts=4, head_dim=8
+    ),
+    "olmoe": lambda: transformers.OlmoeConfig(**_MOE, intermediate_size=32, num_experts=4),
+    "deepseek_v3": lambda: transformers.DeepseekV3Config(
+        **{**_MOE, "num_key_value_heads": 4},
+        intermediate_size=64,
+        moe_intermediate_size=32,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=4,
+        v_head_dim=8,
+    ),
+    "gpt_oss": lambda: transformers.GptOssConfig(
+        **_MOE, intermediate_size=32, num_local_experts=4, head_dim=8, sliding_window=16
+    ),
+    "granitemoe": lambda: transformers.GraniteMoeConfig(**_MOE, intermediate_size=32, num_local_experts=4),
+}
+MOE_FAMILIES = sorted(MOE_CONFIGS)
+
 
 def tiny_model(family: str = "llama", seed: int = 0) -> transformers.PreTrainedModel:
     """A randomly initialised 2-block model of ``family`` (eval mode, float32)."""
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[family]())
+    model = transformers.AutoModelForCausalLM.from_config({**CONFIGS, **MOE_CONFIGS}[family]())
     return model.eval()
 
 

@@ -30,6 +30,7 @@ from prunekit.calibration.statistics import (
     sample_rows,
 )
 from prunekit.core.errors import NonFiniteError
+from prunekit.models.experts import ExpertMatrix, fused_experts_modules, routed_through
 from prunekit.models.targets import Target
 
 log = logging.getLogger(__name__)
@@ -96,11 +97,15 @@ def module_device(module: nn.Module) -> torch.device:
 def _collector(
     sample_rows_per_batch: int, gram_dtype: torch.dtype | None
 ) -> Callable[[nn.Module, tuple[Any, ...], LayerStatistics | None], LayerStatistics]:
-    """Fold one batch's input of a layer into its running :class:`LayerStatistics`."""
+    """Fold one batch's input of a layer into its running :class:`LayerStatistics`. A layer called with a
+    second tensor argument (an expert's matrix: :class:`prunekit.models.experts.ExpertMatrix`) has its rows
+    scaled by it, the tokens' routing weights, so ``X^T X`` becomes ``sum_t g_t^2 x_t x_t^T``."""
 
     def collect(module: nn.Module, args: tuple[Any, ...], pooled: LayerStatistics | None) -> LayerStatistics:
         x = args[0].detach()
         flat = x.reshape(-1, x.shape[-1])
+        if len(args) > 1 and isinstance(args[1], torch.Tensor):  # an expert's rows and their routing weights
+            flat = flat * args[1].detach().reshape(-1, 1).to(flat.dtype)
         sq = None if gram_dtype is not None else input_sq_norms(flat)  # else: the diagonal of the Gram
         sample = sample_rows(flat, sample_rows_per_batch) if sample_rows_per_batch > 0 else None
         if pooled is None:
@@ -135,6 +140,7 @@ def run_sequential(
     gram_dtype: torch.dtype | None = None,
     stream: BlockStream | None = None,
     progress: bool = True,
+    routing_weighted: bool = True,
 ) -> list[BlockTiming]:
     """Prune ``targets`` block by block.
 
@@ -151,6 +157,10 @@ def run_sequential(
       statistics, is pruned, then runs again to produce the pruned outputs that feed the next block.
     * ``"dense"`` (one pass per block): statistics of the dense model's own activations; pruning never
       changes what later blocks see.
+
+    Fused MoE experts whose matrices are targets run one expert at a time through those matrices
+    (:func:`prunekit.models.experts.routed_through`), so each expert's statistics come from its own routed
+    tokens, weighted by their routing weights when ``routing_weighted``.
 
     Returns the time spent per block.
     """
@@ -238,7 +248,12 @@ def run_sequential(
             return job
 
         two_passes = propagation == "block"
-        with torch.no_grad():
+        expert_targets = [t.module for t in layer_targets if isinstance(t.module, ExpertMatrix)]
+        owners_with_targets = {id(m.owner) for m in expert_targets}
+        owners = [
+            (f"{blocks_name}.{index}.{n}", m) for n, m in fused_experts_modules(block) if id(m) in owners_with_targets
+        ]
+        with torch.no_grad(), routed_through(owners, expert_targets, weigh_rows=routing_weighted):
             outputs = runner.run([make_job(b, release=not two_passes) for b in range(n_batches)])
             if two_passes:  # second pass: outputs of the pruned block
                 outputs = [make_job(b, release=True)() for b in range(n_batches)]

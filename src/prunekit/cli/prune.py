@@ -35,6 +35,9 @@ _PRUNE_FLAGS = {
     "offload_activations": ("prune", "offload_activations"),
     "propagation": ("prune", "propagation"),
     "refit_steps": ("prune", "refit_steps"),
+    "expert_min_tokens": ("prune", "expert_min_tokens"),
+    "underused_experts": ("prune", "underused_experts"),
+    "routing_weighted": ("prune", "routing_weighted"),
     "dtype": ("model", "dtype"),
     "trust_remote_code": ("model", "trust_remote_code"),
     "lazy": ("model", "lazy"),
@@ -103,6 +106,25 @@ def add_parser(sub: Any) -> None:
         default=None,
         help="conjugate-gradient steps refitting the kept weights to the dense output after masking (default 4 for "
         "sparsegpt, 0 otherwise; 0 = the paper's SparseGPT; any method with > 0 needs --calib)",
+    )
+    moe = p.add_argument_group("mixture-of-experts layers (every expert's gate/up/down matrices are targets)")
+    moe.add_argument(
+        "--expert-min-tokens",
+        type=int,
+        default=None,
+        help="an expert reached by fewer routed calibration tokens is pruned as --underused-experts says (default 16)",
+    )
+    moe.add_argument(
+        "--underused-experts",
+        choices=["magnitude", "dense"],
+        default=None,
+        help="prune an underused expert by magnitude (default) or leave it dense; either way the report says so",
+    )
+    moe.add_argument(
+        "--routing-weighted",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="weigh each routed token in an expert's statistics by its routing weight (default: yes)",
     )
     p.add_argument("--ppl", default=None, help="text file to measure perplexity on, before and after")
     p.add_argument("--ppl-seqlen", type=int, default=None, help="perplexity window length (default 2048)")

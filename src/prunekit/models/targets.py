@@ -1,8 +1,9 @@
 """Prunable targets: a target is a weight *matrix*, whatever module stores it.
 
 Adapters turn a module into an ``(out, in)`` view of its weight: ``nn.Linear`` (and subclasses) as is,
-transformers' GPT-2-style ``Conv1D`` (stored ``(in, out)``) transposed. The view shares storage, so
-masking it in place prunes the module.
+transformers' GPT-2-style ``Conv1D`` (stored ``(in, out)``) transposed, and one expert's gate, up or down
+matrix inside fused 3-D expert parameters (:class:`prunekit.models.experts.ExpertMatrix`). The view shares
+storage, so masking it in place prunes the module. MoE routers are never targets.
 """
 
 from __future__ import annotations
@@ -15,6 +16,14 @@ import torch
 from torch import nn
 
 from prunekit.core.errors import TargetError
+from prunekit.models.experts import (
+    ExpertMatrix,
+    expert_index,
+    expert_matrices,
+    fused_layout,
+    router_linears,
+    unhandled_stacked_parameters,
+)
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
@@ -22,8 +31,9 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
 
 
 def is_linear_map(module: nn.Module) -> bool:
-    """True for modules whose weight is one linear map: ``nn.Linear`` (and subclasses), HF ``Conv1D``."""
-    return isinstance(module, nn.Linear) or _is_hf_conv1d(module)
+    """True for modules whose weight is one linear map: ``nn.Linear`` (and subclasses), HF ``Conv1D``, one
+    expert's matrix of fused experts."""
+    return isinstance(module, (nn.Linear, ExpertMatrix)) or _is_hf_conv1d(module)
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
@@ -32,16 +42,20 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
         return module.weight.data
     if _is_hf_conv1d(module):
         return module.weight.data.t()
+    if isinstance(module, ExpertMatrix):
+        return module.matrix()
     raise TypeError(f"{type(module).__name__} is not a supported linear map")
 
 
 @dataclass(frozen=True)
 class Target:
-    """A prunable weight matrix: its module's full name, the module, and its block (None: outside)."""
+    """A prunable weight matrix: its module's full name, the module, its block (None: outside) and, for an
+    expert's matrix of a MoE layer, the expert's index."""
 
     name: str
     module: nn.Module
     block_index: int | None
+    expert: int | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -68,18 +82,33 @@ def find_targets(
 ) -> list[Target]:
     """Select the linear maps to prune, in forward order.
 
-    Default: every linear map inside the decoder blocks (``blocks_name``). ``include`` patterns replace
+    Default: every linear map inside the decoder blocks (``blocks_name``), each expert's gate, up and down
+    matrices of MoE layers included and their routers left out. ``include`` patterns replace
     that default with every linear map of the model whose name matches one (so ``lm_head`` can be asked
     for); ``exclude`` patterns then drop matches. A pattern that matches nothing is an error (a typo
     would otherwise silently prune the wrong thing).
     """
     prefix = blocks_name + "."
+    unhandled = [] if include else unhandled_stacked_parameters(model, prefix)
+    if unhandled:
+        raise TargetError(
+            f"{type(model).__name__} stores weights prunekit cannot see as matrices ({', '.join(unhandled[:3])}"
+            f"{', ...' if len(unhandled) > 3 else ''}): an expert layout it does not know, which the default "
+            "targets would leave dense while reporting the rest as pruned. Name the layers to prune with "
+            "--include (the report then covers just those), and please report the family"
+        )
+    routers = router_linears(model)
+
+    def block_of(name: str) -> int | None:
+        return int(name[len(prefix) :].split(".", 1)[0]) if name.startswith(prefix) else None
+
     candidates: list[Target] = []
     for name, module in model.named_modules():
-        if not is_linear_map(module):
-            continue
-        block_index = int(name[len(prefix) :].split(".", 1)[0]) if name.startswith(prefix) else None
-        candidates.append(Target(name, module, block_index))
+        if fused_layout(module) is not None:
+            block_index = block_of(name)
+            candidates += [Target(n, m, block_index, m.expert) for n, m in expert_matrices(name, module)]
+        elif is_linear_map(module) and name not in routers:
+            candidates.append(Target(name, module, block_of(name), expert_index(name)))
     if not candidates:
         raise TargetError(f"{type(model).__name__} has no linear layer to prune (nn.Linear or Conv1D)")
 

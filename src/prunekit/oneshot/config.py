@@ -71,6 +71,21 @@ class PruneConfig(StrictConfig):
         "calibration data); 0 gives the paper's SparseGPT",
     )
 
+    expert_min_tokens: int = Field(
+        16,
+        ge=0,
+        description="MoE: an expert whose matrices receive fewer routed calibration tokens than this is not "
+        "pruned from its statistics but as underused_experts says (and reported)",
+    )
+    underused_experts: Literal["magnitude", "dense"] = Field(
+        "magnitude", description="MoE: what an expert with fewer than expert_min_tokens routed tokens gets"
+    )
+    routing_weighted: bool = Field(
+        True,
+        description="MoE: weigh each routed token in an expert's statistics by its routing weight (the expert's "
+        "output is scaled by it, so the layer's output error weighs it so); false: every routed token counts once",
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _method_options(cls, data: Any) -> Any:

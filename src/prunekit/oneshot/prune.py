@@ -19,6 +19,7 @@ from prunekit.calibration.engine import BlockStream, BlockTiming, run_sequential
 from prunekit.calibration.statistics import LayerStatistics
 from prunekit.core.devices import resolve_device
 from prunekit.core.errors import ConfigError, NonFiniteError
+from prunekit.core.masks import Mask
 from prunekit.core.measure import MemoryMeter
 from prunekit.core.patterns import check_pattern_fits
 from prunekit.methods import LayerTask, MethodConfig, OneShotMethod, method_class
@@ -42,6 +43,12 @@ class LayerResult:
     relative_error: float | None
     error_tokens: int
     seconds: float
+    #: the MoE expert the matrix belongs to (``None``: not an expert)
+    expert: int | None = None
+    #: calibration tokens (rows) that reached the layer; for an expert, the tokens routed to it
+    calibration_tokens: int = 0
+    #: why the layer was not pruned as asked (an expert with too few routed tokens)
+    note: str = ""
 
 
 @dataclass
@@ -143,15 +150,25 @@ def prune(
         weight = weight_matrix(target.module)
         if stream is not None:
             _check_finite_weight(target, weight)
-        chosen: OneShotMethod = method
-        if not inputs.reached and method.needs_activations:
+        chosen: OneShotMethod | None = method
+        note = ""
+        if target.expert is not None and calibration is not None and inputs.n_tokens < config.expert_min_tokens:
+            note = f"{inputs.n_tokens} routed calibration tokens < expert_min_tokens={config.expert_min_tokens}: " + (
+                "pruned by magnitude" if config.underused_experts == "magnitude" else "left dense"
+            )
+            log.warning("expert matrix %s: %s", target.name, note)
+            chosen = fallback if config.underused_experts == "magnitude" else None
+            inputs = LayerStatistics(None, inputs.n_tokens, inputs.sample)
+        elif not inputs.reached and method.needs_activations:
             log.warning("no calibration batch reached %s; pruning it by magnitude", target.name)
             chosen = fallback
-        stats = inputs if inputs.reached else None
-        task = LayerTask(target.name, weight, stats, pattern, keep_gram=refit_steps > 0)
-        pruned = chosen.finalize(task)
-        mask, new_weight = pruned.mask, pruned.weight
-        if refit_steps and inputs.gram is not None:
+        if chosen is None:  # left dense
+            mask, new_weight = Mask(torch.ones_like(weight, dtype=torch.bool)), weight
+        else:
+            stats = inputs if inputs.reached else None
+            pruned = chosen.finalize(LayerTask(target.name, weight, stats, pattern, keep_gram=refit_steps > 0))
+            mask, new_weight = pruned.mask, pruned.weight
+        if chosen is not None and refit_steps and inputs.gram is not None:
             dampening = DEFAULT_DAMPENING if pruned.dampening is None else pruned.dampening
             gram = inputs.gram.to(weight.device)
             new_weight = refit_kept_weights(weight, new_weight, mask.keep, gram, refit_steps, dampening=dampening)
@@ -165,11 +182,14 @@ def prune(
                 target.name,
                 target.block_index,
                 target.shape,
-                chosen.name,
+                "dense" if chosen is None else chosen.name,
                 mask.sparsity,
                 error,
                 0 if inputs.sample is None else int(inputs.sample.shape[0]),
                 time.perf_counter() - t0,
+                expert=target.expert,
+                calibration_tokens=inputs.n_tokens,
+                note=note,
             )
         )
 
@@ -200,6 +220,7 @@ def prune(
                 gram_dtype=method.gram_dtype() if config.needs_hessian() else None,
                 stream=stream,
                 progress=progress,
+                routing_weighted=config.routing_weighted,
             )
     result.seconds = time.perf_counter() - started
     result.peak_rss_bytes = meter.peak_rss_bytes

@@ -176,6 +176,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- prune time: {s['prune_seconds']:.1f} s; peak RSS while pruning: {s['prune_peak_rss_gib']:.2f} GiB"
         + (f"; peak device memory: {s['peak_device_gib']:.2f} GiB" if s["peak_device_gib"] is not None else ""),
     ]
+    experts = [layer for layer in report["layers"] if layer["expert"] is not None]
+    if experts:
+        underused = [layer for layer in experts if layer["note"]]
+        lines.append(
+            f"- MoE: {len(experts)} expert matrices pruned from their own routed tokens; "
+            f"{len(underused)} had too few tokens (see the notes below)"
+        )
     output = report.get("output") or {}
     if output.get("size_bytes") is not None:
         lines.append(
@@ -192,14 +199,14 @@ def render_markdown(report: dict[str, Any]) -> str:
             )
     lines += ["", f"Command: `{report['command']}`", "", "## Layers", ""]
     lines += [
-        "| layer | shape | method | sparsity | rel. error | tokens | seconds |",
-        "|---|---|---|---|---|---|---|",
+        "| layer | shape | method | sparsity | rel. error | calib. tokens | seconds | note |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for layer in report["layers"]:
         lines.append(
             f"| {layer['name']} | {layer['shape'][0]}x{layer['shape'][1]} | {layer['method']} | "
-            f"{layer['sparsity']:.4f} | {_fmt(layer['relative_error'])} | {layer['error_tokens']} | "
-            f"{layer['seconds']:.3f} |"
+            f"{layer['sparsity']:.4f} | {_fmt(layer['relative_error'])} | {layer['calibration_tokens']} | "
+            f"{layer['seconds']:.3f} | {layer['note']} |"
         )
     if report["blocks"]:
         lines += ["", "## Time per block", "", "| block | seconds |", "|---|---|"]

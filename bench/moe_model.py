@@ -1,0 +1,121 @@
+"""The benchmark's mixture-of-experts model: a Mixtral-style LM trained here, since no MoE checkpoint can be
+downloaded (issue 20).
+
+4 decoder layers, hidden 256, 8 experts of width 512 per layer, top-2 routing with Mixtral's load-balancing
+loss, 4 attention heads, the SmolLM2 tokenizer (49,152 tokens, tied embeddings). Trained from seed 0 with
+AdamW on random 256-token windows of ``wikitext2_valid.txt`` for a fixed number of steps, then saved with
+``save_pretrained`` under ``bench/work/moe-mixtral`` (reused when present) with its dense perplexity on the
+first windows of ``wikitext2_test.txt`` in ``training.json``.
+
+    python bench/moe_model.py                 # train (about 20 minutes on 2 cores) or report the cached one
+    python bench/moe_model.py --steps 20      # a smoke run into bench/work/moe-mixtral-smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from prunekit.calibration.data import load_text_tokens
+from prunekit.eval.perplexity import perplexity
+from prunekit.io.loading import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+WORK = ROOT / "bench" / "work"
+log = logging.getLogger("moe_model")
+
+
+def build_config(vocab_size: int, bos: int | None, eos: int | None):  # noqa: ANN201 (transformers config)
+    from transformers import MixtralConfig
+
+    return MixtralConfig(
+        vocab_size=vocab_size,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        output_router_logits=True,
+        router_aux_loss_coef=0.02,
+        bos_token_id=bos,
+        eos_token_id=eos,
+    )
+
+
+def train(out: Path, steps: int, batch: int, seqlen: int, lr: float) -> dict:
+    from transformers import MixtralForCausalLM
+
+    tokenizer = load_model(None).tokenizer  # the bundled SmolLM2's tokenizer
+    tokens = load_text_tokens(tokenizer, DATA / "wikitext2_valid.txt")
+    torch.manual_seed(0)
+    config = build_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    model = MixtralForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
+    generator = torch.Generator().manual_seed(0)
+    warmup = max(1, steps // 20)
+    started = time.perf_counter()
+    model.train()
+    losses = []
+    for step in range(steps):
+        scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr * max(scale, 0.05)
+        starts = torch.randint(0, tokens.numel() - seqlen - 1, (batch,), generator=generator)
+        ids = torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        if step % 25 == 0 or step == steps - 1:
+            log.info("step %d/%d loss %.3f (%.0f s)", step, steps, losses[-1], time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    model.eval()
+    model.config.output_router_logits = False
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {"steps": steps, "batch": batch, "seqlen": seqlen, "lr": lr, "train_seconds": seconds,
+            "final_loss_mean_last_25": sum(losses[-25:]) / len(losses[-25:]),
+            "train_tokens": tokens.numel(), "params": sum(p.numel() for p in model.parameters())}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--ppl-windows", type=int, default=40)
+    parser.add_argument("--ppl-seqlen", type=int, default=512)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    out = WORK / ("moe-mixtral" if args.steps == 600 else f"moe-mixtral-{args.steps}")
+    record = out / "training.json"
+    if record.is_file():
+        print(record.read_text())
+        return 0
+    info = train(out, args.steps, args.batch, args.seqlen, args.lr)
+    loaded = load_model(str(out))
+    test = str(DATA / "wikitext2_test.txt")
+    result = perplexity(loaded.model, loaded.tokenizer, test, args.ppl_seqlen, args.ppl_windows, progress=False)
+    info["dense_perplexity"] = result.perplexity
+    info["ppl_windows"], info["ppl_seqlen"] = result.windows, result.seqlen
+    record.write_text(json.dumps(info, indent=2))
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
