@@ -32,7 +32,7 @@ WORK = ROOT / "bench" / "work"
 log = logging.getLogger("moe_model")
 
 
-def build_config(vocab_size: int, bos: int | None, eos: int | None):  # noqa: ANN201 (transformers config)
+def build_config(vocab_size: int, bos: int | None, eos: int | None):
     from transformers import MixtralConfig
 
     return MixtralConfig(
@@ -86,9 +86,16 @@ def train(out: Path, steps: int, batch: int, seqlen: int, lr: float) -> dict:
     model.config.output_router_logits = False
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return {"steps": steps, "batch": batch, "seqlen": seqlen, "lr": lr, "train_seconds": seconds,
-            "final_loss_mean_last_25": sum(losses[-25:]) / len(losses[-25:]),
-            "train_tokens": tokens.numel(), "params": sum(p.numel() for p in model.parameters())}
+    return {
+        "steps": steps,
+        "batch": batch,
+        "seqlen": seqlen,
+        "lr": lr,
+        "train_seconds": seconds,
+        "final_loss_mean_last_25": sum(losses[-25:]) / len(losses[-25:]),
+        "train_tokens": tokens.numel(),
+        "params": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def main() -> int:

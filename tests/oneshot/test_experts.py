@@ -13,7 +13,8 @@ from torch import nn
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts, MixtralSparseMoeBlock
 
 import prunekit
-from models import MOE_FAMILIES, sample_text, tiny_model, tiny_tokenizer
+from models import MOE_FAMILIES, sample_text, save_tiny_checkpoint, tiny_model, tiny_tokenizer
+from prunekit.cli import main
 from prunekit.core.errors import TargetError
 from prunekit.io.saving import save_pretrained
 from prunekit.models.blocks import find_decoder_blocks
@@ -268,10 +269,6 @@ def test_an_unknown_stacked_parameter_is_refused_not_left_dense() -> None:
 
 
 def test_cli_prunes_experts_and_reports_underused_ones(tmp_path: Path) -> None:
-    from models import save_tiny_checkpoint
-
-    from prunekit.cli import main
-
     source = save_tiny_checkpoint(tmp_path / "in", "mixtral")
     calib = tmp_path / "calib.txt"
     calib.write_text(sample_text())
