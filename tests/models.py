@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from torch import nn
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 VOCAB = 256
@@ -44,7 +47,8 @@ FAMILIES = sorted(CONFIGS)
 
 _MOE = {**_COMMON, "num_key_value_heads": 2, "max_position_embeddings": 256, "num_experts_per_tok": 2}
 
-#: Mixture-of-experts families (fused 3-D experts in current transformers), 4 experts of width 32, top-2.
+#: Mixture-of-experts families (fused 3-D experts in current transformers), 4 experts of width 32, top-2
+#: (DeepSeek-V3: 8 experts in 2 routing groups, one group per token, and a first dense layer).
 MOE_CONFIGS = {
     "mixtral": lambda: transformers.MixtralConfig(**_MOE, intermediate_size=32, num_local_experts=4),
     "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
@@ -58,7 +62,7 @@ MOE_CONFIGS = {
         **{**_MOE, "num_key_value_heads": 4},
         intermediate_size=64,
         moe_intermediate_size=32,
-        n_routed_experts=4,
+        n_routed_experts=8,
         n_shared_experts=1,
         n_group=2,
         topk_group=1,
@@ -127,3 +131,60 @@ def save_tiny_checkpoint(directory: Path, family: str = "llama", seed: int = 0) 
     model.save_pretrained(directory)
     tiny_tokenizer().save_pretrained(directory)
     return directory
+
+
+#: The hand-checkable MoE layer: hidden 8, experts of width 6, 3 experts, a 32-token vocabulary.
+HIDDEN, WIDTH, EXPERTS, TOY_VOCAB = 8, 6, 3, 32
+
+
+class MoeOnly(nn.Module):
+    """Embedding -> one block holding only a Mixtral MoE layer (router + fused experts), nothing else, so the
+    experts' inputs are the embeddings themselves."""
+
+    def __init__(self, top_k: int = 2) -> None:
+        super().__init__()
+        config = transformers.MixtralConfig(
+            hidden_size=HIDDEN,
+            intermediate_size=WIDTH,
+            num_local_experts=EXPERTS,
+            num_experts_per_tok=top_k,
+            num_attention_heads=2,
+            num_hidden_layers=1,
+            router_jitter_noise=0.0,
+        )
+        config._experts_implementation = "eager"
+        self.config = config
+        self.embed = nn.Embedding(TOY_VOCAB, HIDDEN)
+        self.layers = nn.ModuleList([Block(config)])
+
+    def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return self.layers[0](self.embed(input_ids))
+
+
+class Block(nn.Module):
+    def __init__(self, config: transformers.MixtralConfig) -> None:
+        super().__init__()
+        self.mlp = MixtralSparseMoeBlock(config)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.mlp(hidden)
+
+
+def moe_only(seed: int = 0, top_k: int = 2) -> MoeOnly:
+    torch.manual_seed(seed)
+    model = MoeOnly(top_k)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    return model.eval()
+
+
+def never_routed_to_last_expert(model: MoeOnly) -> None:
+    """Embeddings with first coordinate 1 and a router that scores the last expert -10 and the others +10 on
+    it: the last expert is never among the top 2."""
+    with torch.no_grad():
+        model.embed.weight[:, 0] = 1.0
+        router = model.layers[0].mlp.gate.weight
+        router.mul_(0.01)
+        router[:, 0] = 10.0
+        router[EXPERTS - 1, 0] = -10.0

@@ -10,57 +10,29 @@ import pytest
 import torch
 import transformers
 from torch import nn
-from transformers.models.mixtral.modeling_mixtral import MixtralExperts, MixtralSparseMoeBlock
+from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 import prunekit
-from models import MOE_FAMILIES, sample_text, save_tiny_checkpoint, tiny_model, tiny_tokenizer
+from models import (
+    EXPERTS,
+    HIDDEN,
+    MOE_FAMILIES,
+    TOY_VOCAB,
+    WIDTH,
+    MoeOnly,
+    moe_only,
+    never_routed_to_last_expert,
+    sample_text,
+    save_tiny_checkpoint,
+    tiny_model,
+    tiny_tokenizer,
+)
 from prunekit.cli import main
 from prunekit.core.errors import TargetError
 from prunekit.io.saving import save_pretrained
 from prunekit.models.blocks import find_decoder_blocks
 from prunekit.models.experts import ExpertMatrix, fused_layout, router_linears
 from prunekit.models.targets import find_targets
-
-HIDDEN, WIDTH, EXPERTS, VOCAB = 8, 6, 3, 32
-
-
-class MoeOnly(nn.Module):
-    """Embedding -> one block holding only a Mixtral MoE layer (router + fused experts), nothing else, so the
-    experts' inputs are the embeddings themselves."""
-
-    def __init__(self, top_k: int = 2) -> None:
-        super().__init__()
-        config = transformers.MixtralConfig(
-            hidden_size=HIDDEN,
-            intermediate_size=WIDTH,
-            num_local_experts=EXPERTS,
-            num_experts_per_tok=top_k,
-            num_attention_heads=2,
-            router_jitter_noise=0.0,
-        )
-        self.embed = nn.Embedding(VOCAB, HIDDEN)
-        self.layers = nn.ModuleList([Block(config)])
-
-    def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        return self.layers[0](self.embed(input_ids))
-
-
-class Block(nn.Module):
-    def __init__(self, config: transformers.MixtralConfig) -> None:
-        super().__init__()
-        self.mlp = MixtralSparseMoeBlock(config)
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.mlp(hidden)
-
-
-def moe_only(seed: int = 0, top_k: int = 2) -> MoeOnly:
-    torch.manual_seed(seed)
-    model = MoeOnly(top_k)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_()
-    return model.eval()
 
 
 def keep_half_per_row(scores: torch.Tensor) -> torch.Tensor:
@@ -101,7 +73,7 @@ def expected_wanda_masks(model: MoeOnly, ids: torch.Tensor, weighted: bool) -> d
 @pytest.mark.parametrize("weighted", [True, False])
 def test_per_expert_wanda_keeps_the_weights_computed_by_hand(weighted: bool) -> None:
     model = moe_only()
-    ids = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, TOY_VOCAB, (4, 16), generator=torch.Generator().manual_seed(1))
     expected = expected_wanda_masks(model, ids, weighted)
     config = prunekit.PruneConfig(method="wanda", sparsity=0.5, routing_weighted=weighted, expert_min_tokens=0)
     result = prunekit.prune(model, config, ids, progress=False)
@@ -119,22 +91,11 @@ def test_per_expert_wanda_keeps_the_weights_computed_by_hand(weighted: bool) -> 
     assert torch.equal(result.model.layers[0].mlp.gate.weight, model.layers[0].mlp.gate.weight)  # router dense
 
 
-def never_routed_to_last_expert(model: MoeOnly) -> None:
-    """Embeddings with first coordinate 1 and a router that scores the last expert -10 and the others +10 on
-    it: the last expert is never among the top 2."""
-    with torch.no_grad():
-        model.embed.weight[:, 0] = 1.0
-        router = model.layers[0].mlp.gate.weight
-        router.mul_(0.01)
-        router[:, 0] = 10.0
-        router[EXPERTS - 1, 0] = -10.0
-
-
 @pytest.mark.parametrize("policy", ["magnitude", "dense"])
 def test_an_expert_no_token_reaches_is_reported_and_handled_as_asked(policy: str) -> None:
     model = moe_only()
     never_routed_to_last_expert(model)
-    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, TOY_VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
     config = prunekit.PruneConfig(method="wanda", underused_experts=policy)
     result = prunekit.prune(model, config, ids, progress=False)
     last = [layer for layer in result.layers if layer.expert == EXPERTS - 1]

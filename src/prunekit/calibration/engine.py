@@ -61,15 +61,15 @@ class BlockTiming:
     seconds: float
 
 
-def _to_device(value: Any, device: torch.device) -> Any:
+def to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, tuple):
-        return tuple(_to_device(v, device) for v in value)
+        return tuple(to_device(v, device) for v in value)
     if isinstance(value, list):
-        return [_to_device(v, device) for v in value]
+        return [to_device(v, device) for v in value]
     if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
+        return {k: to_device(v, device) for k, v in value.items()}
     return value
 
 
@@ -240,7 +240,7 @@ def run_sequential(
                     hidden[b] = None
                 # no ``with torch.no_grad()`` here: grad mode is per thread, and jobs parked inside such a block
                 # would restore each other's saved modes out of order; the runner runs them all under no_grad
-                out = block(_to_device(x, device), *_to_device(call.args, device), **_to_device(call.kwargs, device))
+                out = block(to_device(x, device), *to_device(call.args, device), **to_device(call.kwargs, device))
                 del x
                 result = hidden_from_output(out)
                 return result.to("cpu") if offload_activations else result

@@ -1,4 +1,5 @@
-"""The ``prunekit`` command: ``prune``, ``eval``, ``bench-speed``, ``structured``; one module per subcommand."""
+"""The ``prunekit`` command: ``prune``, ``eval``, ``bench-speed``, ``structured``, ``experts``; one module per
+subcommand."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Sequence
 
 from transformers.utils import logging as hf_logging
 
-from prunekit.cli import evaluate, prune, structured
+from prunekit.cli import evaluate, experts, prune, structured
 from prunekit.cli.common import _add_verbosity_flags
 from prunekit.core.errors import PrunekitError
 
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_parser(sub)
     evaluate.add_parsers(sub)
     structured.add_parser(sub)
+    experts.add_parser(sub)
     return parser
 
 
@@ -38,6 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "prune":
             return prune.run(args, argv)
+        if args.command == "experts":
+            return experts.run(args, argv)
         commands = {"eval": evaluate.run_eval, "bench-speed": evaluate.run_bench_speed, "structured": structured.run}
         return commands[args.command](args)
     except PrunekitError as exc:

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 REPORT_SUBDIR = "prunekit-report"
 
 
-def _calibration_from_config(tokenizer: Any, cfg: CalibrationConfig, max_context: int | None) -> torch.Tensor:
+def calibration_from_config(tokenizer: Any, cfg: CalibrationConfig, max_context: int | None) -> torch.Tensor:
     check_window_args(cfg.nsamples, cfg.seqlen, max_context)
     if cfg.dataset:
         tokens = load_dataset_tokens(tokenizer, cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_field)
@@ -92,7 +92,7 @@ def run_recipe(recipe: Recipe, command: str | None = None, progress: bool = True
     loaded = load_model(recipe.model.source, dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code)
     load_seconds = time.perf_counter() - load_started
     context = model_max_context(loaded.model.config)
-    calibration = _calibration_from_config(loaded.tokenizer, recipe.calibration, context) if has_calibration else None
+    calibration = calibration_from_config(loaded.tokenizer, recipe.calibration, context) if has_calibration else None
     eval_tokens = None
     if recipe.eval.ppl:
         check_eval_seqlen(recipe.eval.seqlen, context)  # before any slow work
@@ -191,7 +191,7 @@ def _run_lazily(
         context = model_max_context(AutoConfig.from_pretrained(source, trust_remote_code=trust))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not read the tokenizer or config of {str(source)!r}: {exc}") from exc
-    calibration = _calibration_from_config(tokenizer, recipe.calibration, context) if has_calibration else None
+    calibration = calibration_from_config(tokenizer, recipe.calibration, context) if has_calibration else None
     reports: list[OneShotReport] = []
 
     def add_report(tmp: Path, result: PruneResult) -> None:
