@@ -28,11 +28,12 @@ from models import (
     tiny_tokenizer,
 )
 from prunekit.cli import main
-from prunekit.core.errors import TargetError
+from prunekit.core.errors import ModelLoadError, TargetError
 from prunekit.io.saving import save_pretrained
 from prunekit.models.blocks import find_decoder_blocks
 from prunekit.models.experts import ExpertMatrix, fused_layout, router_linears
 from prunekit.models.targets import find_targets
+from prunekit.oneshot import prune_checkpoint
 
 
 def keep_half_per_row(scores: torch.Tensor) -> torch.Tensor:
@@ -246,3 +247,25 @@ def test_cli_prunes_experts_and_reports_underused_ones(tmp_path: Path) -> None:
     assert "< expert_min_tokens=1000: left dense |" in report
     recipe = (out / "prunekit-report" / "report.json").read_text()
     assert '"routing_weighted": false' in recipe and '"underused_experts": "dense"' in recipe
+
+
+def test_lazy_prunes_fused_experts_stored_as_such_bit_for_bit(calibration: torch.Tensor, tmp_path: Path) -> None:
+    """GPT-OSS checkpoints store the fused tensors themselves: streamed block by block, the result equals the
+    in-memory one."""
+    source = save_tiny_checkpoint(tmp_path / "in", "gpt_oss")
+    config = prunekit.PruneConfig(method="wanda")
+    expected = prunekit.prune(tiny_model("gpt_oss"), config, calibration, progress=False).model
+    result = prune_checkpoint(source, tmp_path / "out", config, calibration, progress=False)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    for name, tensor in expected.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
+    assert any(layer.expert is not None for layer in result.layers)
+
+
+def test_lazy_refuses_per_expert_checkpoints_clearly(calibration: torch.Tensor, tmp_path: Path) -> None:
+    """transformers saves Mixtral's experts one by one (and fuses them when loading): streaming cannot map
+    those names onto the fused parameters, and says so before writing anything."""
+    source = save_tiny_checkpoint(tmp_path / "in", "mixtral")
+    with pytest.raises(ModelLoadError, match=r"lacks .*experts.gate_up_proj.*without --lazy"):
+        prune_checkpoint(source, tmp_path / "out", prunekit.PruneConfig(), calibration, progress=False)
+    assert not (tmp_path / "out").exists()

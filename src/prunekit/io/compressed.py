@@ -142,6 +142,19 @@ def plan_compression(model: nn.Module, save_format: str) -> CompressionPlan:
     zeros = sum(t.numel() - count_nonzero(t) for t in tensors if t.is_floating_point())
     global_sparsity = zeros / max(1, sum(t.numel() for t in tensors))
     candidates = _candidates(model)
+    stacked = [
+        n
+        for n, t in model.state_dict().items()
+        if t.dim() > 2 and t.is_floating_point() and count_nonzero(t) < t.numel()
+    ]
+    if stacked:
+        log.warning(
+            "%d stacked (3-D, fused expert) tensors with zeros are stored dense: compressed-tensors' sparse formats "
+            "cover 2-D linear weights only (%s%s)",
+            len(stacked),
+            ", ".join(stacked[:2]),
+            ", ..." if len(stacked) > 2 else "",
+        )
     sparse = [n for n, m in candidates.items() if bitmask_bytes(m.weight) < m.weight.numel() * m.weight.element_size()]
     if not sparse:
         if wanted == SPARSE_24:
