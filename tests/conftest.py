@@ -7,6 +7,14 @@ import pytest
 
 
 @pytest.fixture(scope="session")
+def tokenizer():
+    """The tiny byte-level BPE tokenizer of ``models.tiny_tokenizer`` (tests may define their own)."""
+    from models import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
 def calibration():
     """Six windows of 32 tokens of the tiny tokenizer's text (tests may define their own)."""
     import prunekit

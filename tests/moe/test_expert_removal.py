@@ -17,27 +17,13 @@ from models import (
     TOY_VOCAB,
     moe_only,
     never_routed_to_last_expert,
-    sample_text,
     tiny_model,
-    tiny_tokenizer,
 )
 from prunekit.calibration.hooks import observe
 from prunekit.core.errors import CalibrationError, ConfigError
 from prunekit.io.saving import save_pretrained
 from prunekit.models.moe_layers import find_moe_layers, merge_into, remove_experts
 from prunekit.moe import ExpertPruneConfig, prune_experts
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Any:
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def calibration(tokenizer: Any, tmp_path_factory: pytest.TempPathFactory) -> torch.Tensor:
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(sample_text())
-    return prunekit.calibration_windows(tokenizer, path, nsamples=4, seqlen=32, seed=0)
 
 
 def ids(rows: int = 2, seed: int = 1) -> torch.Tensor:

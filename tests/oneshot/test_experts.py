@@ -25,7 +25,6 @@ from models import (
     sample_text,
     save_tiny_checkpoint,
     tiny_model,
-    tiny_tokenizer,
 )
 from prunekit.cli import main
 from prunekit.core.errors import ModelLoadError, TargetError
@@ -158,18 +157,6 @@ def test_linear_routers_are_not_targets() -> None:
     names = [t.name for t in find_targets(model, blocks_name)]
     assert not routers & set(names)
     assert "model.layers.0.mlp.shared_expert.down_proj" in names
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> Any:
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def calibration(tokenizer: Any, tmp_path_factory: pytest.TempPathFactory) -> torch.Tensor:
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(sample_text())
-    return prunekit.calibration_windows(tokenizer, path, nsamples=4, seqlen=32, seed=0)
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)

@@ -9,7 +9,17 @@ import shlex
 from collections.abc import Sequence
 from typing import Any
 
-from prunekit.cli.common import _add_model_flags, _add_verbosity_flags
+from prunekit.cli.common import (
+    CALIBRATION_FLAGS,
+    EVAL_FLAGS,
+    OUTPUT_FLAGS,
+    _add_calibration_flags,
+    _add_eval_flags,
+    _add_model_flags,
+    _add_output_flags,
+    _add_verbosity_flags,
+    apply_flags,
+)
 from prunekit.core.config import read_yaml_mapping
 from prunekit.core.errors import ConfigError
 from prunekit.methods import method_names
@@ -26,19 +36,12 @@ _FLAGS = {
     "sample_tokens": ("experts", "sample_tokens"),
     "batch_size": ("experts", "batch_size"),
     "device": ("experts", "device"),
-    "calib": ("calibration", "path"),
-    "nsamples": ("calibration", "nsamples"),
-    "seqlen": ("calibration", "seqlen"),
-    "seed": ("calibration", "seed"),
     "then": ("then", "method"),
     "sparsity": ("then", "sparsity"),
     "pattern": ("then", "pattern"),
-    "ppl": ("eval", "ppl"),
-    "ppl_seqlen": ("eval", "seqlen"),
-    "ppl_windows": ("eval", "max_windows"),
-    "out": ("output", "dir"),
-    "overwrite": ("output", "overwrite"),
-    "report": ("output", "report_dir"),
+    **CALIBRATION_FLAGS,
+    **EVAL_FLAGS,
+    **OUTPUT_FLAGS,
 }
 
 
@@ -58,10 +61,7 @@ def add_parser(sub: Any) -> None:
         "reconstruct (the kept set that best reproduces the layer's output)",
     )
     p.add_argument("--merge", action="store_true", default=None, help="merge removed experts into kept ones")
-    p.add_argument("--calib", default=None, help="calibration text file (e.g. a validation split)")
-    p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 32)")
-    p.add_argument("--seqlen", type=int, default=None, help="tokens per calibration window (default 512)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the calibration draw (default 0)")
+    _add_calibration_flags(p, nsamples=32, seqlen=512)
     p.add_argument("--sample-tokens", type=int, default=None, help="tokens per layer kept to measure output errors")
     p.add_argument("--batch-size", type=int, default=None, help="calibration windows per forward batch")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
@@ -79,12 +79,8 @@ def add_parser(sub: Any) -> None:
         default=None,
         help="fraction of the routed experts' parameters to remove in all; sets --then's sparsity",
     )
-    p.add_argument("--ppl", default=None, help="text file to measure perplexity on, before and after")
-    p.add_argument("--ppl-seqlen", type=int, default=None, help="perplexity window length (default 2048)")
-    p.add_argument("--ppl-windows", type=int, default=None, help="use only the first N perplexity windows")
-    p.add_argument("--out", default=None, help="output directory for the pruned checkpoint")
-    p.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty --out")
-    p.add_argument("--report", default=None, help="report directory (default: <out>/prunekit-report)")
+    _add_eval_flags(p)
+    _add_output_flags(p)
     p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe as YAML and exit")
 
 
@@ -92,16 +88,10 @@ def recipe_from_args(args: argparse.Namespace) -> ExpertRecipe:
     data: dict[str, Any] = read_yaml_mapping(args.recipe) if args.recipe else {}
     if args.model is not None:
         data.setdefault("model", {})["source"] = args.model
-    for flag, (section, key) in _FLAGS.items():
-        value = getattr(args, flag, None)
-        if value is None:
-            continue
-        if section == "then" and data.get("then") is None and flag != "then":
-            continue  # --sparsity/--pattern without a one-shot step: refused below
-        data.setdefault(section, {})
-        if data[section] is None:
-            data[section] = {}
-        data[section][key] = value
+    if data.get("then") is not None or args.then is not None:
+        apply_flags(data, args, _FLAGS)
+    else:  # --sparsity/--pattern without a one-shot step are refused below
+        apply_flags(data, args, {k: v for k, v in _FLAGS.items() if v[0] != "then"})
     if args.budget is not None:
         data["budget"] = args.budget
     if data.get("then") is None and (args.sparsity is not None or args.pattern is not None):

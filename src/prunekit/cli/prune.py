@@ -12,7 +12,17 @@ from typing import Any, Literal, get_args, get_origin
 
 from pydantic.fields import FieldInfo
 
-from prunekit.cli.common import _add_model_flags, _add_verbosity_flags
+from prunekit.cli.common import (
+    CALIBRATION_FLAGS,
+    EVAL_FLAGS,
+    OUTPUT_FLAGS,
+    _add_calibration_flags,
+    _add_eval_flags,
+    _add_model_flags,
+    _add_output_flags,
+    _add_verbosity_flags,
+    apply_flags,
+)
 from prunekit.core.config import read_yaml_mapping
 from prunekit.io.compressed import SAVE_FORMATS
 from prunekit.methods import method_classes, method_names
@@ -41,18 +51,11 @@ _PRUNE_FLAGS = {
     "dtype": ("model", "dtype"),
     "trust_remote_code": ("model", "trust_remote_code"),
     "lazy": ("model", "lazy"),
-    "calib": ("calibration", "path"),
     "calib_dataset": ("calibration", "dataset"),
-    "nsamples": ("calibration", "nsamples"),
-    "seqlen": ("calibration", "seqlen"),
-    "seed": ("calibration", "seed"),
-    "ppl": ("eval", "ppl"),
-    "ppl_seqlen": ("eval", "seqlen"),
-    "ppl_windows": ("eval", "max_windows"),
-    "out": ("output", "dir"),
-    "overwrite": ("output", "overwrite"),
-    "report": ("output", "report_dir"),
     "save_format": ("output", "save_format"),
+    **CALIBRATION_FLAGS,
+    **EVAL_FLAGS,
+    **OUTPUT_FLAGS,
 }
 
 
@@ -72,11 +75,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--scope", choices=["row", "layer"], default=None, help="unstructured comparison group")
     p.add_argument("--include", action="append", default=None, help="regex of layer names to prune (repeatable)")
     p.add_argument("--exclude", action="append", default=None, help="regex of layer names to skip (repeatable)")
-    p.add_argument("--calib", default=None, help="calibration text file (e.g. a validation split)")
+    _add_calibration_flags(p, nsamples=128, seqlen=2048)
     p.add_argument("--calib-dataset", default=None, help="Hugging Face dataset name instead of --calib")
-    p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 128)")
-    p.add_argument("--seqlen", type=int, default=None, help="tokens per calibration window (default 2048)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the calibration draw (default 0)")
     p.add_argument(
         "--batch-size",
         type=int,
@@ -126,12 +126,8 @@ def add_parser(sub: Any) -> None:
         default=None,
         help="weigh each routed token in an expert's statistics by its routing weight (default: yes)",
     )
-    p.add_argument("--ppl", default=None, help="text file to measure perplexity on, before and after")
-    p.add_argument("--ppl-seqlen", type=int, default=None, help="perplexity window length (default 2048)")
-    p.add_argument("--ppl-windows", type=int, default=None, help="use only the first N perplexity windows")
-    p.add_argument("--out", default=None, help="output directory for the pruned checkpoint")
-    p.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty --out")
-    p.add_argument("--report", default=None, help="report directory (default: <out>/prunekit-report)")
+    _add_eval_flags(p)
+    _add_output_flags(p)
     p.add_argument(
         "--save-format",
         choices=list(SAVE_FORMATS),
@@ -192,12 +188,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
                 key,
             )
             del prune_section[key]
-    flags = {**_PRUNE_FLAGS, **{name: ("prune", name) for name in options}}
-    for flag, (section, key) in flags.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            data.setdefault(section, {})[key] = value
-    return Recipe.from_dict(data)
+    return Recipe.from_dict(apply_flags(data, args, {**_PRUNE_FLAGS, **{name: ("prune", name) for name in options}}))
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
