@@ -20,7 +20,7 @@ from models import (
     tiny_model,
 )
 from prunekit.calibration.hooks import observe
-from prunekit.core.errors import CalibrationError, ConfigError
+from prunekit.core.errors import CalibrationError, ConfigError, TargetError
 from prunekit.io.saving import save_pretrained
 from prunekit.models.moe_layers import find_moe_layers, merge_into, remove_experts
 from prunekit.moe import ExpertPruneConfig, prune_experts
@@ -139,3 +139,11 @@ def test_a_dense_model_is_refused(calibration: torch.Tensor) -> None:
 def test_calibration_too_small_to_reach_every_expert() -> None:
     with pytest.raises(CalibrationError, match=r"1 calibration tokens cannot reach all 4 experts.*at least 2 tokens"):
         prune_experts(tiny_model("mixtral"), ExpertPruneConfig(), torch.tensor([[5]]), progress=False)
+
+
+def test_a_layer_whose_router_cannot_be_told_apart_is_refused() -> None:
+    model = moe_only()
+    mlp = model.layers[0].mlp
+    mlp.second_gate = torch.nn.Linear(8, EXPERTS, bias=False)  # two children score the experts: which routes?
+    with pytest.raises(TargetError, match=r"'layers.0.mlp' \(MixtralSparseMoeBlock\) has 2 candidate routers"):
+        prune_experts(model, ExpertPruneConfig(remove=0.34), ids(), progress=False)

@@ -126,7 +126,7 @@ def test_cli_lazy_end_to_end_and_its_errors(tmp_path, capsys):
 def test_streamed_safetensors_writer_and_mapped_reader_round_trip(dtype, tmp_path):
     from safetensors.torch import load_file
 
-    from prunekit.io.streaming import SafetensorsCheckpoint, write_safetensors
+    from prunekit.io.safetensors_files import SafetensorsCheckpoint, write_safetensors
 
     tensors = {
         "b.weight": (torch.arange(24).reshape(4, 6) % 3).to(dtype),

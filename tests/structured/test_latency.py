@@ -155,6 +155,7 @@ def test_a_measured_table_costs_every_call_once_and_runs_views_at_their_planned_
     table = LatencyTable(min_block_s=1e-4, blocks=3)
     full = planned_latency(StructuralPlan(graph, [], set()), table)
     entries = len(table.entries)
+    dense_calls = set(table.entries)
     assert full > 0 and entries > 0
     assert planned_latency(StructuralPlan(graph, [], set()), table) == full  # read from the table
     assert len(table.entries) == entries
@@ -162,7 +163,11 @@ def test_a_measured_table_costs_every_call_once_and_runs_views_at_their_planned_
     assert planned_latency(plan, table) > 0
     assert table.failed == {}  # the view ran with the pruned width, not the traced literal size
     free = LatencyTable(min_block_s=1e-4, blocks=3, free_ops=("aten.convolution", "aten.addmm"))
-    assert planned_latency(StructuralPlan(graph, [], set()), free) < full
+    planned_latency(StructuralPlan(graph, [], set()), free)
+    # free ops are not timed (a comparison of measured times would fail on a busy machine): what the free
+    # table measured is what the full one did, less the convolutions and matrix products
+    timed = {key for key in dense_calls if not str(key[0]).startswith(("aten.convolution", "aten.addmm"))}
+    assert set(free.entries) == timed and timed < dense_calls
 
 
 def test_prune_structurally_with_the_latency_policy_meets_a_mac_target():
