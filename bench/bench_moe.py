@@ -117,6 +117,65 @@ def held_out_family_check(tokens: torch.Tensor) -> dict[str, Any]:
     return {"min_expert_tensor_zero_fraction": min(fractions.values()), "tensors": fractions}
 
 
+#: Qwen3-30B-A3B: 48 MoE layers of 128 experts (gate/up 768 x 2048, down 2048 x 768), top-8, hidden 2048.
+QWEN3_30B = {"layers": 48, "experts": 128, "top_k": 8, "hidden": 2048, "expert_width": 768, "params": 30.5e9}
+
+
+def per_expert_costs(tokens_per_expert: int, repeats: int = 3) -> dict[str, Any]:
+    """Seconds of one expert's work at Qwen3-30B-A3B's shapes on this machine, measured: the Gram of its routed
+    tokens (gate/up input 2048 wide, down input 768 wide) and SparseGPT's and Wanda's decisions (with the refit)
+    for one gate (768 x 2048) and one down (2048 x 768) matrix, float32, 50% unstructured."""
+    from prunekit.calibration.statistics import LayerStatistics, accumulate_gram, complete_gram
+    from prunekit.core.patterns import parse_pattern
+    from prunekit.methods import LayerTask, method_class
+    from prunekit.reconstruction.least_squares import refit_kept_weights
+
+    torch.manual_seed(0)
+    hidden, width = QWEN3_30B["hidden"], QWEN3_30B["expert_width"]
+    out: dict[str, Any] = {"tokens_per_expert": tokens_per_expert}
+    for label, rows, cols in (("gate_or_up", width, hidden), ("down", hidden, width)):
+        x = torch.randn(tokens_per_expert, cols)
+        weight = torch.randn(rows, cols) / cols**0.5
+        times: dict[str, list[float]] = {"gram": [], "sparsegpt": [], "wanda": [], "refit": []}
+        for _ in range(repeats):
+            started = time.perf_counter()
+            gram = complete_gram(accumulate_gram(None, x, torch.float32))
+            times["gram"].append(time.perf_counter() - started)
+            stats = LayerStatistics(gram.diagonal().clone(), tokens_per_expert, None, gram)
+            pattern = parse_pattern("unstructured", 0.5, "layer")
+            for method in ("sparsegpt", "wanda"):
+                chosen = method_class(method)(method_class(method).config_class())
+                started = time.perf_counter()
+                pruned = chosen.finalize(LayerTask(label, weight, stats, pattern, keep_gram=True))
+                times[method].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            refit_kept_weights(weight, pruned.weight, pruned.mask.keep, gram, 4, dampening=0.01)
+            times["refit"].append(time.perf_counter() - started)
+        out[label] = {k: statistics.median(v) for k, v in times.items()}
+    return out
+
+
+def qwen3_30b_estimate(costs: dict[str, Any]) -> dict[str, Any]:
+    """Time and memory of pruning Qwen3-30B-A3B inside every expert, from the measured per-expert costs."""
+    q = QWEN3_30B
+    gu, down = costs["gate_or_up"], costs["down"]
+    grams = gu["gram"] + down["gram"]  # gate and up read the same input: one Gram for both
+    per_expert = {
+        "sparsegpt": grams + 2 * (gu["sparsegpt"] + gu["refit"]) + down["sparsegpt"] + down["refit"],
+        "wanda": grams + 2 * gu["wanda"] + down["wanda"],  # (Wanda needs only the Gram's diagonal)
+    }
+    experts = q["layers"] * q["experts"]
+    return {
+        "experts": experts,
+        "hours_on_this_cpu": {method: experts * seconds / 3600 for method, seconds in per_expert.items()},
+        "memory_gib": {
+            "bf16_weights": q["params"] * 2 / 2**30,
+            "largest_expert_gram_float32": q["hidden"] ** 2 * 4 / 2**30,
+            "one_block_activations_128x2048_bf16": 128 * 2048 * q["hidden"] * 2 / 2**30,
+        },
+    }
+
+
 def run_peer(peer_python: str, calib_file: Path, remove: float, out: Path) -> dict[str, Any]:
     if out.exists():
         shutil.rmtree(out)
@@ -213,6 +272,10 @@ def main() -> int:
                     inside_sparsity=sparsity,
                 )
     results["held_out_tiny_mixtral_wanda50"] = held_out_family_check(calib.reshape(-1))
+    # 128 windows x 2048 tokens, top-8 of 128 experts: 16,384 routed tokens per expert on average
+    costs = per_expert_costs(128 * 2048 * QWEN3_30B["top_k"] // QWEN3_30B["experts"])
+    results["qwen3_30b_a3b"] = {"measured_per_expert_seconds": costs, "estimate": qwen3_30b_estimate(costs)}
+    Path(args.out).write_text(json.dumps(results, indent=2))
 
     peer_python = args.peer_python if args.peer_python and Path(args.peer_python).exists() else None
     if peer_python is None:
