@@ -8,7 +8,8 @@ AdamW on random 256-token windows of ``wikitext2_valid.txt`` for a fixed number 
 first windows of ``wikitext2_test.txt`` in ``training.json``.
 
     python bench/moe_model.py                 # train (about 20 minutes on 2 cores) or report the cached one
-    python bench/moe_model.py --steps 20      # a smoke run into bench/work/moe-mixtral-smoke
+    python bench/moe_model.py --steps 20 --name moe-smoke                # a smoke run
+    python bench/moe_model.py --layers 6 --expert-width 1024 --steps 1000 --name moe-mixtral-wide
 """
 
 from __future__ import annotations
@@ -32,14 +33,14 @@ WORK = ROOT / "bench" / "work"
 log = logging.getLogger("moe_model")
 
 
-def build_config(vocab_size: int, bos: int | None, eos: int | None):
+def build_config(vocab_size: int, bos: int | None, eos: int | None, layers: int = 4, expert_width: int = 512):
     from transformers import MixtralConfig
 
     return MixtralConfig(
         vocab_size=vocab_size,
         hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=4,
+        intermediate_size=expert_width,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=4,
         num_local_experts=8,
@@ -53,13 +54,13 @@ def build_config(vocab_size: int, bos: int | None, eos: int | None):
     )
 
 
-def train(out: Path, steps: int, batch: int, seqlen: int, lr: float) -> dict:
+def train(out: Path, steps: int, batch: int, seqlen: int, lr: float, layers: int, expert_width: int) -> dict:
     from transformers import MixtralForCausalLM
 
     tokenizer = load_model(None).tokenizer  # the bundled SmolLM2's tokenizer
     tokens = load_text_tokens(tokenizer, DATA / "wikitext2_valid.txt")
     torch.manual_seed(0)
-    config = build_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    config = build_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, layers, expert_width)
     model = MixtralForCausalLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
     generator = torch.Generator().manual_seed(0)
@@ -87,6 +88,8 @@ def train(out: Path, steps: int, batch: int, seqlen: int, lr: float) -> dict:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return {
+        "layers": layers,
+        "expert_width": expert_width,
         "steps": steps,
         "batch": batch,
         "seqlen": seqlen,
@@ -104,16 +107,19 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--expert-width", type=int, default=512)
+    parser.add_argument("--name", default="moe-mixtral", help="folder under bench/work")
     parser.add_argument("--ppl-windows", type=int, default=40)
     parser.add_argument("--ppl-seqlen", type=int, default=512)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    out = WORK / ("moe-mixtral" if args.steps == 600 else f"moe-mixtral-{args.steps}")
+    out = WORK / args.name
     record = out / "training.json"
     if record.is_file():
         print(record.read_text())
         return 0
-    info = train(out, args.steps, args.batch, args.seqlen, args.lr)
+    info = train(out, args.steps, args.batch, args.seqlen, args.lr, args.layers, args.expert_width)
     loaded = load_model(str(out))
     test = str(DATA / "wikitext2_test.txt")
     result = perplexity(loaded.model, loaded.tokenizer, test, args.ppl_seqlen, args.ppl_windows, progress=False)
