@@ -22,7 +22,7 @@ check), and the measured per-expert costs behind BENCHMARKS.md's estimate for Qw
     python bench/moe_model.py                                  # once: train the model (~25 min on 2 cores)
     python bench/bench_moe.py --peer-python .venv-peer/bin/python
 
-Writes ``bench/results/moe_mixtral.json``.
+Writes ``bench/results/<model>.json`` (``moe_mixtral.json`` for the default ``--model moe-mixtral``).
 """
 
 from __future__ import annotations
@@ -57,7 +57,6 @@ from prunekit.moe.job import EXPERT_TARGETS, oneshot_sparsity, routed_expert_par
 
 DATA = ROOT.parent / "shared" / "data"
 WORK = ROOT / "bench" / "work"
-MODEL = WORK / "moe-mixtral"
 CRITERIA = ("frequency", "reap", "stun", "reconstruct")
 log = logging.getLogger("bench_moe")
 
@@ -176,13 +175,13 @@ def qwen3_30b_estimate(costs: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_peer(peer_python: str, calib_file: Path, remove: float, out: Path) -> dict[str, Any]:
+def run_peer(peer_python: str, model: Path, calib_file: Path, remove: float, out: Path) -> dict[str, Any]:
     if out.exists():
         shutil.rmtree(out)
     cmd = [
         peer_python,
         str(ROOT / "bench" / "peer_llmcompressor_reap.py"),
-        str(MODEL),
+        str(model),
         str(calib_file),
         str(remove),
         str(out),
@@ -204,8 +203,11 @@ def main() -> int:
     parser.add_argument("--ppl-windows", type=int, default=40)
     parser.add_argument("--ppl-seqlen", type=int, default=512)
     parser.add_argument("--quick", action="store_true", help="only dense, wanda 50%% and reap 25%% (a smoke run)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "moe_mixtral.json"))
+    parser.add_argument("--model", default="moe-mixtral", help="the trained model's folder under bench/work")
+    parser.add_argument("--out", default=None, help="result JSON (default: bench/results/<model>.json)")
     args = parser.parse_args()
+    MODEL = WORK / args.model
+    args.out = args.out or str(ROOT / "bench" / "results" / f"{args.model.replace('-', '_')}.json")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("prunekit").setLevel(logging.WARNING)
     if not (MODEL / "training.json").is_file():
@@ -285,7 +287,7 @@ def main() -> int:
         save_file({"input_ids": calib.contiguous()}, str(calib_file))
         for remove in removals:
             out = WORK / "moe-runs" / f"peer-reap-{int(remove * 100)}"
-            peer = run_peer(peer_python, calib_file, remove, out)
+            peer = run_peer(peer_python, MODEL, calib_file, remove, out)
             if peer["returncode"] != 0:
                 results.setdefault("peer_failures", []).append({"remove": remove, **peer})
                 log.error("llm-compressor REAP %.2f failed: %s", remove, peer["tail"][-500:])
