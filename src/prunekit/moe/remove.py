@@ -204,24 +204,19 @@ def prune_experts(
         if mine:
             t0 = time.perf_counter()
             routing = {layer.name: LayerRouting.empty(layer.num_experts) for layer in mine}
-            by_experts = {id(layer.experts): layer for layer in mine}
-            by_module = {id(layer.module): layer for layer in mine}
+            by_name = {layer.name: layer for layer in mine}
 
             def on_experts(
-                name: str, args: tuple, kwargs: dict, by_experts: dict = by_experts, routing: dict = routing
+                name: str, args: tuple, kwargs: dict, by_name: dict = by_name, routing: dict = routing
             ) -> None:
-                layer = by_experts[int(name)]
-                values = list(args) + list(kwargs.values())
-                routing[layer.name].add_routing(layer, values[0], values[1], values[2])
+                hidden_states, top_k_index, top_k_weights = [*args, *kwargs.values()][:3]
+                routing[name].add_routing(by_name[name], hidden_states, top_k_index, top_k_weights)
 
-            def on_layer(
-                name: str, args: tuple, kwargs: dict, output: Any, by_module: dict = by_module, routing: dict = routing
-            ) -> None:
-                layer = by_module[int(name)]
-                routing[layer.name].add_sample(first_input(args, kwargs), first_output(output), rows_per_batch)
+            def on_layer(name: str, args: tuple, kwargs: dict, output: Any, routing: dict = routing) -> None:
+                routing[name].add_sample(first_input(args, kwargs), first_output(output), rows_per_batch)
 
-            watched_experts = {str(id(layer.experts)): layer.experts for layer in mine}
-            watched_layers = {str(id(layer.module)): layer.module for layer in mine}
+            watched_experts = {layer.name: layer.experts for layer in mine}
+            watched_layers = {layer.name: layer.module for layer in mine}
             scoring_inputs = dense_hidden if dense_hidden is not None else hidden
             with observe(watched_experts, on_input=on_experts), observe(watched_layers, on_output=on_layer):
                 dense_outputs = run(scoring_inputs)
