@@ -80,24 +80,43 @@ def routing(counts: list[float], coactivation: list[list[float]] | None = None, 
     return stats
 
 
-def context(router: list[list[float]], remove: int, weight: float = 1.0) -> SelectionContext:
+def context(
+    router: list[list[float]], remove: int, weights: list[float], coactivation: float = 0.0
+) -> SelectionContext:
     return SelectionContext(
-        remove=remove, groups=1, router_weight=torch.tensor(router), loss=lambda keep: 0.0, coactivation_weight=weight
+        remove=remove,
+        groups=1,
+        router_weight=torch.tensor(router),
+        loss=lambda keep: 0.0,
+        expert_tensors=lambda e: [torch.tensor([weights[e]])],
+        coactivation_weight=coactivation,
     )
 
 
-ROUTER = [[1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]
+ROUTER = [[1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [-1.0, -1.0], [0.0, 1.2]]
+# router-row distances: |r0 - r1| = 1 and |r2 - r4| = 0.2 are the closest pairs, then |r0 - r2| = 1.41
 
 
-def test_stun_merges_the_experts_whose_routers_point_the_same_way_and_keeps_the_busier() -> None:
-    # experts 0 and 1 have parallel router rows (distance 0): one cluster, represented by the busier, 1
-    assert stun(routing([5, 9, 1, 1]), context(ROUTER, remove=1)).keep == [1, 2, 3]
+def test_stun_merges_the_closest_router_rows_and_keeps_the_member_nearest_the_mean() -> None:
+    weights = [0.0, 1.0, 5.0, 7.0, 9.0]
+    assert stun(routing([1] * 5), context(ROUTER, remove=1, weights=weights)).keep == [0, 1, 2, 3]  # {2, 4} -> 2
+    # two merges: {2, 4} then {0, 1}; each pair keeps its first member (both are as near their mean)
+    assert stun(routing([1] * 5), context(ROUTER, remove=2, weights=weights)).keep == [0, 2, 3]
+    # three: {0, 1} joins {2, 4} (|r0 - r2| = 1.41 < |r0 - r3| = 2.24): the member nearest the mean of 0, 1, 5, 9
+    # (3.75) is expert 2 (weight 5)
+    assert stun(routing([1] * 5), context(ROUTER, remove=3, weights=weights)).keep == [2, 3]
 
 
 def test_stun_coactivation_pulls_experts_together() -> None:
-    coact = [[0.0] * 4 for _ in range(4)]
-    coact[2][3] = coact[3][2] = 10.0  # 2 and 3 always fire together: distance 1.707 - 2 * 10 / 10 < 0
-    assert stun(routing([5, 9, 1, 1], coact), context(ROUTER, remove=1, weight=2.0)).keep == [0, 1, 2]
+    coact = [[0.0] * 5 for _ in range(5)]
+    coact[0][3] = coact[3][0] = 10.0  # 0 and 3 always fire together: distance 2.24/3.07 - 1 * 10/10 < 0
+    weights = [0.0, 1.0, 5.0, 7.0, 9.0]
+    assert stun(routing([1] * 5, coact), context(ROUTER, remove=1, weights=weights, coactivation=1.0)).keep == [
+        0,
+        1,
+        2,
+        4,
+    ]
 
 
 def test_keep_best_ties_and_groups() -> None:

@@ -57,7 +57,7 @@ def add_parser(sub: Any) -> None:
         "--criterion",
         choices=criterion_names(),
         default=None,
-        help="reap (default: routing weight x output norm), frequency (routed tokens), stun (behavioural clusters), "
+        help="reap (default: routing weight x output norm), frequency (routed tokens), stun (clusters of experts with close router rows), "
         "reconstruct (the kept set that best reproduces the layer's output)",
     )
     p.add_argument("--merge", action="store_true", default=None, help="merge removed experts into kept ones")

@@ -20,7 +20,9 @@ class ExpertPruneConfig(StrictConfig):
         description="fold each removed expert into its nearest kept one (router direction), weighted by routing "
         "mass, instead of dropping it",
     )
-    coactivation_weight: float = Field(1.0, ge=0.0, description="stun: weight of co-activation in the distance")
+    coactivation_weight: float = Field(
+        0.0, ge=0.0, description="stun: weight of co-activation in the distance (0: router rows alone, as STUN's code)"
+    )
     exhaustive_limit: int = Field(
         5000, ge=1, description="reconstruct: search every kept subset when there are at most this many, else greedily"
     )

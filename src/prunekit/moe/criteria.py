@@ -5,10 +5,12 @@ that measures the layer's output error with a candidate kept set.
 * ``frequency``: keep the most routed-to experts (the usual baseline; e.g. NAEE's and REAP's).
 * ``reap``: keep the experts of largest REAP saliency, the mean over routed tokens of routing weight x
   expert output norm (Lasby et al. 2025, "REAP the Experts", Eq. 9).
-* ``stun``: STUN's behavioural clustering (Lee et al. 2024, §3.2): experts whose router rows point the same
-  way and that fire together behave alike; agglomerate them (average linkage on ``1 - cos(router_i,
-  router_j) - lambda * coact_ij``, co-activation normalised by the tokens) into as many clusters as experts
-  are kept, and keep each cluster's most routed-to member.
+* ``stun``: STUN's behavioural clustering (Lee et al. 2024, §3; as its reference code ``merge_weight.py``):
+  experts whose router rows are close behave alike. The distance is ``||r_i - r_j||_2 / ||R||_F`` between
+  router rows (minus ``lambda * coact_ij / tokens`` when a co-activation weight is given; 0 by default, as
+  the reference); the closest pair of experts in different clusters is merged, greedily, until as many
+  clusters remain as experts are kept; each cluster keeps the member whose weights are closest to the
+  cluster's mean weights.
 * ``reconstruct``: NAEE's expert-subset search (Lu et al. 2024, "Not All Experts are Equal", §3.1): the
   kept set that minimises ``||F(x) - F_S(x)||_F`` on calibration tokens, where ``F_S`` is the layer with only
   the experts ``S`` (routing among them), by exhaustive search when there are few subsets and greedily
@@ -31,6 +33,8 @@ from prunekit.moe.statistics import LayerRouting
 
 #: ``loss(keep) -> float``: the layer's output error with only the experts ``keep``.
 SubsetLoss = Callable[[list[int]], float]
+#: ``tensors(expert) -> [tensor, ...]``: one expert's weights (views of the fused parameters).
+ExpertTensors = Callable[[int], list[torch.Tensor]]
 
 
 @dataclass
@@ -46,13 +50,14 @@ class Selection:
 @dataclass
 class SelectionContext:
     """What a criterion may use beyond the statistics: the experts to remove, the routing groups, the
-    router's weight rows, a loss of candidate kept sets, and the criterion options."""
+    router's weight rows, a loss of candidate kept sets, each expert's weights, and the criterion options."""
 
     remove: int
     groups: int
     router_weight: torch.Tensor
     loss: SubsetLoss
-    coactivation_weight: float = 1.0
+    expert_tensors: ExpertTensors
+    coactivation_weight: float = 0.0
     exhaustive_limit: int = 5000
 
 
@@ -103,28 +108,43 @@ def reap(routing: LayerRouting, context: SelectionContext) -> Selection:
 
 
 def behaviour_distance(routing: LayerRouting, router_weight: torch.Tensor, coactivation_weight: float) -> torch.Tensor:
-    """STUN's pairwise distance between experts: ``1 - cos(router_i, router_j) - lambda * coact_ij / tokens``."""
-    rows = torch.nn.functional.normalize(router_weight.double(), dim=1)
-    distance = 1.0 - rows @ rows.t()
-    if routing.tokens:
+    """STUN's pairwise distance between experts: ``||r_i - r_j||_2 / ||R||_F`` of the router rows ``R``, less
+    ``coactivation_weight * coact_ij / tokens``."""
+    rows = router_weight.double()
+    distance = torch.cdist(rows, rows) / rows.norm().clamp_min(1e-12)
+    if routing.tokens and coactivation_weight:
         distance = distance - coactivation_weight * routing.coactivation / routing.tokens
     return distance
 
 
 def cluster(distance: torch.Tensor, clusters: int, members: list[int]) -> list[list[int]]:
-    """Average-linkage agglomerative clustering of ``members`` into ``clusters`` groups (ties: the first pair
-    in index order merges)."""
-    groups = [[m] for m in members]
-    while len(groups) > clusters:
-        best: tuple[float, int, int] | None = None
-        for a, b in itertools.combinations(range(len(groups)), 2):
-            d = float(distance[groups[a]][:, groups[b]].mean())
-            if best is None or d < best[0] - 1e-15:
-                best = (d, a, b)
-        assert best is not None
-        _, a, b = best
-        groups[a] = sorted(groups[a] + groups.pop(b))
-    return groups
+    """Greedy single-linkage clustering of ``members``: merge the clusters of the closest pair of experts
+    not yet together (ties: the first pair in index order) until ``clusters`` remain."""
+    of = {m: frozenset([m]) for m in members}
+    pairs = sorted(itertools.combinations(members, 2), key=lambda p: (float(distance[p[0], p[1]]), p))
+    for a, b in pairs:
+        if len(set(of.values())) <= clusters:
+            break
+        if of[a] is of[b]:
+            continue
+        merged = of[a] | of[b]
+        for m in merged:
+            of[m] = merged
+    return sorted(sorted(group) for group in set(of.values()))
+
+
+def closest_to_mean(group: list[int], tensors: ExpertTensors) -> int:
+    """The member of ``group`` whose weights (all its tensors) are closest to the group's mean weights (ties:
+    the first)."""
+    if len(group) == 1:
+        return group[0]
+    distances = [0.0] * len(group)
+    for part in range(len(tensors(group[0]))):
+        stacked = torch.stack([tensors(e)[part].double() for e in group])
+        mean = stacked.mean(0)
+        for i in range(len(group)):
+            distances[i] += float((stacked[i] - mean).pow(2).sum())
+    return group[min(range(len(group)), key=lambda i: (distances[i], i))]
 
 
 def stun(routing: LayerRouting, context: SelectionContext) -> Selection:
@@ -134,9 +154,9 @@ def stun(routing: LayerRouting, context: SelectionContext) -> Selection:
     keep: list[int] = []
     for g in range(context.groups):
         members = list(range(g * size, (g + 1) * size))
-        for members_of_cluster in cluster(distance, size - context.remove // context.groups, members):
-            keep.append(max(members_of_cluster, key=lambda e: (float(routing.counts[e]), -e)))
-    return Selection(sorted(keep), routing.frequency.tolist())
+        for group in cluster(distance, size - context.remove // context.groups, members):
+            keep.append(closest_to_mean(group, context.expert_tensors))
+    return Selection(sorted(keep), None)
 
 
 def reconstruct(routing: LayerRouting, context: SelectionContext) -> Selection:

@@ -273,6 +273,7 @@ def _prune_layer(
         groups=layer.groups,
         router_weight=router_weight,
         loss=loss,
+        expert_tensors=lambda e: [p.detach()[e] for p in layer.experts.parameters(recurse=False)],
         coactivation_weight=config.coactivation_weight,
         exhaustive_limit=config.exhaustive_limit,
     )
