@@ -1,4 +1,5 @@
-"""Sparsity schedules for pruning during training (pure functions over frozen dataclasses).
+"""Sparsity schedules for pruning during training: frozen strict configs (the one config style,
+:class:`~prunekit.core.config.StrictConfig`) and pure functions over them.
 
 A schedule says which sparsity a model should have after optimizer step ``t`` and at which steps the mask
 may change ("update steps"); between update steps the sparsity holds.
@@ -13,13 +14,17 @@ may change ("update steps"); between update steps the sparsity holds.
   fast pruning early (many redundant weights) and slow near the end.
 
 ``start_step`` is ``t0``, ``end_step`` is ``t0 + nΔt`` and ``frequency`` is ``Δt``; ``end_step - start_step`` must be
-a multiple of ``frequency`` so that ``s_f`` is reached on an update step.
+a multiple of ``frequency`` so that ``s_f`` is reached on an update step. In YAML a schedule is a mapping with
+its ``kind`` (``oneshot``, ``linear``, ``cubic``) beside its fields.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Literal
 
+from pydantic import ConfigDict, field_validator, model_validator
+
+from prunekit.core.config import StrictConfig
 from prunekit.core.errors import ConfigError
 
 
@@ -36,16 +41,36 @@ def _check_sparsity(name: str, value: object) -> None:
         )
 
 
-@dataclass(frozen=True)
-class OneShotSchedule:
+class _Schedule(StrictConfig):
+    model_config = ConfigDict(frozen=True)
+
+    def sparsity_at(self, step: int) -> float:
+        """See :func:`sparsity_at`."""
+        return sparsity_at(step, self)  # type: ignore[arg-type]
+
+    def is_update_step(self, step: int) -> bool:
+        """See :func:`is_update_step`."""
+        return is_update_step(step, self)  # type: ignore[arg-type]
+
+
+class OneShotSchedule(_Schedule):
     """Prune once, at optimizer step ``step``, to ``sparsity``; dense before, constant after."""
 
+    kind: Literal["oneshot"] = "oneshot"
     sparsity: float
     step: int = 0
 
-    def __post_init__(self) -> None:
-        _check_sparsity("sparsity", self.sparsity)
-        _check_int("step", self.step, 0)
+    @field_validator("sparsity", mode="before")
+    @classmethod
+    def _sparsity(cls, value: object) -> object:
+        _check_sparsity("sparsity", value)
+        return value
+
+    @field_validator("step", mode="before")
+    @classmethod
+    def _step(cls, value: object) -> object:
+        _check_int("step", value, 0)
+        return value
 
     @property
     def final_sparsity(self) -> float:
@@ -57,29 +82,34 @@ class OneShotSchedule:
         """The last (and only) update step."""
         return self.step
 
-    def sparsity_at(self, step: int) -> float:
-        """See :func:`sparsity_at`."""
-        return sparsity_at(step, self)
 
-    def is_update_step(self, step: int) -> bool:
-        """See :func:`is_update_step`."""
-        return is_update_step(step, self)
-
-
-@dataclass(frozen=True, kw_only=True)
-class _Gradual:
+class _Gradual(_Schedule):
     final_sparsity: float
     start_step: int
     end_step: int
     frequency: int = 1
     initial_sparsity: float = 0.0
 
-    def __post_init__(self) -> None:
-        _check_sparsity("final_sparsity", self.final_sparsity)
-        _check_sparsity("initial_sparsity", self.initial_sparsity)
-        _check_int("start_step", self.start_step, 0)
-        _check_int("end_step", self.end_step, 0)
-        _check_int("frequency", self.frequency, 1)
+    @field_validator("final_sparsity", "initial_sparsity", mode="before")
+    @classmethod
+    def _sparsities(cls, value: object, info: object) -> object:
+        _check_sparsity(getattr(info, "field_name", "sparsity"), value)
+        return value
+
+    @field_validator("start_step", "end_step", mode="before")
+    @classmethod
+    def _steps(cls, value: object, info: object) -> object:
+        _check_int(getattr(info, "field_name", "step"), value, 0)
+        return value
+
+    @field_validator("frequency", mode="before")
+    @classmethod
+    def _frequency(cls, value: object) -> object:
+        _check_int("frequency", value, 1)
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> _Gradual:
         if self.initial_sparsity > self.final_sparsity:
             raise ConfigError(
                 f"initial_sparsity {self.initial_sparsity:g} exceeds final_sparsity {self.final_sparsity:g}: "
@@ -97,30 +127,25 @@ class _Gradual:
                 f"set end_step to {self.start_step + (self.end_step - self.start_step) // self.frequency * self.frequency}"
                 f" or {self.start_step + ((self.end_step - self.start_step) // self.frequency + 1) * self.frequency}"
             )
+        return self
 
     @property
     def num_updates(self) -> int:
         """``n``: the number of pruning updates after ``t0`` (``t0 + nΔt = end_step``)."""
         return (self.end_step - self.start_step) // self.frequency
 
-    def sparsity_at(self, step: int) -> float:
-        """See :func:`sparsity_at`."""
-        return sparsity_at(step, self)
 
-    def is_update_step(self, step: int) -> bool:
-        """See :func:`is_update_step`."""
-        return is_update_step(step, self)
-
-
-@dataclass(frozen=True, kw_only=True)
 class LinearSchedule(_Gradual):
     """Sparsity rising linearly from ``initial_sparsity`` at ``start_step`` to ``final_sparsity`` at ``end_step``,
     changing only every ``frequency`` steps."""
 
+    kind: Literal["linear"] = "linear"
 
-@dataclass(frozen=True, kw_only=True)
+
 class CubicSchedule(_Gradual):
     """Gradual magnitude pruning schedule of Zhu & Gupta 2017, eq. 1 (cubic decay of the remaining gap)."""
+
+    kind: Literal["cubic"] = "cubic"
 
 
 Schedule = OneShotSchedule | LinearSchedule | CubicSchedule

@@ -4,11 +4,11 @@ validated once at construction (every bad value is a :class:`~prunekit.core.erro
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     ConfigDict,
+    Field,
     PlainSerializer,
     PlainValidator,
     ValidationInfo,
@@ -20,34 +20,13 @@ from pydantic import (
 from prunekit.core.config import StrictConfig
 from prunekit.core.errors import ConfigError
 from prunekit.core.patterns import NM, Unstructured, parse_pattern
-from prunekit.training.schedules import CubicSchedule, LinearSchedule, OneShotSchedule, Schedule
+from prunekit.training.schedules import CubicSchedule, LinearSchedule, OneShotSchedule
 from prunekit.training.selection import ExcludePatterns, IncludePatterns, ModuleTypes
 
 Method = Literal["gmp", "granet"]
 Distribution = Literal["uniform", "erk", "global"]
 Init = Literal["magnitude", "erk", "uniform"]
 Granularity = Literal["unstructured", "channel"] | NM
-
-#: The schedule classes by the ``kind`` a YAML recipe names them with.
-SCHEDULE_KINDS: dict[str, type] = {"oneshot": OneShotSchedule, "linear": LinearSchedule, "cubic": CubicSchedule}
-
-
-def _schedule(value: object) -> Schedule:
-    """A schedule object, or (from YAML) a mapping ``{kind: oneshot | linear | cubic, <its fields>}``."""
-    if isinstance(value, dict) and value.get("kind") in SCHEDULE_KINDS:
-        fields = {k: v for k, v in value.items() if k != "kind"}
-        try:
-            return SCHEDULE_KINDS[value["kind"]](**fields)
-        except TypeError as exc:
-            raise ConfigError(f"schedule: {exc}") from None
-    if not isinstance(value, (OneShotSchedule, LinearSchedule, CubicSchedule)):
-        raise ConfigError(f"schedule must be a OneShotSchedule, LinearSchedule or CubicSchedule, got {value!r}")
-    return value
-
-
-def _schedule_data(schedule: Schedule) -> dict[str, Any]:
-    kind = next(k for k, cls in SCHEDULE_KINDS.items() if type(schedule) is cls)
-    return {"kind": kind, **asdict(schedule)}
 
 
 def _granularity(value: object) -> str | NM:
@@ -61,14 +40,8 @@ def _granularity(value: object) -> str | NM:
     return granularity  # type: ignore[return-value]
 
 
-#: Schedules are frozen dataclasses with their own checks (:mod:`~prunekit.training.schedules`): kept as objects,
-#: checked by type; written to YAML as ``{kind, fields}``.
-ScheduleField = Annotated[
-    Schedule,
-    PlainValidator(_schedule),
-    PlainSerializer(_schedule_data, return_type=dict),
-    WithJsonSchema({"type": "object"}),
-]
+#: A schedule: one of the schedule configs, told apart by its ``kind`` (``{kind: cubic, ...}`` in YAML).
+ScheduleField = Annotated[OneShotSchedule | LinearSchedule | CubicSchedule, Field(discriminator="kind")]
 #: ``"unstructured"``, ``"channel"`` or an :class:`~prunekit.core.patterns.NM` (``"2:4"`` is parsed); YAML: text.
 GranularityField = Annotated[
     Granularity,
@@ -93,9 +66,9 @@ class SparsifierConfig(StrictConfig):
     ``module_types``: which modules' weights are candidates (default :data:`DEFAULT_MODULE_TYPES`).
     ``seed``: seeds the random sparse initialisation.
 
-    A strict, frozen pydantic configuration (``from_yaml``/``to_yaml``). ``schedule`` and ``module_types`` hold
-    objects (a schedule dataclass, ``nn.Module`` classes) checked by plain validators rather than
-    ``arbitrary_types_allowed``; in YAML they are ``{kind: cubic, ...}`` and import paths.
+    A strict, frozen pydantic configuration (``from_yaml``/``to_yaml``). ``schedule`` is a schedule config
+    (``{kind: cubic, ...}`` in YAML); ``module_types`` holds ``nn.Module`` classes checked by a plain validator
+    rather than ``arbitrary_types_allowed`` (import paths in YAML).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -114,6 +87,19 @@ class SparsifierConfig(StrictConfig):
     exclude: ExcludePatterns = ()
     module_types: ModuleTypes = ()
     seed: int = 0
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _schedule(cls, value: object) -> object:
+        kinds = ("oneshot", "linear", "cubic")
+        if isinstance(value, (OneShotSchedule, LinearSchedule, CubicSchedule)):
+            return value
+        if isinstance(value, dict) and value.get("kind") in kinds:
+            return value
+        raise ConfigError(
+            "schedule must be a OneShotSchedule, LinearSchedule or CubicSchedule (in YAML a mapping with kind: "
+            f"{' | '.join(kinds)} beside its fields), got {value!r}"
+        )
 
     @field_validator("method", "distribution", "init", mode="before")
     @classmethod
