@@ -6,19 +6,28 @@ import argparse
 import json
 from typing import Any
 
+from prunekit.calibration.data import read_text
 from prunekit.cli.common import _add_model_flags, _add_verbosity_flags
 from prunekit.core.devices import resolve_device, resolve_dtype
 from prunekit.core.errors import ConfigError
+from prunekit.eval.cloze import build_cloze, cloze_accuracy
 from prunekit.eval.perplexity import perplexity
 from prunekit.eval.speed import check_speed_args, compare_results, measure_speed, semi_structured_unsupported
 from prunekit.io.loading import load_model
 
 
 def add_parsers(sub: Any) -> None:
-    e = sub.add_parser("eval", help="measure a model's perplexity on a text file")
+    e = sub.add_parser("eval", help="measure a model's perplexity on a text file (and next-sentence cloze accuracy)")
     _add_verbosity_flags(e, argparse.SUPPRESS)
     _add_model_flags(e)
-    e.add_argument("--ppl", required=True, help="text file (e.g. wikitext2_test.txt)")
+    e.add_argument("--ppl", default=None, help="text file (e.g. wikitext2_test.txt)")
+    e.add_argument(
+        "--cloze",
+        default=None,
+        help="text file to build the 4-way next-sentence cloze task from (e.g. wikitext2_test.txt); scored by "
+        "log-likelihood like lm-eval's multiple-choice tasks",
+    )
+    e.add_argument("--cloze-items", type=int, default=200, help="cloze questions (default 200, seed 0)")
     e.add_argument("--seqlen", type=int, default=2048, help="window length (default 2048)")
     e.add_argument("--windows", type=int, default=None, help="use only the first N windows")
     e.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
@@ -49,14 +58,32 @@ def add_parsers(sub: Any) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    if args.ppl is None and args.cloze is None:
+        raise ConfigError("prunekit eval needs --ppl FILE (perplexity), --cloze FILE (cloze accuracy) or both")
+    items = build_cloze(read_text(args.cloze, what="cloze"), args.cloze_items) if args.cloze else None
     loaded = load_model(
         args.model, dtype=args.dtype or "auto", device=args.device, trust_remote_code=bool(args.trust_remote_code)
     )
-    result = perplexity(loaded.model, loaded.tokenizer, args.ppl, args.seqlen, args.windows, progress=not args.quiet)
+    out: dict[str, Any] = {}
+    if args.ppl is not None:
+        result = perplexity(
+            loaded.model, loaded.tokenizer, args.ppl, args.seqlen, args.windows, progress=not args.quiet
+        )
+        out.update(result.__dict__)
+        if not args.json:
+            print(
+                f"perplexity {result.perplexity:.3f} on {result.windows} windows x {result.seqlen} tokens of {args.ppl}"
+            )
+    if items is not None:
+        cloze = cloze_accuracy(loaded.model, loaded.tokenizer, items, progress=not args.quiet)
+        out["cloze"] = cloze.__dict__
+        if not args.json:
+            print(
+                f"cloze accuracy {cloze.accuracy:.3f} (per character {cloze.accuracy_norm:.3f}; chance {cloze.chance:.2f}) "
+                f"on {cloze.items} next-sentence questions from {args.cloze}"
+            )
     if args.json:
-        print(json.dumps(result.__dict__))
-    else:
-        print(f"perplexity {result.perplexity:.3f} on {result.windows} windows x {result.seqlen} tokens of {args.ppl}")
+        print(json.dumps(out))
     return 0
 
 
