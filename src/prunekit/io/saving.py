@@ -16,6 +16,8 @@ from torch import nn
 
 from prunekit.io.atomic import check_output_dir, write_atomically
 from prunekit.io.compressed import DENSE, plan_compression, save_compressed
+from prunekit.io.pruned import write_pruned
+from prunekit.models.dropped_attention import dropped_attention_layers
 
 
 def save_pretrained(
@@ -40,6 +42,30 @@ def save_pretrained(
             model.save_pretrained(tmp, safe_serialization=True)
         else:
             save_compressed(model, tmp, plan)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
+
+    return write_atomically(path, write, overwrite)
+
+
+def save_causal_lm(
+    model: nn.Module,
+    tokenizer: Any,
+    path: str | Path,
+    overwrite: bool = False,
+    extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Save a (possibly structurally pruned) causal LM atomically, as it can be reloaded: with
+    :func:`save_pretrained` (plain transformers loads it) unless a layer's attention was dropped, which a
+    transformers config cannot express: then with :func:`prunekit.io.pruned.write_pruned` and the config
+    (``prunekit.load_model`` rebuilds it)."""
+    if not dropped_attention_layers(model):
+        return save_pretrained(model, tokenizer, path, overwrite, extra)
+
+    def write(tmp: Path) -> None:
+        write_pruned(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if extra is not None:

@@ -33,7 +33,7 @@ from prunekit.io.atomic import check_output_dir, write_atomically
 from prunekit.io.loading import load_model
 from prunekit.io.onnx import export_onnx
 from prunekit.io.pruned import write_pruned
-from prunekit.io.saving import save_pretrained
+from prunekit.io.saving import save_causal_lm
 from prunekit.models.blocks import find_decoder_blocks
 from prunekit.models.dropped_attention import dropped_attention_layers
 from prunekit.reporting import write_report
@@ -154,16 +154,7 @@ def _llm_job(job: StructuredConfig) -> StructuralReport:
     def extra(directory: Path) -> None:
         write_report(report, directory / REPORT_DIR)
 
-    if not dropped:
-        save_pretrained(pruned, tokenizer, job.out, job.overwrite, extra=extra)
-        return report
-
-    def write(tmp: Path) -> None:  # a transformers config cannot say that a layer has no attention
-        write_pruned(pruned, tmp)
-        tokenizer.save_pretrained(tmp)
-        extra(tmp)
-
-    write_atomically(job.out, write, job.overwrite)
+    save_causal_lm(pruned, tokenizer, job.out, job.overwrite, extra=extra)
     return report
 
 
