@@ -115,7 +115,7 @@ def test_grouped_routing_keeps_every_group_the_same_size(calibration: torch.Tens
     ("config", "message"),
     [
         (ExpertPruneConfig(remove=0.75), r"fewer than the 2 each token is routed to.*remove at most 2"),
-        (ExpertPruneConfig(remove=0.1), r"rounds to 0: remove at least 0.250"),
+        (ExpertPruneConfig(remove=0.1), r"rounds to 0 experts per layer: one expert is 0.250"),
     ],
 )
 def test_removals_the_routing_cannot_take_are_refused(

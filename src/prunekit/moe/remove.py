@@ -124,8 +124,8 @@ def check_expert_removal(
     remove = experts_to_remove(experts, config.remove)
     if remove == 0:
         raise ConfigError(
-            f"--remove {config.remove} of {experts} experts rounds to 0: remove at least {1 / experts:.3f} "
-            f"(one expert per layer)"
+            f"--remove {config.remove} of {experts} experts rounds to 0 experts per layer: one expert is "
+            f"{1 / experts:.3f} of them"
         )
     for layer in layers:
         if remove % layer.groups:
