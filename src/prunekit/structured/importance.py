@@ -28,6 +28,10 @@ those that score whole units; :func:`criterion_names` lists them):
   output positions ``p`` (here one input std per layer, where the reference takes the std of each input
   window), min-max normalised per layer; :func:`collect_output_spread` gathers the spread. Units without a
   filter of their own (a depthwise group's position...) fall back to min-max normalised L1;
+- ``obs``: the second-order (Optimal Brain Surgeon) cost of removing the unit's input columns from the
+  layers that read it, with the optimal update of the rest, relative to each layer's output energy (ZipLM,
+  Kurtić et al. 2023; SlimGPT, Ling et al. 2024): :mod:`prunekit.structured.second_order`; needs the Grams of
+  those layers' inputs;
 - ``random``: a control.
 """
 
@@ -44,6 +48,7 @@ from torch import nn
 from prunekit.calibration.hooks import first_input, observe, run_batches
 from prunekit.calibration.statistics import column_square_sums
 from prunekit.structured.graph import DependencyGraph
+from prunekit.structured.second_order import second_order_unit_costs
 
 #: The name of a registered importance criterion (:func:`criterion_names`).
 Criterion = str
@@ -219,6 +224,7 @@ def unit_importance(
     seed: int = 0,
     input_norms: Mapping[str, torch.Tensor] | None = None,
     output_spread: Mapping[str, torch.Tensor] | None = None,
+    grams: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[int, float]:
     """Score every unit of ``graph`` (a model traced by :func:`build_dependency_graph`) with ``criterion``.
 
@@ -231,7 +237,7 @@ def unit_importance(
     units = [u for s in graph.spaces for u in s.units]
     if criterion in UNIT_CRITERIA:
         return UNIT_CRITERIA[criterion](
-            graph, model, units, seed=seed, output_spread=output_spread, aggregation=aggregation
+            graph, model, units, seed=seed, output_spread=output_spread, aggregation=aggregation, grams=grams
         )
     if criterion not in SLICE_CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}: choose one of {', '.join(criterion_names())}")
@@ -315,7 +321,21 @@ def _beta_rank_units(
     return _beta_rank(graph, model, units, output_spread, aggregation)
 
 
-UNIT_CRITERIA.update(random=_random_units, beta_rank=_beta_rank_units)
+def _obs_units(
+    graph: DependencyGraph,
+    model: nn.Module,
+    units: list[int],
+    *,
+    grams: Mapping[str, torch.Tensor] | None = None,
+    **_: Any,
+) -> dict[int, float]:
+    """``obs`` (see :mod:`prunekit.structured.second_order`)."""
+    if not grams:
+        raise ValueError("the obs criterion needs the input Grams of the layers that read the units (calibration)")
+    return second_order_unit_costs(graph, dict(model.named_parameters()), units, grams)
+
+
+UNIT_CRITERIA.update(random=_random_units, beta_rank=_beta_rank_units, obs=_obs_units)
 
 
 def _min_max(values: dict[int, float]) -> dict[int, float]:

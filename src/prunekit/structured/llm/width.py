@@ -63,7 +63,7 @@ def _calibration_statistics(
     """One pass over the calibration batches for what width pruning needs: the input Grams of the linear
     layers whose inputs may be cut (for the refit, with ``reconstruct``), and the input column norms of every
     linear layer (for the ``activation`` criterion; a Gram's diagonal where there is one)."""
-    gram_names = linears_with_prunable_inputs(model, graph) if reconstruct else []
+    gram_names = linears_with_prunable_inputs(model, graph) if reconstruct or criterion == "obs" else []
     norm_names = []
     if criterion == "activation":
         linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
@@ -137,7 +137,7 @@ def prune_causal_lm_width(
         ]
         scores = taylor_importance(graph, model, losses)
     else:
-        scores = unit_importance(graph, model, criterion, input_norms=norms)
+        scores = unit_importance(graph, model, criterion, input_norms=norms, grams=grams)
     hidden = next((s for s in graph.spaces if (f"{embedding_name}.weight", 1) in s.where), None)
     block_name, blocks = find_decoder_blocks(model)
     attention = find_submodule(blocks[0], ATTENTION_NAMES)
@@ -173,6 +173,8 @@ def prune_causal_lm_width(
     pruned = apply_plan(model, plan, (example,), kwargs, inplace=bool(drop_attention))
     if reconstruct:
         refit_linears(pruned, graph, plan, dense, grams)
+    elif criterion == "obs":
+        log.info("structured: the obs criterion scores units by the error left after the refit, which is off")
     del dense
     update_config(pruned)
     check_config_reload(pruned, example)
