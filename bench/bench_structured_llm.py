@@ -5,6 +5,7 @@ Three pruned models, each made in its own process:
 - ``prunekit-width``: MLP width and attention heads (whole KV groups), L2 magnitude weighted by calibration
   activations (``criterion="activation"``), 25% of the parameters, the layers that lost inputs (``down_proj``,
   ``o_proj``) refitted by least squares on the calibration windows (the defaults);
+- ``prunekit-width_obs``: the same, units scored by their second-order removal cost (``criterion="obs"``);
 - ``prunekit-width_hidden``: the same with the hidden size pruned too (``prune_hidden=True``);
 - ``prunekit-attention<k>``, one per ``--drop-attention`` count ``k``: the attention sublayers of the ``k``
   layers of lowest attention influence dropped first (He et al. 2024), each replaced by its mean output on
@@ -61,10 +62,13 @@ def child_prunekit(kind: str, source: Path, out: Path, ratio: float, nsamples: i
     calib = prunekit.calibration_windows(loaded.tokenizer, DATA / "wikitext2_valid.txt", nsamples, seqlen, seed=0)
     before = sum(p.numel() for p in model.parameters())
     start = time.perf_counter()
-    if kind in ("width", "width_hidden") or kind.startswith("attention"):
+    if kind in ("width", "width_hidden", "width_obs") or kind.startswith("attention"):
         hidden = kind == "width_hidden"
         drop = int(kind.removeprefix("attention")) if kind.startswith("attention") else 0
-        result = prune_causal_lm_width(model, calib, ratio, target="params", prune_hidden=hidden, drop_attention=drop)
+        criterion = "obs" if kind == "width_obs" else "activation"
+        result = prune_causal_lm_width(
+            model, calib, ratio, target="params", prune_hidden=hidden, drop_attention=drop, criterion=criterion
+        )
         pruned = result.model
         c = pruned.config
         extra: dict = {
@@ -292,7 +296,7 @@ def main() -> None:
         shutil.rmtree(args.work)
     args.work.mkdir(parents=True)
     runs: dict[str, dict] = {}
-    kinds = ["width", "width_hidden", *(f"attention{k}" for k in args.drop_attention), "depth"]
+    kinds = ["width", "width_obs", "width_hidden", *(f"attention{k}" for k in args.drop_attention), "depth"]
     jobs = [(f"prunekit-{kind}", sys.executable) for kind in kinds]
     if args.peer_python:
         jobs.append(("torch-pruning", args.peer_python))
