@@ -147,3 +147,17 @@ def test_a_layer_whose_router_cannot_be_told_apart_is_refused() -> None:
     mlp.second_gate = torch.nn.Linear(8, EXPERTS, bias=False)  # two children score the experts: which routes?
     with pytest.raises(TargetError, match=r"'layers.0.mlp' \(MixtralSparseMoeBlock\) has 2 candidate routers"):
         prune_experts(model, ExpertPruneConfig(remove=0.34), ids(), progress=False)
+
+
+def test_dense_propagation_scores_every_layer_on_the_unpruned_model(calibration: torch.Tensor) -> None:
+    sequential = prune_experts(
+        tiny_model("mixtral"), ExpertPruneConfig(criterion="frequency"), calibration, progress=False
+    )
+    dense = prune_experts(
+        tiny_model("mixtral"),
+        ExpertPruneConfig(criterion="frequency", propagation="dense"),
+        calibration,
+        progress=False,
+    )
+    assert sequential.layers[0].counts == dense.layers[0].counts  # the first layer sees the same inputs
+    assert [len(layer.kept) for layer in dense.layers] == [3, 3]

@@ -56,7 +56,7 @@ def test_the_heldout_kl_falls_and_the_zeros_stay(pruned, tokens) -> None:
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(pruned, tokens, tmp_path: Path, monkeypatch) -> None:
     teacher, student = pruned
     straight = copy.deepcopy(student)
-    distill_lm(straight, copy.deepcopy(teacher), tokens, CONFIG, progress=False)
+    uninterrupted = distill_lm(straight, copy.deepcopy(teacher), tokens, CONFIG, progress=False)
 
     interrupted = copy.deepcopy(student)
     real_batch = lm_distill._batch
@@ -78,6 +78,7 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(pruned, tokens, tmp_
         resumed, copy.deepcopy(teacher), tokens, CONFIG, checkpoint_dir=tmp_path / "ckpt", resume=True, progress=False
     )
     assert result.resumed_from == 3 and len(result.losses) == 6
+    assert result.kl_before == uninterrupted.kl_before and result.kl_after == uninterrupted.kl_after
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 

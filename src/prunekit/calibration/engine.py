@@ -104,7 +104,7 @@ def _collector(
     def collect(module: nn.Module, args: tuple[Any, ...], pooled: LayerStatistics | None) -> LayerStatistics:
         x = args[0].detach()
         flat = x.reshape(-1, x.shape[-1])
-        if len(args) > 1 and isinstance(args[1], torch.Tensor):  # an expert's rows and their routing weights
+        if isinstance(module, ExpertMatrix) and len(args) > 1 and isinstance(args[1], torch.Tensor):  # routed rows
             flat = flat * args[1].detach().reshape(-1, 1).to(flat.dtype)
         sq = None if gram_dtype is not None else input_sq_norms(flat)  # else: the diagonal of the Gram
         sample = sample_rows(flat, sample_rows_per_batch) if sample_rows_per_batch > 0 else None

@@ -66,7 +66,7 @@ def build_cloze(text: str, items: int = 200, seed: int = 0, choices: int = 4) ->
     paragraphs = sentences_by_paragraph(text)
     pairs = [(p, i) for p, sentences in enumerate(paragraphs) for i in range(len(sentences) - 1)]
     pool = [(p, s) for p, sentences in enumerate(paragraphs) for s in sentences]
-    if len(pairs) < items or len(paragraphs) < 2:
+    if len(pairs) < items:
         raise CalibrationError(
             f"the text holds {len(pairs)} pairs of consecutive sentences of 6-40 words, fewer than the {items} "
             "cloze items asked for: give a longer text (e.g. wikitext2_test.txt) or ask for fewer items"
@@ -75,11 +75,13 @@ def build_cloze(text: str, items: int = 200, seed: int = 0, choices: int = 4) ->
     out = []
     for p, i in rng.sample(pairs, items):
         context, truth = paragraphs[p][i], paragraphs[p][i + 1]
-        distractors: list[str] = []
-        while len(distractors) < choices - 1:
-            q, sentence = pool[rng.randrange(len(pool))]
-            if q != p and sentence not in distractors and sentence != truth:
-                distractors.append(sentence)
+        elsewhere = sorted({sentence for q, sentence in pool if q != p and sentence != truth})
+        if len(elsewhere) < choices - 1:
+            raise CalibrationError(
+                f"the text has {len(elsewhere)} usable sentences outside one of its paragraphs, fewer than the "
+                f"{choices - 1} wrong answers a question needs: give a text of more paragraphs"
+            )
+        distractors = rng.sample(elsewhere, choices - 1)
         answer = rng.randrange(choices)
         options = [*distractors[:answer], truth, *distractors[answer:]]
         out.append(ClozeItem(context, tuple(options), answer))

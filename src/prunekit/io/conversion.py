@@ -60,9 +60,13 @@ class ConvertedCheckpoint:
                 continue
             groups = self._fused.setdefault(renamed, (converter, {}))[1]
             groups.setdefault(pattern, []).append(name)
-        for _, groups in self._fused.values():
+        for target, (converter, groups) in list(self._fused.items()):
             for names in groups.values():
                 names.sort(key=_natural)  # expert 0, 1, ..., 10 (as transformers orders them)
+            counts = {len(groups.get(pattern, [])) for pattern in converter.source_patterns}
+            if len(counts) != 1 or 0 in counts:  # a part missing (w3 of some expert...): not offered
+                log.debug("not streaming %s: its parts are incomplete (%s)", target, sorted(counts))
+                del self._fused[target]
 
     @property
     def names(self) -> list[str]:

@@ -62,24 +62,34 @@ class FusedLayout:
 
 def fused_layout(module: nn.Module) -> FusedLayout | None:
     """The layout of a fused experts module: one with a 3-D ``down_proj`` and a 3-D ``gate_up_proj`` (or
-    ``up_proj``) parameter sharing their leading (expert) dimension. ``None`` for any other module."""
+    ``up_proj``) parameter sharing their leading (expert) dimension. ``None`` for any other module, and for
+    one whose layout cannot be told for sure (its 3-D weights are then refused as unknown, not guessed at).
+
+    transformers' flags decide where they are set; without them, a gated module is transposed when its
+    ``gate_up_proj`` is ``(E, H, 2I)`` beside a ``down_proj`` ``(E, I, H)``, and not when they are ``(E, 2I, H)``
+    and ``(E, H, I)``; shapes that fit both, and modules without a gate, are ambiguous."""
     down = module._parameters.get("down_proj")
     has_gate = "gate_up_proj" in module._parameters
     up = module._parameters.get("gate_up_proj" if has_gate else "up_proj")
     if down is None or up is None or down.dim() != 3 or up.dim() != 3 or down.shape[0] != up.shape[0]:
         return None
+    if bool(getattr(module, "has_gate", has_gate)) != has_gate:
+        return None  # flags that contradict the parameters it holds
     if hasattr(module, "is_transposed"):
         transposed = bool(module.is_transposed)
-    else:  # no transformers flags: (E, I, H) down and (E, H, 2I) up are transposed
-        transposed = up.shape[1] == down.shape[2] and up.shape[2] != down.shape[2]
+    else:
+        plain = up.shape[2] == down.shape[1] and up.shape[1] == 2 * down.shape[2]
+        flipped = up.shape[1] == down.shape[2] and up.shape[2] == 2 * down.shape[1]
+        if not has_gate or plain == flipped:
+            return None
+        transposed = flipped
+    bias_name = f"{'gate_up_proj' if has_gate else 'up_proj'}_bias"
     return FusedLayout(
         num_experts=int(up.shape[0]),
-        has_gate=bool(getattr(module, "has_gate", has_gate)) and has_gate,
+        has_gate=has_gate,
         concatenated=bool(getattr(module, "is_concatenated", True)),
         transposed=transposed,
-        has_bias=bool(
-            getattr(module, "has_bias", f"{'gate_up_proj' if has_gate else 'up_proj'}_bias" in module._parameters)
-        ),
+        has_bias=bool(getattr(module, "has_bias", bias_name in module._parameters)),
         post_norm=bool(getattr(module, "has_post_expert_norm", False)),
     )
 

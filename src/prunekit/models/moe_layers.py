@@ -165,19 +165,35 @@ def merge_into(
 
 
 def remove_experts(model: nn.Module, layer: MoeLayer, keep: Sequence[int]) -> None:
-    """Keep only the experts ``keep`` (in their order) of ``layer`` in ``model``: slice the experts' and the
-    router's per-expert tensors and update the counts on the modules (the config: :func:`sync_config`)."""
+    """Keep only the experts ``keep`` of ``layer`` in ``model`` (in ascending order): slice the per-expert
+    tensors of the experts module, of the router and of the layer itself, and update the counts on the modules
+    (the config: :func:`sync_config`). A router that holds per-expert tensors elsewhere (in a submodule, or
+    along another dimension) is refused: slicing part of it would leave a model that fails later."""
+    keep = sorted(keep)
     check_removal(layer, keep)
     old = layer.num_experts
-    index = torch.tensor(list(keep), dtype=torch.long)
-    for module in (layer.experts, layer.router):
+    index = torch.tensor(keep, dtype=torch.long)
+    sliced: set[int] = set()
+    for module, everything in ((layer.experts, True), (layer.router, True), (layer.module, False)):
         for name, param in list(module.named_parameters(recurse=False)):
-            if param.dim() >= 1 and param.shape[0] == old:
-                sliced = param.data.index_select(0, index.to(param.device)).clone()
-                module._parameters[name] = nn.Parameter(sliced, requires_grad=param.requires_grad)
+            if param.dim() >= 1 and param.shape[0] == old and (everything or name.endswith("bias")):
+                new = nn.Parameter(param.data.index_select(0, index.to(param.device)).clone(), param.requires_grad)
+                module._parameters[name] = new
+                sliced.add(id(new))
         for name, buffer in list(module.named_buffers(recurse=False)):
-            if buffer is not None and buffer.dim() >= 1 and buffer.shape[0] == old:
+            if buffer is not None and buffer.dim() >= 1 and buffer.shape[0] == old and (everything or "bias" in name):
                 module._buffers[name] = buffer.index_select(0, index.to(buffer.device)).clone()
+                sliced.add(id(module._buffers[name]))
+    leftover = [
+        name
+        for name, tensor in [*layer.router.named_parameters(), *layer.router.named_buffers()]
+        if id(tensor) not in sliced and old in tensor.shape
+    ]
+    if leftover:
+        raise TargetError(
+            f"the router of {layer.name!r} holds per-expert tensors prunekit does not know how to slice "
+            f"({', '.join(leftover)}): experts cannot be removed from this family; please report it"
+        )
     for module in (layer.module, layer.router, layer.experts):
         for key in MODULE_COUNT_KEYS:
             if getattr(module, key, None) == old:
@@ -203,10 +219,15 @@ def config_count_keys(model: nn.Module, count: int) -> list[str]:
 
 
 def sync_config(model: nn.Module, old: int, new: int) -> list[str]:
-    """Set every expert-count key of the model's config that says ``old`` to ``new``; returns the keys set."""
+    """Set every expert-count key of the model's config that says ``old`` to ``new`` (and the count held by
+    any module of the model, such as ``MixtralForCausalLM.num_experts``); returns the config keys set."""
     keys = config_count_keys(model, old)
     for key in keys:
         setattr(model.config, key, new)
+    for module in model.modules():
+        for key in MODULE_COUNT_KEYS:
+            if getattr(module, key, None) == old and not isinstance(getattr(type(module), key, None), property):
+                setattr(module, key, new)
     return keys
 
 

@@ -183,6 +183,8 @@ def prune_experts(
     hidden = list(captured.hidden)
     rows_per_batch = max(1, math.ceil(config.sample_tokens / len(hidden)))
     dense_hidden = list(hidden) if config.propagation == "dense" else None
+    if dense_hidden is not None:
+        hidden = []  # every layer is scored on the unpruned model's activations: no pruned chain to carry
 
     for index in tqdm(range(len(blocks)), desc="removing experts", unit="block", disable=not progress):
         block = blocks[index]
@@ -227,11 +229,12 @@ def prune_experts(
             per_layer = (time.perf_counter() - t0) / len(mine)
             for record in result.layers[-len(mine) :]:
                 record.seconds = per_layer
-            hidden = run(hidden)
+            if dense_hidden is None:  # sequential: the next block sees this one's outputs without the experts
+                hidden = run(hidden)
+        elif dense_hidden is not None:
+            dense_hidden = run(dense_hidden)
         else:
             hidden = run(hidden)
-            if dense_hidden is not None:
-                dense_hidden = run(dense_hidden)
         block.to(block_home)
 
     result.config_keys = sync_config(model, experts, experts - remove)

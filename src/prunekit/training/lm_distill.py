@@ -4,8 +4,9 @@ et al. 2024, Sec. 3: logit distillation; Hinton et al. 2015 for the loss).
 The student trains on random windows of a text with the loss of :func:`prunekit.training.distill.kd_loss` per
 token: ``alpha T^2 KL(p_teacher^T || p_student^T) + (1 - alpha) CE(next token)``. Teacher logits are
 computed on the fly for each batch (no cache: memory stays one batch of logits). The student keeps its
-structure (its shapes do not change) and, for sparse models, its zeros: every 2-D weight of the decoder
-blocks that is at least 1% zero keeps exactly those zeros after each step. A few windows at the end of the
+structure (its shapes do not change) and, for sparse models, its zeros: every weight of two or more
+dimensions in the decoder blocks (fused 3-D experts too) that is at least 1% zero keeps exactly those zeros
+after each step. A few windows at the end of the
 text are set apart, and the mean per-token ``KL(p_teacher || p_student)`` (``T = 1``) on them is measured
 before and after. Deterministic given the seed; resumable: every ``checkpoint_every`` steps the student,
 the optimizer and the step are written to a checkpoint folder, and a run given that folder continues
@@ -127,6 +128,14 @@ def _batch(stream: torch.Tensor, step: int, config: LMDistillConfig) -> torch.Te
     return torch.stack([stream[s : s + config.seqlen] for s in starts.tolist()])
 
 
+#: Settings a resumed run may change: they do not alter the result.
+RESUMABLE_CHANGES = ("checkpoint_every", "device")
+
+
+def _settings(config: LMDistillConfig) -> dict[str, object]:
+    return {k: v for k, v in config.model_dump(mode="json").items() if k not in RESUMABLE_CHANGES}
+
+
 def _save_checkpoint(
     folder: Path,
     student: nn.Module,
@@ -134,6 +143,7 @@ def _save_checkpoint(
     step: int,
     config: LMDistillConfig,
     losses: list[float],
+    kl_before: float,
 ) -> None:
     def write(tmp: Path) -> None:
         state = {k: v.detach().to("cpu").contiguous() for k, v in student.state_dict().items()}
@@ -146,7 +156,7 @@ def _save_checkpoint(
                 unique[key] = name
         save_file(state, str(tmp / CHECKPOINT_STATE))
         torch.save(optimizer.state_dict(), tmp / CHECKPOINT_OPTIMIZER)
-        info = {"step": step, "config": config.model_dump(mode="json"), "losses": losses}
+        info = {"step": step, "config": _settings(config), "losses": losses, "kl_before": kl_before}
         (tmp / CHECKPOINT_INFO).write_text(json.dumps(info))
 
     write_atomically(folder, write, overwrite=True)
@@ -154,9 +164,9 @@ def _save_checkpoint(
 
 def _load_checkpoint(
     folder: Path, student: nn.Module, optimizer: torch.optim.Optimizer, config: LMDistillConfig
-) -> tuple[int, list[float]]:
+) -> tuple[int, list[float], float]:
     info = json.loads((folder / CHECKPOINT_INFO).read_text())
-    if info["config"] != config.model_dump(mode="json"):
+    if info["config"] != _settings(config):
         raise ConfigError(
             f"the checkpoint in {str(folder)!r} was written with other settings ({info['config']}): resume with the "
             "same settings, or start over without --resume"
@@ -166,7 +176,7 @@ def _load_checkpoint(
     if any(name in tied for name in missing):
         raise ConfigError(f"the checkpoint in {str(folder)!r} does not hold this student's weights ({missing[:3]})")
     optimizer.load_state_dict(torch.load(folder / CHECKPOINT_OPTIMIZER, weights_only=True))
-    return int(info["step"]), list(info["losses"])
+    return int(info["step"]), list(info["losses"]), float(info["kl_before"])
 
 
 def distill_lm(
@@ -203,38 +213,42 @@ def distill_lm(
     if resume:
         if folder is None or not (folder / CHECKPOINT_INFO).is_file():
             raise ConfigError(f"--resume: no checkpoint in {str(folder)!r} to continue from")
-        start, losses = _load_checkpoint(folder, student, optimizer, config)
+        start, losses, kl_before = _load_checkpoint(folder, student, optimizer, config)
         log.info("resuming at step %d of %d", start, steps)
-    student.eval()
-    kl_before = heldout_kl(student, teacher, heldout, device)
+    else:
+        student.eval()
+        kl_before = heldout_kl(student, teacher, heldout, device)
     started = time.perf_counter()
     student.train()
-    for step in tqdm(
-        range(start, steps), desc="distilling", unit="step", disable=not progress, initial=start, total=steps
-    ):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps, config)
-        ids = _batch(stream, step, config).to(device)
-        with torch.no_grad():
-            teacher_logits = teacher(input_ids=ids).logits[:, :-1].float()
-        logits = student(input_ids=ids).logits[:, :-1].float()
-        vocab = logits.shape[-1]
-        loss = kd_loss(
-            logits.reshape(-1, vocab),
-            teacher_logits.reshape(-1, vocab),
-            ids[:, 1:].reshape(-1),
-            alpha=config.alpha,
-            temperature=config.temperature,
-        )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            for name, mask in masks.items():
-                params[name].mul_(mask)
-        losses.append(loss.item())
-        if folder is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == steps):
-            _save_checkpoint(folder, student, optimizer, step + 1, config, losses)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # dropout draws from a seed per step, and the caller's RNG is kept
+        for step in tqdm(
+            range(start, steps), desc="distilling", unit="step", disable=not progress, initial=start, total=steps
+        ):
+            torch.manual_seed(config.seed * 1_000_003 + step)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, steps, config)
+            ids = _batch(stream, step, config).to(device)
+            with torch.no_grad():
+                teacher_logits = teacher(input_ids=ids).logits[:, :-1].float()
+            logits = student(input_ids=ids).logits[:, :-1].float()
+            vocab = logits.shape[-1]
+            loss = kd_loss(
+                logits.reshape(-1, vocab),
+                teacher_logits.reshape(-1, vocab),
+                ids[:, 1:].reshape(-1),
+                alpha=config.alpha,
+                temperature=config.temperature,
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                for name, mask in masks.items():
+                    params[name].mul_(mask)
+            losses.append(loss.item())
+            if folder is not None and ((step + 1) % config.checkpoint_every == 0 or step + 1 == steps):
+                _save_checkpoint(folder, student, optimizer, step + 1, config, losses, kl_before)
     student.eval()
     kl_after = heldout_kl(student, teacher, heldout, device)
     log.info("held-out KL to the teacher: %.4f -> %.4f", kl_before, kl_after)

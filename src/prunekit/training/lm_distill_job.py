@@ -90,6 +90,13 @@ def run_distill(
     config = config or LMDistillConfig()
     check_output_dir(out, overwrite)
     read_text(text, what="distillation")
+    folder = checkpoint_folder(out)
+    if folder.exists() and not resume:
+        if not overwrite:
+            raise ConfigError(
+                f"{str(folder)!r} holds the progress of an earlier run: --resume continues it, --overwrite starts over"
+            )
+        shutil.rmtree(folder)
     loaded_student = load_model(student, dtype=dtype)
     loaded_teacher = load_model(teacher, dtype=dtype)
     if loaded_student.tokenizer.get_vocab() != loaded_teacher.tokenizer.get_vocab():
@@ -97,7 +104,6 @@ def run_distill(
             "the student and the teacher tokenize differently: distil a model from its own dense original"
         )
     tokens = load_text_tokens(loaded_student.tokenizer, text, what="distillation")
-    folder = checkpoint_folder(out)
     result = distill_lm(
         loaded_student.model,
         loaded_teacher.model,
