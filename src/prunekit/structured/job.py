@@ -127,7 +127,7 @@ def _llm_job(job: StructuredConfig) -> StructuralReport:
             calib,
             job.ratio,
             target=job.target,
-            criterion=job.criterion or "activation",
+            criterion=job.criterion or "obs",
             round_to=job.round_to,
             prune_hidden=job.prune_hidden,
             reconstruct=job.reconstruct,

@@ -83,7 +83,7 @@ def prune_causal_lm_width(
     ratio: float,
     *,
     target: BudgetTarget = "params",
-    criterion: Criterion = "activation",
+    criterion: Criterion = "obs",
     kinds: Sequence[str] = DEFAULT_KINDS,
     round_to: int = 1,
     prune_hidden: bool = False,
@@ -127,6 +127,9 @@ def prune_causal_lm_width(
     embeddings = model.get_input_embeddings()
     embedding_name = next(name for name, module in model.named_modules() if module is embeddings)
     graph = build_dependency_graph(model, (example,), kwargs, ignored=[] if prune_hidden else [embedding_name])
+    if criterion == "obs" and not linears_with_prunable_inputs(model, graph):
+        log.info("structured: no nn.Linear reads the prunable units (GPT-2's Conv1D...): scoring by activation")
+        criterion = "activation"
     grams, norms = _calibration_statistics(
         model, graph, window_batches(calibration, batch_size), criterion, reconstruct
     )
