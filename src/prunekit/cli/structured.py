@@ -31,7 +31,11 @@ def add_parser(sub: Any) -> None:
         "least importance per second saved, from operation times measured on this machine)",
     )
     s.add_argument("--mode", choices=["width", "depth"], default=None, help="LMs: channels/heads or whole layers")
-    s.add_argument("--criterion", default=None, help="importance: l1, l2, bn_scale, taylor, activation, obs (LM default: second-order cost)")
+    s.add_argument(
+        "--criterion",
+        default=None,
+        help="importance: l1, l2, bn_scale, taylor, activation, obs (LM default: second-order cost)",
+    )
     s.add_argument("--round-to", type=int, default=None, help="keep channel counts multiples of this (e.g. 8)")
     s.add_argument(
         "--blocks", type=int, default=None, help="--torchvision: first remove this many residual blocks whole"
