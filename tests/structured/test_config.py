@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -62,3 +63,9 @@ def test_model_flags_are_config_keys():
     args = build_parser().parse_args(["structured", "--trust-remote-code", "--dtype", "bfloat16", "--out", "x"])
     config = config_from_args(args)
     assert config.trust_remote_code is True and config.dtype == "bfloat16"
+
+
+def test_the_shipped_width_recipe_is_a_valid_config():
+    recipe = Path(__file__).resolve().parents[2] / "bench" / "recipes" / "structured-25.yaml"
+    config = StructuredConfig.from_yaml(recipe)
+    assert (config.mode, config.ratio, config.criterion, config.reconstruct) == ("width", 0.25, "obs", True)
