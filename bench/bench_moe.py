@@ -1,7 +1,8 @@
 """Benchmark: pruning a mixture-of-experts LM at one expert-parameter budget (issue 20).
 
-The model is ``bench/work/moe-mixtral`` (``bench/moe_model.py``: Mixtral-style, 4 layers, 8 experts of
-width 512, top-2, trained here on ``wikitext2_valid.txt``). Calibration: 32 windows x 512 tokens drawn with
+The model is a folder under ``bench/work`` (``--model``) trained by ``bench/moe_model.py``: Mixtral-style, 8
+experts per layer, top-2, on ``wikitext2_valid.txt``; ``moe-mixtral`` (4 layers, experts of width 512) by
+default, ``moe-mixtral-wide`` (6 layers, width 1024) for the main table of BENCHMARKS.md. Calibration: 32 windows x 512 tokens drawn with
 seed 0 from ``wikitext2_valid.txt``; perplexity on the first 40 windows x 512 tokens of
 ``wikitext2_test.txt``; this machine's CPU.
 
@@ -19,8 +20,8 @@ experts of the same model with the same calibration windows, in its own venv; it
 the same perplexity code. Also: Wanda 50% on the tiny random Mixtral of the test suite (the held-out family
 check), and the measured per-expert costs behind BENCHMARKS.md's estimate for Qwen3-30B-A3B.
 
-    python bench/moe_model.py                                  # once: train the model (~25 min on 2 cores)
-    python bench/bench_moe.py --peer-python .venv-peer/bin/python
+    python bench/moe_model.py --layers 6 --expert-width 1024 --steps 1000 --name moe-mixtral-wide  # ~47 min
+    python bench/bench_moe.py --model moe-mixtral-wide --peer-python .venv-peer/bin/python
 
 Writes ``bench/results/<model>.json`` (``moe_mixtral.json`` for the default ``--model moe-mixtral``).
 """
@@ -53,17 +54,12 @@ from prunekit.io.loading import load_model  # noqa: E402
 from prunekit.io.saving import save_pretrained  # noqa: E402
 from prunekit.models.moe_layers import find_moe_layers  # noqa: E402
 from prunekit.moe import ExpertPruneConfig, prune_experts  # noqa: E402
-from prunekit.moe.job import EXPERT_TARGETS, oneshot_sparsity, routed_expert_parameters  # noqa: E402
+from prunekit.moe.job import EXPERT_TARGETS, expert_zeros, oneshot_sparsity, routed_expert_parameters  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 WORK = ROOT / "bench" / "work"
 CRITERIA = ("frequency", "reap", "stun", "reconstruct")
 log = logging.getLogger("bench_moe")
-
-
-def expert_zero_fraction(model: torch.nn.Module) -> float:
-    tensors = [p for layer in find_moe_layers(model) for p in layer.experts.parameters(recurse=False)]
-    return sum(int((p == 0).sum()) for p in tensors) / sum(p.numel() for p in tensors)
 
 
 def inside_config(method: str, sparsity: float) -> prunekit.PruneConfig:
@@ -87,7 +83,7 @@ def score(
     save_pretrained(model, tokenizer, out)
     decode = measure_decode(model, batch_size=1, prompt_tokens=64, new_tokens=64, warmup=1, repeats=5)
     kept_params = routed_expert_parameters(model)
-    zeros = expert_zero_fraction(model) * kept_params
+    zeros = expert_zeros(model)
     record = {
         "run": name,
         "perplexity": ppl.perplexity,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from pydantic import Field
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model, save_model
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -146,15 +146,7 @@ def _save_checkpoint(
     kl_before: float,
 ) -> None:
     def write(tmp: Path) -> None:
-        state = {k: v.detach().to("cpu").contiguous() for k, v in student.state_dict().items()}
-        unique: dict[int, str] = {}
-        for name, tensor in list(state.items()):  # tied tensors are stored once
-            key = tensor.data_ptr()
-            if key in unique and tensor.numel():
-                del state[name]
-            else:
-                unique[key] = name
-        save_file(state, str(tmp / CHECKPOINT_STATE))
+        save_model(student, str(tmp / CHECKPOINT_STATE))  # tied tensors once
         torch.save(optimizer.state_dict(), tmp / CHECKPOINT_OPTIMIZER)
         info = {"step": step, "config": _settings(config), "losses": losses, "kl_before": kl_before}
         (tmp / CHECKPOINT_INFO).write_text(json.dumps(info))
@@ -171,10 +163,10 @@ def _load_checkpoint(
             f"the checkpoint in {str(folder)!r} was written with other settings ({info['config']}): resume with the "
             "same settings, or start over without --resume"
         )
-    missing, _ = student.load_state_dict(load_file(str(folder / CHECKPOINT_STATE)), strict=False)
-    tied = {name for name, _ in student.named_parameters(remove_duplicate=True)}
-    if any(name in tied for name in missing):
-        raise ConfigError(f"the checkpoint in {str(folder)!r} does not hold this student's weights ({missing[:3]})")
+    try:
+        load_model(student, str(folder / CHECKPOINT_STATE), strict=True)
+    except RuntimeError as exc:
+        raise ConfigError(f"the checkpoint in {str(folder)!r} does not hold this student's weights: {exc}") from None
     optimizer.load_state_dict(torch.load(folder / CHECKPOINT_OPTIMIZER, weights_only=True))
     return int(info["step"]), list(info["losses"]), float(info["kl_before"])
 
