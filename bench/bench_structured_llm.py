@@ -13,6 +13,10 @@ Three pruned models, each made in its own process:
   ``prunekit.save_pruned`` (a transformers config cannot say that a layer has no attention) and loaded back
   with ``prunekit.load_model``;
 - ``prunekit-depth``: whole decoder layers of lowest Block Influence (ShortGPT) until >= 25% of parameters;
+- ``prunekit-search``: per-layer widths searched (Týr-the-Pruner, :mod:`prunekit.structured.llm.search`, its
+  default settings): 4 more calibration windows are drawn with the 32 and held apart to score genomes on;
+  saved with ``prunekit.save_pruned`` (a Llama config cannot say that layers differ) and the search's history
+  (best KL against time) recorded;
 - ``torch-pruning``: Torch-Pruning 1.6.1 following its own LLM example (``examples/LLMs/prune_llm.py``:
   MetaPruner, GroupMagnitudeImportance(p=2) (1.6.1 name of the example's GroupNormImportance), heads pruned,
   head dims kept, ``lm_head`` ignored, round_to 4; where pruning heads fails, as on SmolLM2's grouped-query
@@ -54,7 +58,7 @@ def child_prunekit(kind: str, source: Path, out: Path, ratio: float, nsamples: i
     import torch
 
     import prunekit
-    from prunekit.models.dropped_attention import dropped_attention_layers
+    from prunekit.models.dropped_attention import dropped_attention_layers, save_pretrained_refusal
     from prunekit.structured.llm import prune_causal_lm_depth, prune_causal_lm_width
 
     loaded = prunekit.load_model(str(source))
@@ -79,12 +83,32 @@ def child_prunekit(kind: str, source: Path, out: Path, ratio: float, nsamples: i
             "num_attention_heads": c.num_attention_heads,
             "num_key_value_heads": c.num_key_value_heads,
         }
+    elif kind == "search":
+        from prunekit.structured.llm.search import WidthSearchConfig, search_widths
+
+        config = WidthSearchConfig(ratio=ratio)
+        # the calibration windows, and the search's own held-apart windows drawn with them
+        calib = prunekit.calibration_windows(
+            loaded.tokenizer, DATA / "wikitext2_valid.txt", nsamples + config.search_windows, seqlen, seed=0
+        )
+        searched = search_widths(model, calib, config, progress=False)
+        pruned = searched.model
+        extra = {
+            "search": config.model_dump(),
+            "genome": [list(choice) for choice in searched.genome],
+            "widths": searched.widths(),
+            "kl": searched.kl,
+            "uniform_kl": searched.uniform_kl,
+            "evaluations": searched.evaluations,
+            "history": [vars(step) for step in searched.history],
+            "dropped_attention": dropped_attention_layers(pruned),
+        }
     else:
         pruned, removed = prune_causal_lm_depth(model, calib, ratio)
         extra = {"removed_layers": removed}
     seconds = time.perf_counter() - start
     with torch.no_grad():
-        if dropped_attention_layers(pruned):
+        if save_pretrained_refusal(pruned) is not None or dropped_attention_layers(pruned):
             prunekit.save_pruned(pruned, out)
         else:
             pruned.save_pretrained(out)
@@ -296,7 +320,7 @@ def main() -> None:
         shutil.rmtree(args.work)
     args.work.mkdir(parents=True)
     runs: dict[str, dict] = {}
-    kinds = ["width", "width_obs", "width_hidden", *(f"attention{k}" for k in args.drop_attention), "depth"]
+    kinds = ["width", "width_obs", "width_hidden", *(f"attention{k}" for k in args.drop_attention), "depth", "search"]
     jobs = [(f"prunekit-{kind}", sys.executable) for kind in kinds]
     if args.peer_python:
         jobs.append(("torch-pruning", args.peer_python))

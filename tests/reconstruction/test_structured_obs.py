@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from prunekit.reconstruction.least_squares import damped, least_squares_refit
-from prunekit.reconstruction.structured_obs import group_costs, remove_groups
+from prunekit.reconstruction.structured_obs import column_removal_order, group_costs, remove_groups
 
 
 def inputs(rows: int = 64, cols: int = 6, seed: int = 0) -> torch.Tensor:
@@ -98,3 +98,14 @@ def test_the_greedy_pair_is_never_worse_than_the_best_single_pair_by_much() -> N
     best = min(error([j for j in range(6) if j not in pair]) for pair in itertools.combinations(range(6), 2))
     greedy = remove_groups(weight, gram, [[j] for j in range(6)], 2)
     assert error([j for j in range(6) if j not in greedy.removed]) <= 1.5 * best + 1e-12
+
+
+@pytest.mark.parametrize("count", [0, 5, 23, 40])
+def test_the_compacted_column_order_is_the_greedy_order(count: int) -> None:
+    x = inputs(rows=200, cols=40, seed=6)
+    x[:, 7] = x[:, 3] - x[:, 30]  # a free column among the others
+    weight = torch.randn(9, 40, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    expected = remove_groups(weight, x.T @ x, [[j] for j in range(40)], count, dampening=0.01).removed
+    assert column_removal_order(weight, x.T @ x, count, dampening=0.01) == expected
+    with pytest.raises(ValueError, match="cannot remove 41 of 40"):
+        column_removal_order(weight, x.T @ x, 41)

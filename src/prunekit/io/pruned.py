@@ -30,7 +30,7 @@ from torch import nn
 
 from prunekit.core.errors import ModelLoadError
 from prunekit.io.atomic import write_atomically
-from prunekit.models.dropped_attention import DroppedAttention, refuse_save_pretrained
+from prunekit.models.dropped_attention import DroppedAttention, refuse_save_pretrained, save_pretrained_refusal
 
 STRUCTURE_FILE = "prunekit_structure.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -64,6 +64,7 @@ def structure_of(model: nn.Module) -> dict[str, Any]:
         "attributes": attributes,
         "identities": identities,
         "dropped_attention": dropped,
+        "save_pretrained_refused": save_pretrained_refusal(model),
     }
 
 
@@ -114,7 +115,9 @@ def load_pruned(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Modul
         _replace(model, name, nn.Identity())
     for name in structure.get("dropped_attention", []):
         _replace(model, name, DroppedAttention(structure["attributes"][name]["hidden_size"]))
-    if structure.get("dropped_attention"):
+    if structure.get("save_pretrained_refused"):
+        refuse_save_pretrained(model, structure["save_pretrained_refused"])
+    elif structure.get("dropped_attention"):  # saved before the reason was recorded
         refuse_save_pretrained(model)
     modules = dict(model.named_modules())
     for name, sizes in structure["attributes"].items():

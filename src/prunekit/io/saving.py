@@ -17,7 +17,7 @@ from torch import nn
 from prunekit.io.atomic import check_output_dir, write_atomically
 from prunekit.io.compressed import DENSE, plan_compression, save_compressed
 from prunekit.io.pruned import write_pruned
-from prunekit.models.dropped_attention import dropped_attention_layers
+from prunekit.models.dropped_attention import dropped_attention_layers, save_pretrained_refusal
 
 
 def save_pretrained(
@@ -58,10 +58,11 @@ def save_causal_lm(
     extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Save a (possibly structurally pruned) causal LM atomically, as it can be reloaded: with
-    :func:`save_pretrained` (plain transformers loads it) unless a layer's attention was dropped, which a
-    transformers config cannot express: then with :func:`prunekit.io.pruned.write_pruned` and the config
-    (``prunekit.load_model`` rebuilds it)."""
-    if not dropped_attention_layers(model):
+    :func:`save_pretrained` (plain transformers loads it) unless the model's ``save_pretrained`` is refused
+    (:func:`~prunekit.models.dropped_attention.refuse_save_pretrained`: a dropped attention, layers of different
+    widths that the family's config cannot describe): then with :func:`prunekit.io.pruned.write_pruned` and the
+    config (``prunekit.load_model`` rebuilds it)."""
+    if save_pretrained_refusal(model) is None and not dropped_attention_layers(model):
         return save_pretrained(model, tokenizer, path, overwrite, extra)
 
     def write(tmp: Path) -> None:

@@ -4,6 +4,7 @@ from being saved in a form plain transformers would load wrongly (He et al. 2024
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -27,19 +28,31 @@ class DroppedAttention(nn.Module):
         return self.bias.to(hidden_states.dtype).expand_as(hidden_states), None
 
 
-def _refuse_save_pretrained(*args: Any, **kwargs: Any) -> None:
+#: Why ``save_pretrained`` is refused for a model with dropped attention.
+NO_ATTENTION = "this model has layers without attention, which a transformers config cannot describe"
+#: The attribute a guarded instance carries (recorded by :func:`~prunekit.io.pruned.save_pruned`).
+REFUSAL_ATTRIBUTE = "prunekit_save_pretrained_refused"
+
+
+def _refuse_save_pretrained(why: str, *args: Any, **kwargs: Any) -> None:
     raise StructuralPruningError(
-        "this model has layers without attention, which a transformers config cannot describe: save_pretrained "
-        "would write a checkpoint that plain transformers loads with fresh random attention in those layers. "
-        "Save it with prunekit.save_pruned(model, directory) and load it with prunekit.load_model(directory)"
+        f"{why}: save_pretrained would write a checkpoint that plain transformers loads wrongly (fresh random "
+        "weights where the config and the tensors disagree) or not at all. Save it with "
+        "prunekit.save_pruned(model, directory) and load it with prunekit.load_model(directory)"
     )
 
 
-def refuse_save_pretrained(model: nn.Module) -> None:
-    """Make ``model.save_pretrained`` (and ``push_to_hub``, which calls it) raise on this instance, since its
-    output would silently load wrong; the class and other instances are untouched."""
+def refuse_save_pretrained(model: nn.Module, why: str = NO_ATTENTION) -> None:
+    """Make ``model.save_pretrained`` (and ``push_to_hub``, which calls it) raise on this instance, naming
+    ``why``, since its output would silently load wrong; the class and other instances are untouched."""
     if hasattr(model, "save_pretrained"):
-        model.save_pretrained = _refuse_save_pretrained
+        model.save_pretrained = functools.partial(_refuse_save_pretrained, why)
+        model.__dict__[REFUSAL_ATTRIBUTE] = why
+
+
+def save_pretrained_refusal(model: nn.Module) -> str | None:
+    """Why ``model.save_pretrained`` is refused (:func:`refuse_save_pretrained`), or ``None``."""
+    return model.__dict__.get(REFUSAL_ATTRIBUTE)
 
 
 def dropped_attention_layers(model: nn.Module) -> list[int]:

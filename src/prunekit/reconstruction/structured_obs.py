@@ -88,3 +88,36 @@ def remove_groups(
         removed.append(g)
         costs.append(float(cost[best]))
     return StructuredRemoval(removed, costs, w.to(weight.dtype))
+
+
+def column_removal_order(weight: torch.Tensor, gram: torch.Tensor, count: int, *, dampening: float = 0.01) -> list[int]:
+    """The first ``count`` single input columns of ``weight`` ``(out, in)`` that the greedy second-order removal
+    takes, in order: :func:`remove_groups` with one column per group (``cost(j) = ||W[:, j]||^2 / [H^-1]_jj``,
+    then the rank-one updates of ``W`` and ``H^-1``), computed on the live columns only (the problem is
+    compacted each time a quarter of them has gone), which makes a whole MLP's order take about a second
+    instead of minutes. The same order as :func:`remove_groups`, in float64."""
+    if not 0 <= count <= weight.shape[1]:
+        raise ValueError(f"cannot remove {count} of {weight.shape[1]} columns")
+    w = weight.double().clone()
+    hinv = torch.linalg.inv(damped(gram.double().to(w.device), dampening))
+    index = torch.arange(weight.shape[1], device=w.device)
+    order: list[int] = []
+    while len(order) < count:
+        alive = torch.ones(index.numel(), dtype=torch.bool, device=w.device)
+        for _ in range(min(count - len(order), max(1, index.numel() // 4))):
+            diagonal = hinv.diagonal()
+            cost = (w * w).sum(dim=0) / diagonal
+            cost[~alive] = float("inf")
+            j = int(torch.argmin(cost))
+            order.append(int(index[j]))
+            row = hinv[j] / diagonal[j]
+            w.addr_(w[:, j].clone(), row, alpha=-1.0)
+            hinv.addr_(hinv[:, j].clone(), row, alpha=-1.0)
+            w[:, j] = 0.0
+            hinv[j, :] = 0.0
+            hinv[:, j] = 0.0
+            hinv[j, j] = 1.0
+            alive[j] = False
+        index, w = index[alive], w[:, alive].contiguous()
+        hinv = hinv[alive][:, alive].contiguous()
+    return order

@@ -161,11 +161,11 @@ def remove_blocks(model: nn.Module, names: Sequence[str], *, shorten_lists: bool
         else:
             setattr(parent, attr, nn.Identity())
     for list_name, drop in lists.items():
-        _shorten(pruned, list_name, drop)
+        shorten_module_list(pruned, list_name, drop)
     return pruned
 
 
-def _shorten(model: nn.Module, list_name: str, drop: set[int]) -> None:
+def shorten_module_list(model: nn.Module, list_name: str, drop: set[int]) -> None:
     """Take the blocks ``drop`` out of the ``nn.ModuleList`` ``list_name``, renumber the rest, update the
     config's layer count where it counts this list."""
     blocks = model.get_submodule(list_name)

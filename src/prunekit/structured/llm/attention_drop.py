@@ -47,7 +47,12 @@ POST_ATTENTION_NORM_NAME = "post_attention_layernorm"
 _UNSUPPORTED_MARKERS = ("pre_feedforward_layernorm", "post_feedforward_layernorm", "resid_dropout")
 
 
-def _check_layer(block: nn.Module, index: int) -> None:
+def check_layer(
+    block: nn.Module, index: int, *, method: str = "attention drop", instead: str = "prune_causal_lm_depth"
+) -> None:
+    """Refuse decoder layer ``index`` unless it is pre-norm ``x + attn(ln1(x))`` then ``x + mlp(ln2(x))`` with
+    the transformers names of Llama (what attention drop and the width search rebuild); the error names the
+    ``method`` and what to use ``instead``."""
     names = {name for name, _ in block.named_children()}
     problem = None
     needed = {ATTENTION_NAME, INPUT_NORM_NAME, POST_ATTENTION_NORM_NAME, "mlp"}
@@ -57,8 +62,8 @@ def _check_layer(block: nn.Module, index: int) -> None:
         problem = f"has {sorted(names & set(_UNSUPPORTED_MARKERS))}, so its attention is not x + attn(ln(x))"
     if problem:
         raise StructuralPruningError(
-            f"decoder layer {index} ({type(block).__name__}) {problem}: attention drop supports pre-norm layers "
-            "(Llama, Mistral, Qwen2/3, Phi-3 and alike). Remove whole layers with prune_causal_lm_depth instead"
+            f"decoder layer {index} ({type(block).__name__}) {problem}: {method} supports pre-norm layers "
+            f"(Llama, Mistral, Qwen2/3, Phi-3 and alike). Use {instead} instead"
         )
 
 
@@ -71,7 +76,7 @@ def attention_statistics(
     dropped scores 0, with no mean."""
     _, blocks = find_decoder_blocks(model)
     for index, block in enumerate(blocks):
-        _check_layer(block, index)
+        check_layer(block, index)
     totals = [0.0] * len(blocks)
     sums: list[torch.Tensor | None] = [None] * len(blocks)
     inputs: dict[int, torch.Tensor] = {}
@@ -121,7 +126,7 @@ def drop_attention(
             "attention of other layers"
         )
     for i in drop:
-        _check_layer(blocks[i], i)
+        check_layer(blocks[i], i)
     pruned = copy.deepcopy(model)
     _, pruned_blocks = find_decoder_blocks(pruned)
     hidden = model.get_input_embeddings().weight.shape[1]

@@ -1,7 +1,8 @@
 """A pruned causal LM's Hugging Face config brought in line with its weights, and checked.
 
-A pruned model keeps one size per field in its config, so widths must be the same in every layer (the
-``uniform`` policy does that); :func:`update_config` refuses otherwise and
+A config holds one size per field. Where the layers differ (the width search,
+:mod:`~prunekit.structured.llm.search`), :func:`update_config` writes transformers' ``per_layer_config`` if the
+family's modeling code builds its layers from it, and otherwise makes the model's ``save_pretrained`` raise:
 :func:`~prunekit.io.pruned.save_pruned` is then the way to save it. Every width-pruned model is then
 checked against its own config (:func:`check_config_reload`): one decoder layer rebuilt by ``transformers``
 from the updated config, with the pruned weights, must give the pruned model's logits.
@@ -18,6 +19,7 @@ attention code reshapes queries, keys and values with one shared ``head_dim``.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -25,7 +27,14 @@ from torch import nn
 
 from prunekit.core.errors import StructuralPruningError
 from prunekit.models.blocks import find_decoder_blocks
-from prunekit.models.dropped_attention import ATTENTION_NAME, DroppedAttention
+from prunekit.models.dropped_attention import (
+    ATTENTION_NAME,
+    DroppedAttention,
+    refuse_save_pretrained,
+    save_pretrained_refusal,
+)
+
+log = logging.getLogger(__name__)
 
 #: transformers model types whose attention projections are sized by ``hidden_size`` (they read no
 #: ``head_dim``): a config of theirs cannot say that heads were removed, so their heads are kept.
@@ -93,7 +102,10 @@ def update_config(model: nn.Module) -> None:
     """Write the pruned sizes into ``model.config`` (hidden size, MLP width, heads, key/value heads, head
     width, layers), and each attention's ``num_key_value_groups`` into the module, so that
     ``save_pretrained`` output loads with plain ``transformers``; the field names of GPT-2 and OPT are in
-    :data:`MLP_WIDTH_FIELD` (the others map through the config's ``attribute_map``)."""
+    :data:`MLP_WIDTH_FIELD` (the others map through the config's ``attribute_map``). Layers of different
+    sizes go into ``per_layer_config`` where the family builds from it (:func:`_write_per_layer_config`);
+    otherwise the per-layer fields keep their values and the model's ``save_pretrained`` raises, naming
+    :func:`~prunekit.io.pruned.save_pruned`."""
     config = model.config
     model_type = getattr(config, "model_type", "")
     _, blocks = find_decoder_blocks(model)
@@ -101,26 +113,63 @@ def update_config(model: nn.Module) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     attention = find_submodule(blocks[0], ATTENTION_NAMES)
     head_dim = getattr(attention[1], "head_dim", head_dim) if attention else head_dim
-    sizes: dict[str, set[int]] = {}
-    for block in blocks:
+    per_layer: dict[int, dict[str, int]] = {}
+    for index, block in enumerate(blocks):
         if isinstance(getattr(block, ATTENTION_NAME, None), DroppedAttention):
             continue  # no attention sizes to write; save_pruned records the dropped attention
-        block_sizes = _block_sizes(block, head_dim, model_type)
-        for key, value in block_sizes.items():
-            sizes.setdefault(key, set()).add(value)
-        _sync_query_groups(block, block_sizes)
-    uneven = {k: sorted(v) for k, v in sizes.items() if len(v) > 1}
-    if uneven:
-        raise StructuralPruningError(
-            f"layers differ in {uneven}: a transformers config holds one size per field. Prune with the "
-            "uniform policy, or save with prunekit.save_pruned and rebuild with prunekit.load_pruned"
-        )
+        per_layer[index] = _block_sizes(block, head_dim, model_type)
+        _sync_query_groups(block, per_layer[index])
     config.hidden_size = hidden
     if model_type not in ATTENTION_SIZED_BY_HIDDEN:
         config.head_dim = head_dim
-    for key, values in sizes.items():
-        setattr(config, key, values.pop())
     config.num_hidden_layers = len(blocks)
+    values: dict[str, set[int]] = {}
+    for block_sizes in per_layer.values():
+        for key, value in block_sizes.items():
+            values.setdefault(key, set()).add(value)
+    uneven = sorted(key for key, seen in values.items() if len(seen) > 1)
+    if not uneven:
+        for key, seen in values.items():
+            setattr(config, key, seen.pop())
+        return
+    if _write_per_layer_config(model, per_layer):
+        log.info("structured: the layers differ in %s, written as the config's per_layer_config", uneven)
+        return
+    if save_pretrained_refusal(model) is None:
+        refuse_save_pretrained(
+            model,
+            f"its decoder layers differ in {', '.join(uneven)}, which a {model_type or type(model).__name__} "
+            "config cannot describe (its transformers modeling code builds every layer from the global sizes, "
+            "not from per_layer_config)",
+        )
+    log.info(
+        "structured: the layers differ in %s, which this family's config cannot describe: save the model with "
+        "prunekit.save_pruned and load it with prunekit.load_model (its save_pretrained raises)",
+        uneven,
+    )
+
+
+def _write_per_layer_config(model: nn.Module, per_layer: dict[int, dict[str, int]]) -> bool:
+    """Describe layers of different sizes with transformers' ``per_layer_config`` (every layer's sizes as its
+    overrides) where the family's modeling code builds its layers from it: a model of the same class built from
+    the new config on the meta device must have exactly the pruned model's tensor shapes. In transformers 5.25
+    Gemma 4, Step 3.7, dots3 and NeoMMe read it; Llama, Mistral, Qwen, Phi and the rest build every layer from
+    the global sizes (or refuse to read a per-layer one), and then ``model.config`` is left as it is."""
+    from accelerate import init_empty_weights
+
+    config = copy.deepcopy(model.config)
+    try:
+        config.per_layer_config = {index: dict(sizes) for index, sizes in per_layer.items()}
+        with init_empty_weights(include_buffers=False):
+            fresh = type(model)(config)
+    except (RuntimeError, ValueError, TypeError, AttributeError, KeyError) as exc:
+        log.debug("structured: %s does not build from a per_layer_config: %s", type(model).__name__, exc)
+        return False
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if expected != {name: tuple(t.shape) for name, t in fresh.state_dict().items()}:
+        return False
+    model.config = config
+    return True
 
 
 def check_config_reload(model: nn.Module, example: torch.Tensor, *, atol: float = 1e-4) -> None:

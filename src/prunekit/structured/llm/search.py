@@ -1,0 +1,437 @@
+"""Searched per-layer widths: Týr-the-Pruner's evolutionary search of the sparsity distribution.
+
+Li et al. (2025), "Týr-the-Pruner: Structural Pruning LLMs via Global Sparsity Distribution Optimization"
+(NeurIPS 2025), Sec. 3.3-3.4. Every decoder layer has a choice ``(attention units kept, MLP channels kept)``
+(:mod:`~prunekit.structured.llm.supernet`: attention units are key/value groups with their query heads; no
+attention is the attention drop; no attention and no MLP is the layer removed). A genome holds one choice per
+layer; the search finds the genome that keeps at most ``(1 - ratio)`` of the model's parameters (and less than
+one MLP channel's parameters under it: the target is met exactly at the granularity of a channel) and whose
+output distribution is closest to the dense model's: the mean per-token ``KL(p_dense || p_pruned)`` on
+calibration windows held apart from those the local prunings are fitted on.
+
+- **Evolution** (a (mu + lambda) scheme): a population of ``population`` genomes, each generation
+  ``offspring`` children made by uniform crossover of two tournament winners (or a copy of one) and one to
+  ``max_moves`` mutation moves (an MLP one ladder step narrower or wider, an attention unit more or less, a
+  layer removed or restored), each followed by the budget repair (MLP channels taken from or given back to
+  random layers until the target is met); the best ``population`` of parents and children survive.
+- **Coarse to fine**: the first iteration's ladder steps the MLP by ``first_step`` of its width (12.5%, as in
+  the paper) and offers every attention width; each further iteration halves the step, rebuilds the supernet
+  on a ladder of ``neighbourhood`` steps either side of the best genome so far (so that its expected-error
+  propagation is closer to the model chosen) and searches again from that genome.
+- **Deterministic**: one ``random.Random(seed)`` drives every choice; the supernet is a deterministic function
+  of the model and calibration windows; a genome's fitness is computed once and cached.
+
+The result: the pruned model (:meth:`~prunekit.structured.llm.supernet.Supernet.materialise`), its widths per
+layer and the search history (best KL against time), for the report and its plots.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+from tqdm.auto import tqdm
+
+from prunekit.core.config import StrictConfig
+from prunekit.core.errors import StructuralPruningError
+from prunekit.eval.divergence import ReferenceOutputs
+from prunekit.models.blocks import find_decoder_blocks
+from prunekit.structured.llm.supernet import (
+    Genome,
+    Ladder,
+    LayerChoice,
+    LayerLayout,
+    Supernet,
+    build_supernet,
+    layer_layout,
+)
+
+log = logging.getLogger(__name__)
+
+
+class WidthSearchConfig(StrictConfig):
+    """Settings of one width search (:func:`search_widths`)."""
+
+    ratio: float = Field(0.25, gt=0.0, lt=1.0, description="fraction of the model's parameters to remove")
+    iterations: int = Field(3, ge=1, description="coarse-to-fine iterations (the MLP step halves each time)")
+    first_step: float = Field(0.125, gt=0.0, le=0.5, description="first MLP ladder step, fraction of its width")
+    neighbourhood: int = Field(2, ge=1, description="fine iterations: ladder steps either side of the best")
+    population: int = Field(16, ge=2, description="genomes kept each generation")
+    offspring: int = Field(16, ge=1, description="children made each generation")
+    generations: int = Field(12, ge=0, description="generations per iteration")
+    max_moves: int = Field(3, ge=1, description="mutation moves per child, at most")
+    crossover: float = Field(0.5, ge=0.0, le=1.0, description="share of children made by crossover")
+    attention_drop: bool = Field(True, description="a layer's attention may go whole")
+    layer_removal: bool = Field(True, description="a layer may go whole")
+    min_mlp: float = Field(0.125, gt=0.0, le=1.0, description="narrowest MLP of a kept MLP, fraction of its width")
+    search_windows: int = Field(4, ge=1, description="calibration windows held apart to score genomes on")
+    search_seqlen: int | None = Field(256, gt=0, description="their length (None: the calibration length)")
+    seed: int = 0
+    batch_size: int = Field(1, ge=1)
+    dampening: float = Field(0.01, ge=0.0)
+    cache_bytes: int = Field(1 << 30, gt=0, description="memory for the pruned sublayers the search visits")
+
+    @model_validator(mode="after")
+    def _steps(self) -> WidthSearchConfig:
+        if self.min_mlp > 1.0 - self.first_step + 1e-9:
+            raise ValueError(f"min_mlp {self.min_mlp} leaves no MLP ladder below the dense width")
+        return self
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The genomes one iteration may visit and the parameter budget they must meet: per layer the attention
+    widths and the MLP range ``[low, high]`` (with ``0`` where the layer may go whole), the MLP step of a
+    mutation, the parameters outside the decoder layers and the most the model may keep."""
+
+    layouts: tuple[LayerLayout, ...]
+    ladders: tuple[Ladder, ...]
+    step: tuple[int, ...]
+    fixed_params: int
+    kept_target: int
+
+    def low(self, layer: int) -> int:
+        return min(c for c in self.ladders[layer].mlp if c)
+
+    def high(self, layer: int) -> int:
+        return max(self.ladders[layer].mlp)
+
+    def params(self, genome: Genome) -> int:
+        return self.fixed_params + sum(layout.params(c) for layout, c in zip(self.layouts, genome, strict=True))
+
+    def legal(self, layer: int, choice: LayerChoice) -> bool:
+        units, channels = choice
+        ladder = self.ladders[layer]
+        if units not in ladder.attention:
+            return False
+        if channels == 0:
+            return units == 0 and 0 in ladder.mlp
+        return self.low(layer) <= channels <= self.high(layer)
+
+    def meets_target(self, genome: Genome) -> bool:
+        """Keeps at most the target, and less than one MLP channel's parameters under it."""
+        kept = self.params(genome)
+        return kept <= self.kept_target and self.kept_target - kept < max(
+            layout.channel_params for layout in self.layouts
+        )
+
+    def repair(self, genome: Genome, rng: random.Random) -> Genome | None:
+        """``genome`` with MLP channels taken from (or given back to) random layers, at most one ladder step at
+        a time, until it :meth:`meets_target`; ``None`` where the MLP ranges cannot absorb the difference."""
+        choices = list(genome)
+        excess = self.params(genome) - self.kept_target
+        while excess > 0:
+            layers = [i for i, (_, c) in enumerate(choices) if c > self.low(i)]
+            if not layers:
+                return None
+            i = rng.choice(layers)
+            units, channels = choices[i]
+            per = self.layouts[i].channel_params
+            take = min(self.step[i], channels - self.low(i), math.ceil(excess / per))
+            choices[i] = (units, channels - take)
+            excess -= take * per
+        while True:
+            layers = [
+                i
+                for i, (_, c) in enumerate(choices)
+                if 0 < c < self.high(i) and -excess >= self.layouts[i].channel_params
+            ]
+            if not layers:
+                break
+            i = rng.choice(layers)
+            units, channels = choices[i]
+            per = self.layouts[i].channel_params
+            give = min(self.step[i], self.high(i) - channels, -excess // per)
+            choices[i] = (units, channels + give)
+            excess += give * per
+        result = tuple(choices)
+        return result if self.meets_target(result) else None
+
+    def mutate(self, genome: Genome, rng: random.Random) -> Genome:
+        """One move on one random layer (the budget is not repaired here): the MLP a step narrower or wider,
+        the attention a unit more or less (or none), or the layer removed or restored."""
+        for _ in range(100):
+            i = rng.randrange(len(genome))
+            units, channels = genome[i]
+            ladder = self.ladders[i]
+            move = rng.random()
+            if move < 0.6 and channels:
+                proposal = (units, channels + rng.choice((-1, 1)) * self.step[i])
+                if channels + self.step[i] > self.high(i) and proposal[1] > channels:
+                    proposal = (units, self.high(i))
+                if proposal[1] < self.low(i) < channels:
+                    proposal = (units, self.low(i))
+            elif move < 0.9:
+                position = ladder.attention.index(units)
+                neighbours = [
+                    ladder.attention[p] for p in (position - 1, position + 1) if 0 <= p < len(ladder.attention)
+                ]
+                if not neighbours:
+                    continue
+                new_units = rng.choice(neighbours)
+                proposal = (new_units, channels or (self.low(i) if new_units else 0))
+            else:  # the layer removed, or restored with its full attention and the narrowest MLP
+                proposal = (max(ladder.attention), self.low(i)) if channels == 0 else (0, 0)
+            if proposal != (units, channels) and self.legal(i, proposal):
+                return (*genome[:i], proposal, *genome[i + 1 :])
+        return genome
+
+    def crossover(self, a: Genome, b: Genome, rng: random.Random) -> Genome:
+        """Each layer's choice from ``a`` or ``b`` at random (uniform crossover; the budget is not repaired)."""
+        return tuple(x if rng.random() < 0.5 else y for x, y in zip(a, b, strict=True))
+
+    def uniform(self, attention: tuple[int, ...] | None = None) -> Genome | None:
+        """The genome that keeps every layer's attention (or ``attention``) and takes the same share of every
+        MLP, to the target (the uniform baseline); ``None`` where the MLPs alone cannot meet it."""
+        units = attention or tuple(layout.units for layout in self.layouts)
+        dense = tuple((u, layout.channels) for u, layout in zip(units, self.layouts, strict=True))
+        excess = self.params(dense) - self.kept_target
+        total = sum(layout.channels * layout.channel_params for layout in self.layouts)
+        share = max(0.0, excess / total)
+        genome = tuple(
+            (u, max(self.low(i), min(self.high(i), round(layout.channels * (1 - share)))))
+            for i, (u, layout) in enumerate(zip(units, self.layouts, strict=True))
+        )
+        # the rounding leaves at most a channel per layer either way: settle it one channel at a time, on the
+        # layers in turn
+        choices = list(genome)
+        excess = self.params(genome) - self.kept_target
+        start = 0
+        while True:
+            turn = [(start + k) % len(choices) for k in range(len(choices))]
+            if excess > 0:
+                layers = [j for j in turn if choices[j][1] > self.low(j)]
+            else:
+                layers = [j for j in turn if choices[j][1] < self.high(j) and -excess >= self.layouts[j].channel_params]
+            if not layers:
+                break
+            i = layers[0]
+            u, c = choices[i]
+            sign = 1 if excess > 0 else -1
+            choices[i] = (u, c - sign)
+            excess -= sign * self.layouts[i].channel_params
+            start = i + 1
+        result = tuple(choices)
+        return result if self.meets_target(result) else None
+
+
+@dataclass
+class SearchStep:
+    """The best genome's KL after one generation of one iteration, and the time and evaluations so far."""
+
+    iteration: int
+    generation: int
+    best_kl: float
+    seconds: float
+    evaluations: int
+
+
+@dataclass
+class SearchResult:
+    """The pruned model, the genome it was made from (per layer: attention units and MLP channels kept), its
+    KL on the held-apart windows, the uniform baseline's KL, and the history of the search."""
+
+    model: nn.Module
+    genome: Genome
+    kl: float
+    uniform_kl: float | None
+    params: int
+    dense_params: int
+    layouts: list[LayerLayout]
+    history: list[SearchStep] = field(default_factory=list)
+    seconds: float = 0.0
+    evaluations: int = 0
+
+    def widths(self) -> list[dict[str, float]]:
+        """Per layer: the attention heads and MLP channels kept, and their shares of the dense layer's."""
+        rows = []
+        for (units, channels), layout in zip(self.genome, self.layouts, strict=True):
+            rows.append(
+                {
+                    "heads": units * layout.unit_heads,
+                    "heads_share": units / layout.units,
+                    "mlp_channels": channels,
+                    "mlp_share": channels / layout.channels,
+                }
+            )
+        return rows
+
+
+def _ladder(
+    layout: LayerLayout, index: int, config: WidthSearchConfig, step: int, center: LayerChoice | None
+) -> Ladder:
+    """Iteration ladders: all attention widths and MLP multiples of ``step`` from ``min_mlp`` up (the first),
+    or ``neighbourhood`` steps either side of ``center`` (the next)."""
+    low = max(1, math.ceil(config.min_mlp * layout.channels))
+    attention = list(range(layout.units + 1))
+    if not config.attention_drop or index == 0:
+        attention = [a for a in attention if a]
+    if center is None:
+        mlp = sorted({layout.channels - k * step for k in range(layout.channels // step + 1)} | {layout.channels})
+        mlp = [c for c in mlp if c >= low]
+        removable = config.layer_removal and 0 in attention
+    else:
+        units, channels = center
+        attention = [a for a in attention if abs(a - units) <= 1]
+        base = channels or low
+        mlp = sorted(
+            {
+                min(layout.channels, max(low, base + k * step))
+                for k in range(-config.neighbourhood, config.neighbourhood + 1)
+            }
+        )
+        removable = config.layer_removal and 0 in attention and (channels == 0 or base == low)
+    return Ladder(tuple(attention), tuple(([0] if removable else []) + mlp))
+
+
+def search_widths(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    config: WidthSearchConfig,
+    *,
+    held_out: torch.Tensor | None = None,
+    progress: bool = True,
+    on_step: Callable[[SearchStep], None] | None = None,
+) -> SearchResult:
+    """Týr-the-Pruner's search (see the module docstring) on a causal LM: the local prunings are fitted on the
+    ``(n, seqlen)`` ``calibration`` windows and genomes are scored on ``held_out`` windows (by default the last
+    ``search_windows`` calibration windows, cut to ``search_seqlen``, are held apart). ``model`` is not
+    modified; the returned model is a new one."""
+    if held_out is None:
+        if calibration.shape[0] <= config.search_windows:
+            raise StructuralPruningError(
+                f"the width search holds {config.search_windows} of the calibration windows apart to score genomes "
+                f"on, and needs some left to fit on: give more than {calibration.shape[0]} windows (--nsamples) or "
+                "fewer search windows"
+            )
+        held_out = calibration[-config.search_windows :]
+        calibration = calibration[: -config.search_windows]
+    if config.search_seqlen is not None:
+        held_out = held_out[:, : config.search_seqlen]
+    started = time.perf_counter()
+    rng = random.Random(config.seed)
+    _, blocks = find_decoder_blocks(model)
+    was_training = model.training
+    model.eval()
+    reference = ReferenceOutputs(model, held_out, batch_size=config.batch_size)
+    dense_params = sum(p.numel() for p in model.parameters())
+    kept_target = dense_params - round(config.ratio * dense_params)
+    history: list[SearchStep] = []
+    evaluations = 0
+    best: Genome | None = None
+    best_kl = math.inf
+    uniform_kl: float | None = None
+    supernet: Supernet | None = None
+    try:
+        for iteration in range(config.iterations):
+            ladders = []
+            steps = []
+            layouts = [layer_layout(block, i) for i, block in enumerate(blocks)]
+            for i, layout in enumerate(layouts):
+                step = max(1, round(layout.channels * config.first_step / 2**iteration))
+                steps.append(step)
+                ladders.append(_ladder(layout, i, config, step, None if best is None else best[i]))
+            supernet = build_supernet(
+                model,
+                calibration,
+                ladders,
+                batch_size=config.batch_size,
+                dampening=config.dampening,
+                cache_bytes=config.cache_bytes,
+                progress=progress,
+            )
+            space = SearchSpace(tuple(layouts), tuple(ladders), tuple(steps), supernet.fixed_params, kept_target)
+            fitness: dict[Genome, float] = {}
+
+            def evaluate(genome: Genome, space: Supernet = supernet, fitness: dict[Genome, float] = fitness) -> float:
+                nonlocal evaluations
+                if genome not in fitness:
+                    with space.applied(genome) as running:
+                        fitness[genome] = reference.kl(running)
+                    evaluations += 1
+                return fitness[genome]
+
+            seeds: list[Genome] = []
+            if best is None:
+                uniform = space.uniform()
+                if uniform is None:
+                    raise StructuralPruningError(
+                        f"removing {config.ratio:.0%} of the parameters needs more than the MLPs can give at "
+                        f"min_mlp={config.min_mlp} with every attention kept: lower the ratio or min_mlp"
+                    )
+                seeds.append(uniform)
+            else:
+                seeds.append(best)
+            for _ in range(config.population * 50):
+                if len(seeds) >= config.population:
+                    break
+                child: Genome | None = seeds[0]
+                for _ in range(rng.randint(1, config.max_moves + 1)):
+                    child = space.mutate(child, rng)
+                child = space.repair(child, rng)
+                if child is not None and child not in seeds:
+                    seeds.append(child)
+            population = sorted(seeds, key=lambda g: (evaluate(g), g))
+            if iteration == 0:
+                uniform_kl = fitness[seeds[0]]
+            bar = tqdm(
+                range(config.generations), desc=f"search {iteration + 1}/{config.iterations}", disable=not progress
+            )
+            for generation in bar:
+                children: list[Genome] = []
+                for _ in range(config.offspring * 20):
+                    if len(children) >= config.offspring:
+                        break
+                    parent = min(rng.sample(population, min(2, len(population))), key=evaluate)
+                    if rng.random() < config.crossover and len(population) > 1:
+                        other = min(rng.sample(population, min(2, len(population))), key=evaluate)
+                        parent = space.crossover(parent, other, rng)
+                    candidate: Genome | None = parent
+                    for _ in range(rng.randint(1, config.max_moves)):
+                        candidate = space.mutate(candidate, rng)
+                    candidate = space.repair(candidate, rng)
+                    if candidate is not None and candidate not in fitness and candidate not in children:
+                        children.append(candidate)
+                for child in children:
+                    evaluate(child)
+                population = sorted(set(population) | set(children), key=lambda g: (evaluate(g), g))[
+                    : config.population
+                ]
+                step_record = SearchStep(
+                    iteration, generation, evaluate(population[0]), time.perf_counter() - started, evaluations
+                )
+                history.append(step_record)
+                bar.set_postfix(kl=f"{step_record.best_kl:.4f}")
+                if on_step is not None:
+                    on_step(step_record)
+            best = population[0]
+            best_kl = evaluate(best)
+            log.info("search: iteration %d, best KL %.5f after %d evaluations", iteration + 1, best_kl, evaluations)
+        assert supernet is not None and best is not None
+        pruned = supernet.materialise(best)
+        params = sum(p.numel() for p in pruned.parameters())
+        if params != supernet.params(best):
+            raise StructuralPruningError(
+                f"the searched model holds {params} parameters, the search counted {supernet.params(best)}"
+            )
+    finally:
+        model.train(was_training)
+    return SearchResult(
+        model=pruned,
+        genome=best,
+        kl=best_kl,
+        uniform_kl=uniform_kl,
+        params=params,
+        dense_params=dense_params,
+        layouts=supernet.layouts,
+        history=history,
+        seconds=time.perf_counter() - started,
+        evaluations=evaluations,
+    )
