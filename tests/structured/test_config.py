@@ -51,7 +51,7 @@ def test_an_unknown_or_invalid_key_names_itself(tmp_path):
     with pytest.raises(ConfigError, match="ratoi: unknown key"):
         StructuredConfig.from_yaml(tmp_path / "r.yaml")
     assert main(["structured", "--recipe", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o")]) == 2
-    with pytest.raises(ConfigError, match="mode: Input should be 'width' or 'depth'"):
+    with pytest.raises(ConfigError, match="mode: Input should be 'width', 'depth' or 'search'"):
         StructuredConfig(mode="height")
     assert not (tmp_path / "o").exists()
 

@@ -30,7 +30,19 @@ def add_parser(sub: Any) -> None:
         help="--torchvision: where to cut: the same ratio per layer, one global ranking, or latency-aware (HALP: "
         "least importance per second saved, from operation times measured on this machine)",
     )
-    s.add_argument("--mode", choices=["width", "depth"], default=None, help="LMs: channels/heads or whole layers")
+    s.add_argument(
+        "--mode",
+        choices=["width", "depth", "search"],
+        default=None,
+        help="LMs: the same channels/heads in every layer, whole layers, or per-layer widths searched "
+        "(Týr-the-Pruner: attention drops and layer removal among the choices; slower, better)",
+    )
+    s.add_argument("--search-iterations", type=int, default=None, help="--mode search: coarse-to-fine iterations (3)")
+    s.add_argument("--search-generations", type=int, default=None, help="--mode search: generations per iteration (12)")
+    s.add_argument("--search-population", type=int, default=None, help="--mode search: genomes kept (16)")
+    s.add_argument(
+        "--search-windows", type=int, default=None, help="--mode search: calibration windows held apart to score on (4)"
+    )
     s.add_argument(
         "--criterion",
         default=None,
@@ -85,6 +97,13 @@ def add_parser(sub: Any) -> None:
 
 #: Flags whose config key differs from the flag's name, and how the value maps.
 _RENAMED = {"no_reconstruct": ("reconstruct", lambda given: not given)}
+#: Flags that set a key of a section: ``--search-generations`` is ``search: {generations: ...}``.
+_SECTIONS = {
+    "search_iterations": ("search", "iterations"),
+    "search_generations": ("search", "generations"),
+    "search_population": ("search", "population"),
+    "search_windows": ("search", "search_windows"),
+}
 _NOT_CONFIG = {"command", "verbose", "quiet", "recipe", "print_recipe"}
 
 
@@ -96,6 +115,10 @@ def config_from_args(args: argparse.Namespace) -> StructuredConfig:
         StructuredConfig.from_dict(data)  # the file alone must be valid
     for flag, value in vars(args).items():
         if flag in _NOT_CONFIG or value is None:
+            continue
+        if flag in _SECTIONS:
+            section, key = _SECTIONS[flag]
+            data[section] = {**data.get(section, {}), key: value}
             continue
         key, convert = _RENAMED.get(flag, (flag, lambda given: given))
         data[key] = convert(value)

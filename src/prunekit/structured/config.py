@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 
 from prunekit.core.config import StrictConfig
 from prunekit.structured.importance import Criterion, criterion_names
+from prunekit.structured.llm.search import WidthSearchSettings
 from prunekit.structured.plan import Policy
 from prunekit.structured.prune import BudgetTarget
 
@@ -19,7 +20,12 @@ class StructuredConfig(StrictConfig):
     out: str | None = Field(None, description="new or empty output directory")
     ratio: float = Field(0.25, description="fraction to remove, in (0, 1)")
     target: BudgetTarget = Field("params", description="what ratio counts: params, macs, channels, latency")
-    mode: Literal["width", "depth"] = Field("width", description="LMs: channels/heads or whole layers")
+    mode: Literal["width", "depth", "search"] = Field(
+        "width", description="LMs: uniform channels/heads, whole layers, or per-layer widths searched (Týr)"
+    )
+    search: WidthSearchSettings = Field(
+        default_factory=WidthSearchSettings, description="LMs, --mode search: how the search runs"
+    )
     criterion: Criterion | None = Field(None, description="importance: l1, l2, bn_scale, taylor, activation...")
     model: str | None = Field(None, description="HF directory, .gguf file or hub id; empty: bundled SmolLM2")
     torchvision: str | None = Field(None, description="prune this torchvision classifier instead (e.g. resnet50)")
@@ -65,6 +71,11 @@ class StructuredConfig(StrictConfig):
             raise ValueError("--drop-attention is for language models in --mode width (depth removes whole layers)")
         if self.torchvision:
             return self
+        if self.mode == "search" and (self.drop_attention or self.prune_hidden or self.target != "params"):
+            raise ValueError(
+                "--mode search chooses attention drops itself and prunes to a parameter target: drop "
+                "--drop-attention, --prune-hidden and --target"
+            )
         if self.blocks:
             raise ValueError(
                 "--blocks is for --torchvision models; language models lose whole layers with --mode depth"

@@ -4,9 +4,11 @@ Two kinds of model:
 
 - a causal LM (a Hugging Face directory, ``.gguf``, hub id or the bundled SmolLM2): width (``--mode width``:
   MLP width and heads, refitted by least squares; the hidden size too with ``--prune-hidden``; with
-  ``--drop-attention K`` the attention of ``K`` layers dropped first) or depth (``--mode depth``: whole
-  layers), calibrated on text windows, saved with ``save_pretrained`` (plain ``transformers`` loads it) and
-  its tokenizer; a model with dropped attention is saved with :func:`save_pruned` and its config instead
+  ``--drop-attention K`` the attention of ``K`` layers dropped first), depth (``--mode depth``: whole
+  layers) or searched per-layer widths (``--mode search``: Týr-the-Pruner, attention drops and layer removal
+  among the choices; :mod:`prunekit.structured.llm.search`), calibrated on text windows, saved with
+  ``save_pretrained`` (plain ``transformers`` loads it) and its tokenizer; a model with dropped attention or
+  layers of different widths is saved with :func:`save_pruned` and its config instead
   (:func:`prunekit.load_model` rebuilds it);
 - a torchvision classifier by name (``--torchvision resnet50``; ``--blocks k`` first removes ``k`` residual
   blocks): saved with :func:`save_pruned` (rebuild it with :func:`load_pruned` from
@@ -39,11 +41,13 @@ from prunekit.models.dropped_attention import dropped_attention_layers
 from prunekit.reporting import write_report
 from prunekit.structured.config import StructuredConfig
 from prunekit.structured.llm import prune_causal_lm_depth, prune_causal_lm_width
+from prunekit.structured.llm.search import SearchResult, WidthSearchConfig, search_widths
 from prunekit.structured.prune import prune_structurally
 from prunekit.structured.report import (
     StructuralReport,
     compare_latency,
     layer_widths,
+    search_summary,
     size_on_disk,
     structural_report,
 )
@@ -116,7 +120,8 @@ def _llm_job(job: StructuredConfig) -> StructuralReport:
     if not job.calib:
         raise ConfigError("a causal LM needs calibration text: pass --calib FILE (e.g. wikitext2_valid.txt)")
     device = next(model.parameters()).device
-    calib = calibration_windows(tokenizer, job.calib, job.nsamples, job.seqlen, job.seed).to(device)
+    held = job.search.search_windows if job.mode == "search" else 0  # the search's own windows, drawn alongside
+    calib = calibration_windows(tokenizer, job.calib, job.nsamples + held, job.seqlen, job.seed).to(device)
     example = calib[:1]
     ppl = {}
     if job.ppl:
@@ -140,8 +145,13 @@ def _llm_job(job: StructuredConfig) -> StructuralReport:
             raise ConfigError("--mode depth removes whole layers to a parameter target: use --target params")
         pruned, removed = prune_causal_lm_depth(model, calib, job.ratio)
         report = _depth_report(model, pruned, removed, example)
+    elif job.mode == "search":
+        config = WidthSearchConfig(**job.search.model_dump(), ratio=job.ratio, seed=job.seed)
+        searched = search_widths(model, calib, config)
+        pruned = searched.model
+        report = _search_report(model, searched, example)
     else:
-        raise ConfigError(f"--mode must be width or depth, got {job.mode!r}")
+        raise ConfigError(f"--mode must be width, depth or search, got {job.mode!r}")
     if job.ppl:
         ppl["after"] = perplexity(pruned, tokenizer, job.ppl, job.ppl_seqlen, job.ppl_windows).perplexity
         report.perplexity = ppl
@@ -177,6 +187,36 @@ def _depth_report(
         versions=versions(),
         removed_layers=removed,
     )
+
+
+def _search_report(original: nn.Module, searched: SearchResult, example: torch.Tensor) -> StructuralReport:
+    pruned = searched.model
+    timing = compare_latency(original, pruned, (example,), {"use_cache": False})
+    removed = [i for i, choice in enumerate(searched.genome) if choice == (0, 0)]
+    blocks_name, _ = find_decoder_blocks(original)
+    renamed = _renumbered(blocks_name, removed, len(searched.genome))
+    return StructuralReport(
+        model=type(original).__name__,
+        summary={
+            "params_before": searched.dense_params,
+            "params_after": searched.params,
+            "macs_before": 0,
+            "macs_after": 0,
+            "bytes_before": size_on_disk(original),
+            "bytes_after": size_on_disk(pruned),
+            **timing,
+        },
+        layers=layer_widths(original, pruned, rename=renamed),
+        versions=versions(),
+        removed_layers=removed or None,
+        search=search_summary(searched),
+    )
+
+
+def _renumbered(blocks_name: str, removed: list[int], layers: int) -> dict[str, str]:
+    """Each kept decoder layer's name prefix in the original model, mapped to its prefix after ``removed`` went."""
+    kept = [i for i in range(layers) if i not in removed]
+    return {f"{blocks_name}.{old}.": f"{blocks_name}.{new}." for new, old in enumerate(kept)}
 
 
 def _depth_widths(original: nn.Module, removed: list[int]) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from prunekit.core.measure import versions
 from prunekit.eval.speed import seconds_per_call
 from prunekit.reporting import new_figure, save_figure
 from prunekit.structured.cost import model_size, original_size, planned_macs, planned_parameters
+from prunekit.structured.llm.search import SearchResult
 from prunekit.structured.prune import StructuralResult
 
 log = logging.getLogger(__name__)
@@ -81,16 +82,28 @@ def compare_latency(
     }
 
 
-def layer_widths(original: nn.Module, pruned: nn.Module) -> list[dict[str, Any]]:
+def layer_widths(
+    original: nn.Module, pruned: nn.Module, *, rename: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
     """Input and output width of every Linear and conv, before and after, in module order (a layer of a
-    removed block keeps 0 of each)."""
+    removed block keeps 0 of each). ``rename`` maps a name prefix of ``original`` to the prefix the module has
+    in ``pruned`` (decoder layers renumbered after others were removed); modules under a prefix it does not
+    map are looked up by their own name."""
     rows = []
     after = dict(pruned.named_modules())
+
+    def new_name(name: str) -> str | None:
+        if rename is None:
+            return name
+        prefix = next((p for p in rename if name.startswith(p)), None)
+        return rename[prefix] + name[len(prefix) :] if prefix is not None else name
+
     for name, module in original.named_modules():
         old = _widths(module)
         if old is None:
             continue
-        new = _widths(after[name]) if name in after else (0, 0)
+        target = new_name(name)
+        new = _widths(after[target]) if target in after else (0, 0)
         rows.append({"layer": name, "in": old[0], "out": old[1], "in_kept": new[0], "out_kept": new[1]})
     return rows
 
@@ -129,6 +142,8 @@ class StructuralReport:
     perplexity: dict[str, float] | None = None
     #: layers whose attention was dropped
     dropped_attention: list[int] | None = None
+    #: the width search (``--mode search``): widths per decoder layer, KLs, history (:func:`search_summary`)
+    search: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"model": self.model, "summary": self.summary}
@@ -138,7 +153,7 @@ class StructuralReport:
         if self.removed_blocks is not None:
             data["removed_blocks"] = self.removed_blocks
         data.update(unknown_ops=self.unknown_ops, spaces=self.spaces, layers=self.layers, versions=self.versions)
-        for key in ("command", "perplexity", "dropped_attention"):
+        for key in ("command", "perplexity", "dropped_attention", "search"):
             if getattr(self, key) is not None:
                 data[key] = getattr(self, key)
         return data
@@ -228,16 +243,76 @@ def render_markdown(report: dict[str, Any] | StructuralReport) -> str:
             "Operations without a coupling rule (their tensors kept whole): "
             + ", ".join(f"{k} x{v}" for k, v in report["unknown_ops"].items()),
         ]
+    search = report.get("search")
+    if search:
+        lines += [
+            "",
+            f"## Searched widths (KL from dense {search['kl']:.4f}; uniform widths {search['uniform_kl']:.4f}; "
+            f"{search['evaluations']} evaluations in {search['seconds'] / 60:.1f} min)",
+            "",
+            "| decoder layer | heads kept | MLP channels kept |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {i} | {w['heads']} ({w['heads_share']:.0%}) | {w['mlp_channels']} ({w['mlp_share']:.0%}) |"
+            for i, w in enumerate(search["widths"])
+        ]
     lines += ["", "| layer | in | out | in kept | out kept |", "|---|---|---|---|---|"]
     lines += [f"| {r['layer']} | {r['in']} | {r['out']} | {r['in_kept']} | {r['out_kept']} |" for r in report["layers"]]
     lines += ["", "## Versions", ""] + [f"- {k}: {v}" for k, v in report["versions"].items()]
     return "\n".join(lines) + "\n"
 
 
+def search_summary(result: SearchResult) -> dict[str, Any]:
+    """The report's ``search`` section: per decoder layer the heads and MLP channels kept (and their shares),
+    the searched model's KL from the dense one on the held-apart windows and the uniform baseline's, the
+    evaluations and seconds spent, and the best KL after every generation."""
+    return {
+        "kl": result.kl,
+        "uniform_kl": result.uniform_kl,
+        "evaluations": result.evaluations,
+        "seconds": result.seconds,
+        "widths": result.widths(),
+        "history": [asdict(step) for step in result.history],
+    }
+
+
+def _plot_search(report: dict[str, Any], path: Path) -> bool:
+    """The searched widths per decoder layer (heads and MLP channels kept), beside the best KL against time."""
+    search = report["search"]
+    fig = new_figure(12, 3.8)
+    if fig is None:
+        return False
+    widths, curve = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2.2, 1]})
+    layers = range(len(search["widths"]))
+    widths.bar([i - 0.2 for i in layers], [w["heads_share"] for w in search["widths"]], 0.4, label="heads kept")
+    widths.bar([i + 0.2 for i in layers], [w["mlp_share"] for w in search["widths"]], 0.4, label="MLP kept")
+    widths.set_ylim(0, 1.05)
+    widths.set_xlabel("decoder layer")
+    widths.set_ylabel("share kept")
+    widths.legend(loc="lower right")
+    s = report["summary"]
+    widths.set_title(
+        f"{report['model']}: searched widths, {s['params_after'] / s['params_before']:.2f} of the parameters kept"
+    )
+    history = search["history"]
+    curve.plot([h["seconds"] / 60 for h in history], [h["best_kl"] for h in history], marker=".", label="search")
+    if search.get("uniform_kl") is not None:
+        curve.axhline(search["uniform_kl"], color="grey", linestyle="--", label="uniform widths")
+    curve.set_xlabel("search time (min)")
+    curve.set_ylabel("KL from dense (held-apart tokens)")
+    curve.legend()
+    save_figure(fig, path)
+    return True
+
+
 def plot_widths(report: dict[str, Any] | StructuralReport, path: Path) -> bool:
-    """Fraction of output width kept per layer, as a PNG. False if matplotlib is missing."""
+    """Fraction of output width kept per layer (for a width search: the searched widths per decoder layer and
+    the search's KL against time), as a PNG. False if matplotlib is missing."""
     if isinstance(report, StructuralReport):
         report = report.to_dict()
+    if report.get("search"):
+        return _plot_search(report, path)
     layers = report["layers"]
     fig = new_figure(max(8, len(layers) * 0.12), 3.5)
     if fig is None:

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 import transformers
-from tests.models import VOCAB, tiny_model, tiny_tokenizer
+from tests.models import VOCAB, sample_text, tiny_model, tiny_tokenizer
 
 import prunekit
 from prunekit.core.errors import StructuralPruningError
@@ -189,3 +189,42 @@ def test_budget_repair_and_moves_stay_legal() -> None:
         assert all(space.legal(i, c) for i, c in enumerate(child))
         assert child[0][0] > 0
         genome = child
+
+
+def test_the_structured_command_searches_widths_and_reports_them(tmp_path) -> None:
+    import json
+
+    from prunekit.cli import main
+
+    model_dir = tmp_path / "tiny"
+    llama().save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    (tmp_path / "calib.txt").write_text(sample_text())
+    out = tmp_path / "out"
+    argv = [
+        "-q",
+        "structured",
+        str(model_dir),
+        "--mode",
+        "search",
+        "--ratio",
+        "0.3",
+        "--calib",
+        str(tmp_path / "calib.txt"),
+    ]
+    argv += ["--nsamples", "6", "--seqlen", "32", "--search-generations", "2", "--search-population", "4"]
+    argv += ["--search-windows", "2", "--search-iterations", "1", "--out", str(out)]
+    assert main(argv) == 0
+    report = json.loads((out / "prunekit-report" / "report.json").read_text())
+    summary, search = report["summary"], report["search"]
+    target = summary["params_before"] - round(0.3 * summary["params_before"])
+    assert target - 96 < summary["params_after"] <= target  # within one MLP channel (3 x 32 parameters)
+    assert len(search["widths"]) == 4 and search["kl"] <= search["uniform_kl"]
+    assert len(search["history"]) == 2 and (out / "prunekit-report" / "layers.png").stat().st_size > 0
+    assert "Searched widths" in (out / "prunekit-report" / "report.md").read_text()
+    reloaded = prunekit.load_model(out).model
+    assert sum(p.numel() for p in reloaded.parameters()) == summary["params_after"]
+    kept = [w["mlp_channels"] for w in search["widths"] if w["mlp_channels"]]
+    assert [layer.mlp.down_proj.in_features for layer in reloaded.model.layers] == kept
+    refused = [*argv[:-1], str(tmp_path / "refused"), "--drop-attention", "1"]
+    assert main(refused) == 2 and not (tmp_path / "refused").exists()

@@ -56,10 +56,9 @@ from prunekit.structured.llm.supernet import (
 log = logging.getLogger(__name__)
 
 
-class WidthSearchConfig(StrictConfig):
-    """Settings of one width search (:func:`search_widths`)."""
+class WidthSearchSettings(StrictConfig):
+    """How the width search runs (the ``search:`` section of a ``prunekit structured`` recipe)."""
 
-    ratio: float = Field(0.25, gt=0.0, lt=1.0, description="fraction of the model's parameters to remove")
     iterations: int = Field(3, ge=1, description="coarse-to-fine iterations (the MLP step halves each time)")
     first_step: float = Field(0.125, gt=0.0, le=0.5, description="first MLP ladder step, fraction of its width")
     neighbourhood: int = Field(2, ge=1, description="fine iterations: ladder steps either side of the best")
@@ -73,16 +72,22 @@ class WidthSearchConfig(StrictConfig):
     min_mlp: float = Field(0.125, gt=0.0, le=1.0, description="narrowest MLP of a kept MLP, fraction of its width")
     search_windows: int = Field(4, ge=1, description="calibration windows held apart to score genomes on")
     search_seqlen: int | None = Field(256, gt=0, description="their length (None: the calibration length)")
-    seed: int = 0
     batch_size: int = Field(1, ge=1)
     dampening: float = Field(0.01, ge=0.0)
     cache_bytes: int = Field(1 << 30, gt=0, description="memory for the pruned sublayers the search visits")
 
     @model_validator(mode="after")
-    def _steps(self) -> WidthSearchConfig:
+    def _steps(self) -> WidthSearchSettings:
         if self.min_mlp > 1.0 - self.first_step + 1e-9:
             raise ValueError(f"min_mlp {self.min_mlp} leaves no MLP ladder below the dense width")
         return self
+
+
+class WidthSearchConfig(WidthSearchSettings):
+    """One width search (:func:`search_widths`): the settings, the share of parameters to remove, the seed."""
+
+    ratio: float = Field(0.25, gt=0.0, lt=1.0, description="fraction of the model's parameters to remove")
+    seed: int = 0
 
 
 @dataclass(frozen=True)
