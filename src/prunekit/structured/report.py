@@ -270,6 +270,7 @@ def search_summary(result: SearchResult) -> dict[str, Any]:
     return {
         "kl": result.kl,
         "uniform_kl": result.uniform_kl,
+        "refit_kl": result.refit_kl,
         "evaluations": result.evaluations,
         "seconds": result.seconds,
         "widths": result.widths(),

@@ -228,3 +228,29 @@ def test_the_structured_command_searches_widths_and_reports_them(tmp_path) -> No
     assert [layer.mlp.down_proj.in_features for layer in reloaded.model.layers] == kept
     refused = [*argv[:-1], str(tmp_path / "refused"), "--drop-attention", "1"]
     assert main(refused) == 2 and not (tmp_path / "refused").exists()
+
+
+def test_prune_to_widths_fits_each_layer_on_the_outputs_of_the_pruned_layers_before_it() -> None:
+    from prunekit.calibration.hooks import first_input, observe
+    from prunekit.reconstruction.least_squares import least_squares_refit
+    from prunekit.structured.llm.supernet import prune_to_widths
+
+    model, calib = llama(layers=2), windows()
+    pruned = prune_to_widths(model, calib, ((2, 40), (2, 48)), progress=False)
+    # what layer 1's MLP receives in the pruned model (its layer 0 already pruned), through the dense MLP
+    inputs, activations = [], []
+    with observe({"mlp": pruned.model.layers[1].mlp}, on_input=lambda _n, a, k: inputs.append(first_input(a, k))):
+        for row in calib:
+            pruned(row[None], use_cache=False)
+    dense_mlp = model.model.layers[1].mlp
+    with observe(
+        {"down": dense_mlp.down_proj}, on_input=lambda _n, a, k: activations.append(first_input(a, k, "input"))
+    ):
+        for x in inputs:
+            dense_mlp(x)
+    flat = torch.cat([a.reshape(-1, 64) for a in activations]).float()
+    got = pruned.model.layers[1].mlp
+    kept = torch.tensor([int((dense_mlp.gate_proj.weight == row).all(1).nonzero()) for row in got.gate_proj.weight])
+    assert kept.tolist() == sorted(kept.tolist()) and len(kept) == 48
+    expected = least_squares_refit(dense_mlp.down_proj.weight, flat.T @ flat, kept, 0.01)
+    assert torch.allclose(got.down_proj.weight, expected, atol=1e-5)

@@ -153,8 +153,9 @@ def _write_per_layer_config(model: nn.Module, per_layer: dict[int, dict[str, int
     """Describe layers of different sizes with transformers' ``per_layer_config`` (every layer's sizes as its
     overrides) where the family's modeling code builds its layers from it: a model of the same class built from
     the new config on the meta device must have exactly the pruned model's tensor shapes. In transformers 5.25
-    Gemma 4, Step 3.7, dots3 and NeoMMe read it; Llama, Mistral, Qwen, Phi and the rest build every layer from
-    the global sizes (or refuse to read a per-layer one), and then ``model.config`` is left as it is."""
+    dots3 and Step 3.7 build whole decoder layers from it and Gemma 4 only its attention sizes (its MLP reads
+    the global ``intermediate_size`` and refuses a per-layer one); Llama, Mistral, Qwen, Phi and the rest build
+    every layer from the global sizes. Where the probe fails ``model.config`` is left as it is."""
     from accelerate import init_empty_weights
 
     config = copy.deepcopy(model.config)

@@ -18,6 +18,9 @@ calibration windows held apart from those the local prunings are fitted on.
   the paper) and offers every attention width; each further iteration halves the step, rebuilds the supernet
   on a ladder of ``neighbourhood`` steps either side of the best genome so far (so that its expected-error
   propagation is closer to the model chosen) and searches again from that genome.
+- **Final refit**: the chosen widths are pruned once more layer by layer on the outputs of the already-pruned
+  layers (:func:`~prunekit.structured.llm.supernet.prune_to_widths`: the error of the chosen model propagated,
+  not the ladder's expectation); that model is kept where its KL is lower.
 - **Deterministic**: one ``random.Random(seed)`` drives every choice; the supernet is a deterministic function
   of the model and calibration windows; a genome's fitness is computed once and cached.
 
@@ -51,6 +54,7 @@ from prunekit.structured.llm.supernet import (
     Supernet,
     build_supernet,
     layer_layout,
+    prune_to_widths,
 )
 
 log = logging.getLogger(__name__)
@@ -247,6 +251,8 @@ class SearchResult:
     genome: Genome
     kl: float
     uniform_kl: float | None
+    #: the KL of the chosen widths refitted on their own propagated errors (kept when it is lower)
+    refit_kl: float | None
     params: int
     dense_params: int
     layouts: list[LayerLayout]
@@ -421,6 +427,15 @@ def search_widths(
             log.info("search: iteration %d, best KL %.5f after %d evaluations", iteration + 1, best_kl, evaluations)
         assert supernet is not None and best is not None
         pruned = supernet.materialise(best)
+        # the chosen widths refitted once more with their own errors propagated (not the ladder's expectation)
+        exact = prune_to_widths(
+            model, calibration, best, batch_size=config.batch_size, dampening=config.dampening, progress=progress
+        )
+        exact_kl = reference.kl(exact)
+        log.info("search: the chosen widths refitted on their own errors: KL %.5f (search's %.5f)", exact_kl, best_kl)
+        if exact_kl < best_kl:
+            pruned, best_kl = exact, exact_kl
+        refit_kl = exact_kl
         params = sum(p.numel() for p in pruned.parameters())
         if params != supernet.params(best):
             raise StructuralPruningError(
@@ -433,6 +448,7 @@ def search_widths(
         genome=best,
         kl=best_kl,
         uniform_kl=uniform_kl,
+        refit_kl=refit_kl,
         params=params,
         dense_params=dense_params,
         layouts=supernet.layouts,

@@ -498,3 +498,23 @@ def build_supernet(
     return Supernet(
         model, layouts, list(ladders), attention_fits, mlp_fits, means, dampening=dampening, cache_bytes=cache_bytes
     )
+
+
+def prune_to_widths(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    genome: Genome,
+    *,
+    batch_size: int = 1,
+    dampening: float = 0.01,
+    progress: bool = True,
+) -> nn.Module:
+    """``model`` pruned to the widths of ``genome``, layer by layer: each layer's local pruning (second-order
+    order, least-squares refit) fitted on the outputs of the already-pruned layers before it (a supernet whose
+    ladders hold that one choice, so the expectation is the pruned model itself: sequential pruning with the
+    error propagated exactly). ``model`` is not modified."""
+    ladders = [Ladder((units,), (channels,)) for units, channels in genome]
+    supernet = build_supernet(
+        model, calibration, ladders, batch_size=batch_size, dampening=dampening, progress=progress
+    )
+    return supernet.materialise(genome)
