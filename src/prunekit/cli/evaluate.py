@@ -1,4 +1,4 @@
-"""``prunekit eval`` (perplexity) and ``prunekit bench-speed`` (prefill and decode speed, non-zeros)."""
+"""``prunekit eval`` (perplexity, cloze accuracy, lm-eval task accuracy) and ``prunekit bench-speed`` (prefill and decode speed, non-zeros)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from prunekit.core.errors import ConfigError
 from prunekit.eval.cloze import build_cloze, cloze_accuracy
 from prunekit.eval.perplexity import perplexity
 from prunekit.eval.speed import check_speed_args, compare_results, measure_speed, semi_structured_unsupported
+from prunekit.eval.tasks import evaluate_tasks
 from prunekit.io.loading import load_model
 
 
@@ -28,6 +29,15 @@ def add_parsers(sub: Any) -> None:
         "log-likelihood like lm-eval's multiple-choice tasks",
     )
     e.add_argument("--cloze-items", type=int, default=200, help="cloze questions (default 200, seed 0)")
+    e.add_argument(
+        "--tasks",
+        default=None,
+        help="comma-separated lm-evaluation-harness tasks (e.g. arc_easy,hellaswag; needs prunekit[eval] and their "
+        "datasets from the hub, or tasks defined in --tasks-path)",
+    )
+    e.add_argument("--tasks-path", default=None, help="a folder of lm-eval task YAML files (local datasets)")
+    e.add_argument("--tasks-limit", type=int, default=None, help="score only the first N documents of each task")
+    e.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per task (task default)")
     e.add_argument("--seqlen", type=int, default=2048, help="window length (default 2048)")
     e.add_argument("--windows", type=int, default=None, help="use only the first N windows")
     e.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
@@ -58,8 +68,11 @@ def add_parsers(sub: Any) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    if args.ppl is None and args.cloze is None:
-        raise ConfigError("prunekit eval needs --ppl FILE (perplexity), --cloze FILE (cloze accuracy) or both")
+    if args.ppl is None and args.cloze is None and args.tasks is None:
+        raise ConfigError(
+            "prunekit eval needs --ppl FILE (perplexity), --cloze FILE (cloze accuracy), --tasks NAMES (lm-eval "
+            "accuracy) or several of them"
+        )
     items = build_cloze(read_text(args.cloze, what="cloze"), args.cloze_items) if args.cloze else None
     loaded = load_model(
         args.model, dtype=args.dtype or "auto", device=args.device, trust_remote_code=bool(args.trust_remote_code)
@@ -82,6 +95,21 @@ def run_eval(args: argparse.Namespace) -> int:
                 f"cloze accuracy {cloze.accuracy:.3f} (per character {cloze.accuracy_norm:.3f}; chance {cloze.chance:.2f}) "
                 f"on {cloze.items} next-sentence questions from {args.cloze}"
             )
+    if args.tasks is not None:
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        scores = evaluate_tasks(
+            loaded.model,
+            loaded.tokenizer,
+            tasks,
+            include_path=args.tasks_path,
+            limit=args.tasks_limit,
+            num_fewshot=args.num_fewshot,
+        )
+        out["tasks"] = scores
+        if not args.json:
+            for task, metrics in scores.items():
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not k.endswith("stderr"))
+                print(f"{task}: {shown}")
     if args.json:
         print(json.dumps(out))
     return 0

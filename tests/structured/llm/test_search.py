@@ -8,9 +8,9 @@ import random
 import pytest
 import torch
 import transformers
-from tests.models import VOCAB, sample_text, tiny_model, tiny_tokenizer
 
 import prunekit
+from models import VOCAB, sample_text, tiny_model, tiny_tokenizer
 from prunekit.core.errors import StructuralPruningError
 from prunekit.models.dropped_attention import DroppedAttention
 from prunekit.structured.llm.search import SearchSpace, WidthSearchConfig, search_widths
