@@ -254,3 +254,40 @@ def test_prune_to_widths_fits_each_layer_on_the_outputs_of_the_pruned_layers_bef
     assert kept.tolist() == sorted(kept.tolist()) and len(kept) == 48
     expected = least_squares_refit(dense_mlp.down_proj.weight, flat.T @ flat, kept, 0.01)
     assert torch.allclose(got.down_proj.weight, expected, atol=1e-5)
+
+
+class PerLayerLlama(transformers.LlamaForCausalLM):
+    """A Llama whose decoder layers are built from ``config.per_layer_config`` (as transformers' dots3 and
+    Step 3.7 build theirs): the family :func:`update_config` writes a per-layer config for."""
+
+    def __init__(self, config: transformers.LlamaConfig) -> None:
+        config.allow_global_per_layer_attribute_access = True
+        super().__init__(config)
+        layers = [
+            transformers.models.llama.modeling_llama.LlamaDecoderLayer(config.per_layer_config[i], i)
+            for i in range(config.num_hidden_layers)
+        ]
+        self.model.layers = torch.nn.ModuleList(layers)
+        self.post_init()
+
+
+def test_uneven_widths_go_into_per_layer_config_where_the_family_builds_from_it(tmp_path) -> None:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+    )
+    model = PerLayerLlama(config).eval()
+    supernet = build_supernet(model, windows(), full_ladders(model)[:3], progress=False)
+    pruned = supernet.materialise(((2, 48), (1, 64), (2, 32)))
+    assert pruned.config.per_layer_config[2].intermediate_size == 32
+    assert pruned.config.per_layer_config[1].num_attention_heads == 2
+    pruned.save_pretrained(tmp_path / "plain")  # not refused: the config describes every layer
+    plain = PerLayerLlama.from_pretrained(tmp_path / "plain").eval()
+    ids = windows(2, 12, seed=3)
+    assert torch.equal(plain(ids).logits, pruned(ids).logits)
