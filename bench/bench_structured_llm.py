@@ -16,7 +16,8 @@ Three pruned models, each made in its own process:
 - ``prunekit-search``: per-layer widths searched (Týr-the-Pruner, :mod:`prunekit.structured.llm.search`, its
   default settings): 4 more calibration windows are drawn with the 32 and held apart to score genomes on;
   saved with ``prunekit.save_pruned`` (a Llama config cannot say that layers differ) and the search's history
-  (best KL against time) recorded;
+  (best KL against time) recorded; ``SEARCH_DECODE_SPEEDUP=1.3`` in the environment adds the search's decode
+  constraint (``decode_speedup``: a latency model measured in the child);
 - ``torch-pruning``: Torch-Pruning 1.6.1 following its own LLM example (``examples/LLMs/prune_llm.py``:
   MetaPruner, GroupMagnitudeImportance(p=2) (1.6.1 name of the example's GroupNormImportance), heads pruned,
   head dims kept, ``lm_head`` ignored, round_to 4; where pruning heads fails, as on SmolLM2's grouped-query
@@ -86,7 +87,9 @@ def child_prunekit(kind: str, source: Path, out: Path, ratio: float, nsamples: i
     elif kind == "search":
         from prunekit.structured.llm.search import WidthSearchConfig, search_widths
 
-        config = WidthSearchConfig(ratio=ratio)
+        config = WidthSearchConfig(
+            ratio=ratio, decode_speedup=float(os.environ.get("SEARCH_DECODE_SPEEDUP", 0)) or None
+        )
         # the calibration windows, and the search's own held-apart windows drawn with them
         calib = prunekit.calibration_windows(
             loaded.tokenizer, DATA / "wikitext2_valid.txt", nsamples + config.search_windows, seqlen, seed=0
@@ -99,6 +102,9 @@ def child_prunekit(kind: str, source: Path, out: Path, ratio: float, nsamples: i
             "widths": searched.widths(),
             "kl": searched.kl,
             "uniform_kl": searched.uniform_kl,
+            "refit_kl": searched.refit_kl,
+            "decode_speedup_predicted": searched.decode_speedup,
+            "latency_fit_error": searched.latency_fit_error,
             "evaluations": searched.evaluations,
             "history": [vars(step) for step in searched.history],
             "dropped_attention": dropped_attention_layers(pruned),

@@ -44,6 +44,14 @@ def add_parser(sub: Any) -> None:
         "--search-windows", type=int, default=None, help="--mode search: calibration windows held apart to score on (4)"
     )
     s.add_argument(
+        "--decode-speedup",
+        type=float,
+        default=None,
+        metavar="X",
+        help="--mode search: also decode at batch 1 at least X times faster than the dense model (by a latency "
+        "model measured on this machine: attention drops and removed layers save the fixed per-layer costs)",
+    )
+    s.add_argument(
         "--criterion",
         default=None,
         help="importance: l1, l2, bn_scale, taylor, activation, obs (LM default: second-order cost)",
@@ -103,6 +111,7 @@ _SECTIONS = {
     "search_generations": ("search", "generations"),
     "search_population": ("search", "population"),
     "search_windows": ("search", "search_windows"),
+    "decode_speedup": ("search", "decode_speedup"),
 }
 _NOT_CONFIG = {"command", "verbose", "quiet", "recipe", "print_recipe"}
 

@@ -271,6 +271,8 @@ def search_summary(result: SearchResult) -> dict[str, Any]:
         "kl": result.kl,
         "uniform_kl": result.uniform_kl,
         "refit_kl": result.refit_kl,
+        "decode_speedup_predicted": result.decode_speedup,
+        "latency_fit_error": result.latency_fit_error,
         "evaluations": result.evaluations,
         "seconds": result.seconds,
         "widths": result.widths(),

@@ -291,3 +291,32 @@ def test_uneven_widths_go_into_per_layer_config_where_the_family_builds_from_it(
     plain = PerLayerLlama.from_pretrained(tmp_path / "plain").eval()
     ids = windows(2, 12, seed=3)
     assert torch.equal(plain(ids).logits, pruned(ids).logits)
+
+
+def test_a_decode_speed_constraint_drops_attention_where_its_fixed_cost_dominates() -> None:
+    from prunekit.structured.llm.decode_latency import DecodeLatencyModel, decode_features
+
+    # a machine where each attention call costs a second and each MLP 0.2 s: dense 1 + 6 + 1.2 = 8.2 s per
+    # token; 1.3x faster (<= 6.31 s) needs at least two attentions gone, which narrowing cannot replace
+    latency = DecodeLatencyModel((1.0, 1.0, 0.0, 0.2, 0.0), error=0.0)
+    model = llama(layers=6)
+    config = WidthSearchConfig(ratio=0.2, seed=0, decode_speedup=1.3, **QUICK)
+    result = search_widths(model, windows(), config, progress=False, latency=latency)
+    assert result.decode_speedup is not None and result.decode_speedup >= 1.3
+    assert latency.seconds(result.genome) <= 8.2 / 1.3
+    assert decode_features(result.genome)[1] <= 4
+    target = result.dense_params - round(0.2 * result.dense_params)
+    assert target - result.layouts[0].channel_params < result.params <= target
+
+
+def test_the_latency_model_fits_the_decode_time_of_each_feature() -> None:
+    from prunekit.structured.llm.decode_latency import DecodeLatencyModel, decode_features, design_genomes
+
+    model = llama(layers=4)
+    supernet = build_supernet(model, windows(), full_ladders(model), progress=False)
+    genomes = design_genomes(supernet)
+    features = torch.tensor([decode_features(g) for g in genomes], dtype=torch.float64)
+    assert torch.linalg.matrix_rank(features) == 5  # every coefficient is identified by the design
+    assert decode_features(((2, 64), (0, 32), (0, 0), (1, 16))) == (1.0, 2.0, 3.0, 3.0, 112.0)
+    latency = DecodeLatencyModel((1.0, 0.5, 0.25, 0.5, 0.01), error=0.0)
+    assert latency.seconds(((2, 64), (0, 32), (0, 0), (1, 16))) == pytest.approx(1 + 1.0 + 0.75 + 1.5 + 1.12)

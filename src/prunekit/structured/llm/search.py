@@ -46,6 +46,7 @@ from prunekit.core.config import StrictConfig
 from prunekit.core.errors import StructuralPruningError
 from prunekit.eval.divergence import ReferenceOutputs
 from prunekit.models.blocks import find_decoder_blocks
+from prunekit.structured.llm.decode_latency import DecodeLatencyModel, fit_decode_latency
 from prunekit.structured.llm.supernet import (
     Genome,
     Ladder,
@@ -79,6 +80,9 @@ class WidthSearchSettings(StrictConfig):
     batch_size: int = Field(1, ge=1)
     dampening: float = Field(0.01, ge=0.0)
     cache_bytes: int = Field(1 << 30, gt=0, description="memory for the pruned sublayers the search visits")
+    decode_speedup: float | None = Field(
+        None, gt=1.0, description="also decode at batch 1 at least this much faster (measured latency model)"
+    )
 
     @model_validator(mode="after")
     def _steps(self) -> WidthSearchSettings:
@@ -105,6 +109,9 @@ class SearchSpace:
     step: tuple[int, ...]
     fixed_params: int
     kept_target: int
+    #: with a decode-speed constraint: the measured latency model and the most seconds per token allowed
+    latency: DecodeLatencyModel | None = None
+    max_seconds: float = math.inf
 
     def low(self, layer: int) -> int:
         return min(c for c in self.ladders[layer].mlp if c)
@@ -124,16 +131,38 @@ class SearchSpace:
             return units == 0 and 0 in ladder.mlp
         return self.low(layer) <= channels <= self.high(layer)
 
-    def meets_target(self, genome: Genome) -> bool:
-        """Keeps at most the target, and less than one MLP channel's parameters under it."""
+    def fast_enough(self, genome: Genome) -> bool:
+        """Decodes within :attr:`max_seconds` per token by the latency model (always, without one)."""
+        return self.latency is None or self.latency.seconds(genome) <= self.max_seconds
+
+    def within_budget(self, genome: Genome) -> bool:
+        """Keeps at most the parameter target, and less than one MLP channel's parameters under it."""
         kept = self.params(genome)
-        return kept <= self.kept_target and self.kept_target - kept < max(
-            layout.channel_params for layout in self.layouts
-        )
+        slack = max(layout.channel_params for layout in self.layouts)
+        return kept <= self.kept_target and self.kept_target - kept < slack
+
+    def meets_target(self, genome: Genome) -> bool:
+        """:meth:`within_budget` and :meth:`fast_enough`."""
+        return self.within_budget(genome) and self.fast_enough(genome)
 
     def repair(self, genome: Genome, rng: random.Random) -> Genome | None:
+        """``genome`` brought to the budget (:meth:`_repair_params`); where it decodes too slowly, the
+        attention of random layers dropped (the fixed per-layer cost that narrowing cannot remove) and the
+        parameters freed given back to the MLPs, until it is fast enough; ``None`` where that fails."""
+        repaired = self._repair_params(genome, rng)
+        for _ in range(len(genome)):
+            if repaired is None or self.fast_enough(repaired):
+                break
+            layers = [i for i, (u, _) in enumerate(repaired) if u and self.legal(i, (0, repaired[i][1]))]
+            if not layers:
+                return None
+            i = rng.choice(layers)
+            repaired = self._repair_params((*repaired[:i], (0, repaired[i][1]), *repaired[i + 1 :]), rng)
+        return repaired if repaired is not None and self.meets_target(repaired) else None
+
+    def _repair_params(self, genome: Genome, rng: random.Random) -> Genome | None:
         """``genome`` with MLP channels taken from (or given back to) random layers, at most one ladder step at
-        a time, until it :meth:`meets_target`; ``None`` where the MLP ranges cannot absorb the difference."""
+        a time, until it keeps the parameter target; ``None`` where the MLP ranges cannot absorb the difference."""
         choices = list(genome)
         excess = self.params(genome) - self.kept_target
         while excess > 0:
@@ -160,8 +189,7 @@ class SearchSpace:
             give = min(self.step[i], self.high(i) - channels, -excess // per)
             choices[i] = (units, channels + give)
             excess += give * per
-        result = tuple(choices)
-        return result if self.meets_target(result) else None
+        return tuple(choices) if self.within_budget(tuple(choices)) else None
 
     def mutate(self, genome: Genome, rng: random.Random) -> Genome:
         """One move on one random layer (the budget is not repaired here): the MLP a step narrower or wider,
@@ -228,7 +256,7 @@ class SearchSpace:
             excess -= sign * self.layouts[i].channel_params
             start = i + 1
         result = tuple(choices)
-        return result if self.meets_target(result) else None
+        return result if self.within_budget(result) else None
 
 
 @dataclass
@@ -259,6 +287,9 @@ class SearchResult:
     history: list[SearchStep] = field(default_factory=list)
     seconds: float = 0.0
     evaluations: int = 0
+    #: with a decode-speed constraint: the speed-up the latency model predicts, and the model's fit error
+    decode_speedup: float | None = None
+    latency_fit_error: float | None = None
 
     def widths(self) -> list[dict[str, float]]:
         """Per layer: the attention heads and MLP channels kept, and their shares of the dense layer's."""
@@ -310,11 +341,14 @@ def search_widths(
     held_out: torch.Tensor | None = None,
     progress: bool = True,
     on_step: Callable[[SearchStep], None] | None = None,
+    latency: DecodeLatencyModel | None = None,
 ) -> SearchResult:
     """Týr-the-Pruner's search (see the module docstring) on a causal LM: the local prunings are fitted on the
     ``(n, seqlen)`` ``calibration`` windows and genomes are scored on ``held_out`` windows (by default the last
-    ``search_windows`` calibration windows, cut to ``search_seqlen``, are held apart). ``model`` is not
-    modified; the returned model is a new one."""
+    ``search_windows`` calibration windows, cut to ``search_seqlen``, are held apart). With ``decode_speedup``
+    the decode time is constrained by ``latency`` (by default measured on this machine:
+    :func:`~prunekit.structured.llm.decode_latency.fit_decode_latency`). ``model`` is not modified; the returned
+    model is a new one."""
     if held_out is None:
         if calibration.shape[0] <= config.search_windows:
             raise StructuralPruningError(
@@ -340,6 +374,7 @@ def search_widths(
     best_kl = math.inf
     uniform_kl: float | None = None
     supernet: Supernet | None = None
+    max_seconds = math.inf
     try:
         for iteration in range(config.iterations):
             ladders = []
@@ -358,7 +393,18 @@ def search_widths(
                 cache_bytes=config.cache_bytes,
                 progress=progress,
             )
-            space = SearchSpace(tuple(layouts), tuple(ladders), tuple(steps), supernet.fixed_params, kept_target)
+            if config.decode_speedup is not None and max_seconds == math.inf:
+                latency = latency or fit_decode_latency(supernet)
+                max_seconds = latency.seconds(tuple(layout.dense for layout in layouts)) / config.decode_speedup
+            space = SearchSpace(
+                tuple(layouts),
+                tuple(ladders),
+                tuple(steps),
+                supernet.fixed_params,
+                kept_target,
+                latency=latency if config.decode_speedup is not None else None,
+                max_seconds=max_seconds,
+            )
             fitness: dict[Genome, float] = {}
 
             def evaluate(genome: Genome, space: Supernet = supernet, fitness: dict[Genome, float] = fitness) -> float:
@@ -377,7 +423,19 @@ def search_widths(
                         f"removing {config.ratio:.0%} of the parameters needs more than the MLPs can give at "
                         f"min_mlp={config.min_mlp} with every attention kept: lower the ratio or min_mlp"
                     )
-                seeds.append(uniform)
+                uniform_kl = evaluate(uniform)  # the baseline, reported even where it decodes too slowly
+                start = uniform if space.meets_target(uniform) else None
+                for _ in range(100):
+                    if start is not None:
+                        break
+                    start = space.repair(uniform, rng)
+                if start is None:
+                    raise StructuralPruningError(
+                        f"no genome keeps {1 - config.ratio:.0%} of the parameters and decodes "
+                        f"{config.decode_speedup}x faster by the measured latency model: lower decode_speedup or "
+                        "raise the ratio"
+                    )
+                seeds.append(start)
             else:
                 seeds.append(best)
             for _ in range(config.population * 50):
@@ -390,8 +448,6 @@ def search_widths(
                 if child is not None and child not in seeds:
                     seeds.append(child)
             population = sorted(seeds, key=lambda g: (evaluate(g), g))
-            if iteration == 0:
-                uniform_kl = fitness[seeds[0]]
             bar = tqdm(
                 range(config.generations), desc=f"search {iteration + 1}/{config.iterations}", disable=not progress
             )
@@ -426,6 +482,7 @@ def search_widths(
             best_kl = evaluate(best)
             log.info("search: iteration %d, best KL %.5f after %d evaluations", iteration + 1, best_kl, evaluations)
         assert supernet is not None and best is not None
+        dense = tuple(layout.dense for layout in supernet.layouts)
         pruned = supernet.materialise(best)
         # the chosen widths refitted once more with their own errors propagated (not the ladder's expectation)
         exact = prune_to_widths(
@@ -449,6 +506,8 @@ def search_widths(
         kl=best_kl,
         uniform_kl=uniform_kl,
         refit_kl=refit_kl,
+        decode_speedup=None if space.latency is None else space.latency.seconds(dense) / space.latency.seconds(best),
+        latency_fit_error=None if space.latency is None else space.latency.error,
         params=params,
         dense_params=dense_params,
         layouts=supernet.layouts,
