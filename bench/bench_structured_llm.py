@@ -105,6 +105,7 @@ def child_prunekit(kind: str, source: Path, out: Path, ratio: float, nsamples: i
             "refit_kl": searched.refit_kl,
             "decode_speedup_predicted": searched.decode_speedup,
             "latency_fit_error": searched.latency_fit_error,
+            "decode_latency": searched.decode_latency,
             "evaluations": searched.evaluations,
             "history": [vars(step) for step in searched.history],
             "dropped_attention": dropped_attention_layers(pruned),

@@ -273,6 +273,7 @@ def search_summary(result: SearchResult) -> dict[str, Any]:
         "refit_kl": result.refit_kl,
         "decode_speedup_predicted": result.decode_speedup,
         "latency_fit_error": result.latency_fit_error,
+        "decode_latency": result.decode_latency,
         "evaluations": result.evaluations,
         "seconds": result.seconds,
         "widths": result.widths(),

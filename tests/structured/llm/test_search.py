@@ -303,6 +303,12 @@ def test_a_decode_speed_constraint_drops_attention_where_its_fixed_cost_dominate
     config = WidthSearchConfig(ratio=0.2, seed=0, decode_speedup=1.3, **QUICK)
     result = search_widths(model, windows(), config, progress=False, latency=latency)
     assert result.decode_speedup is not None and result.decode_speedup >= 1.3
+    assert result.decode_latency == latency.coefficients
+    # the coefficients in a recipe reproduce the search exactly, with nothing measured
+    again = search_widths(
+        model, windows(), config.model_copy(update={"decode_latency": latency.coefficients}), progress=False
+    )
+    assert again.genome == result.genome and again.latency_fit_error is None
     assert latency.seconds(result.genome) <= 8.2 / 1.3
     assert decode_features(result.genome)[1] <= 4
     target = result.dense_params - round(0.2 * result.dense_params)

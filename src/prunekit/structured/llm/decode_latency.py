@@ -46,8 +46,8 @@ class DecodeLatencyModel:
     """Seconds per generated token (batch 1) as a linear function of :func:`decode_features`."""
 
     coefficients: tuple[float, float, float, float, float]
-    #: the largest relative error of the fit on the genomes it was measured at
-    error: float
+    #: the largest relative error of the fit on the genomes it was measured at (``None``: given, not fitted)
+    error: float | None = None
 
     def seconds(self, genome: Genome) -> float:
         return sum(c * f for c, f in zip(self.coefficients, decode_features(genome), strict=True))

@@ -83,6 +83,10 @@ class WidthSearchSettings(StrictConfig):
     decode_speedup: float | None = Field(
         None, gt=1.0, description="also decode at batch 1 at least this much faster (measured latency model)"
     )
+    decode_latency: tuple[float, float, float, float, float] | None = Field(
+        None,
+        description="the latency model's coefficients from an earlier run's report (same machine); none: measure",
+    )
 
     @model_validator(mode="after")
     def _steps(self) -> WidthSearchSettings:
@@ -287,9 +291,11 @@ class SearchResult:
     history: list[SearchStep] = field(default_factory=list)
     seconds: float = 0.0
     evaluations: int = 0
-    #: with a decode-speed constraint: the speed-up the latency model predicts, and the model's fit error
+    #: with a decode-speed constraint: the speed-up the latency model predicts, the model's fit error (``None`` for
+    #: coefficients given, not measured) and its coefficients (``decode_latency`` reproduces the search)
     decode_speedup: float | None = None
     latency_fit_error: float | None = None
+    decode_latency: tuple[float, ...] | None = None
 
     def widths(self) -> list[dict[str, float]]:
         """Per layer: the attention heads and MLP channels kept, and their shares of the dense layer's."""
@@ -394,6 +400,8 @@ def search_widths(
                 progress=progress,
             )
             if config.decode_speedup is not None and max_seconds == math.inf:
+                if latency is None and config.decode_latency is not None:
+                    latency = DecodeLatencyModel(config.decode_latency)
                 latency = latency or fit_decode_latency(supernet)
                 max_seconds = latency.seconds(tuple(layout.dense for layout in layouts)) / config.decode_speedup
             space = SearchSpace(
@@ -508,6 +516,7 @@ def search_widths(
         refit_kl=refit_kl,
         decode_speedup=None if space.latency is None else space.latency.seconds(dense) / space.latency.seconds(best),
         latency_fit_error=None if space.latency is None else space.latency.error,
+        decode_latency=None if space.latency is None else space.latency.coefficients,
         params=params,
         dense_params=dense_params,
         layouts=supernet.layouts,
