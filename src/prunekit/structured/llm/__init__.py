@@ -5,6 +5,9 @@
 - :mod:`.attention_drop`: the attention sublayers of the least influential layers dropped (He et al. 2024);
 - :mod:`.depth`: whole decoder layers removed by ShortGPT's Block Influence (Men et al. 2024);
 - :mod:`.hf_config`: the pruned sizes written into the model's config, and checked by rebuilding a layer;
+- :mod:`.supernet`, :mod:`.search`, :mod:`.decode_latency`: per-layer widths searched (Týr-the-Pruner): local
+  second-order prunings at a ladder of widths, the evolutionary search on the KL from the dense model, and the
+  measured batch-1 decode latency model of its speed constraint;
 - :mod:`.windows`: calibration windows as model calls.
 """
 
@@ -22,13 +25,21 @@ from prunekit.structured.llm.hf_config import (
     check_config_reload,
     update_config,
 )
+from prunekit.structured.llm.search import SearchResult, WidthSearchConfig, WidthSearchSettings, search_widths
+from prunekit.structured.llm.supernet import Ladder, Supernet, build_supernet, prune_to_widths
 from prunekit.structured.llm.width import prune_causal_lm_width
 
 __all__ = [
     "ATTENTION_SIZED_BY_HIDDEN",
     "EMBEDDINGS_SCALED_BY_HIDDEN",
     "MLP_WIDTH_FIELD",
+    "Ladder",
+    "SearchResult",
+    "Supernet",
+    "WidthSearchConfig",
+    "WidthSearchSettings",
     "attention_statistics",
+    "build_supernet",
     "check_config_reload",
     "drop_attention",
     "layer_influence",
@@ -36,5 +47,7 @@ __all__ = [
     "prune_causal_lm_attention",
     "prune_causal_lm_depth",
     "prune_causal_lm_width",
+    "prune_to_widths",
+    "search_widths",
     "update_config",
 ]
