@@ -240,8 +240,12 @@ class SearchSpace:
             (u, max(self.low(i), min(self.high(i), round(layout.channels * (1 - share)))))
             for i, (u, layout) in enumerate(zip(units, self.layouts, strict=True))
         )
-        # the rounding leaves at most a channel per layer either way: settle it one channel at a time, on the
-        # layers in turn
+        return self.settle(genome)
+
+    def settle(self, genome: Genome) -> Genome | None:
+        """``genome`` brought to the parameter budget one MLP channel at a time, on the layers in turn (no
+        randomness: for genomes a channel or so per layer off, like rounded shares); ``None`` where the MLP
+        ranges cannot absorb the difference."""
         choices = list(genome)
         excess = self.params(genome) - self.kept_target
         start = 0
