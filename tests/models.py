@@ -88,6 +88,17 @@ def tiny_model(family: str = "llama", seed: int = 0) -> transformers.PreTrainedM
     return model.eval()
 
 
+def tiny_llama(layers: int = 4, seed: int = 0, **fields: object) -> transformers.LlamaForCausalLM:
+    """The tiny Llama of :data:`CONFIGS` with ``layers`` decoder layers and any other config ``fields`` set
+    (``num_key_value_heads=1``, ``attention_bias=True``...), eval mode."""
+    config = CONFIGS["llama"]()
+    config.num_hidden_layers = layers
+    for name, value in fields.items():
+        setattr(config, name, value)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
 def sample_text(chars: int = 60_000) -> str:
     """Real English text for calibration: the start of tiny-shakespeare (or a fallback)."""
     file = SHARED / "tinyshakespeare.txt"

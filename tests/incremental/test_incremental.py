@@ -7,8 +7,9 @@ import pytest
 import torch
 import transformers
 
-from models import VOCAB, sample_text, tiny_tokenizer
+from models import sample_text, tiny_llama, tiny_tokenizer
 from prunekit.calibration.data import tokenize_text
+from prunekit.core.errors import ConfigError
 from prunekit.incremental import IncrementalConfig, adaptive_sparsities, prune_incrementally, widths_for_sparsities
 from prunekit.incremental.prune import _schedule
 from prunekit.structured.llm.supernet import layer_layout
@@ -16,17 +17,7 @@ from prunekit.training.lm_distill import LMDistillConfig
 
 
 def llama(layers: int = 4) -> transformers.PreTrainedModel:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=256,
-    )
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = tiny_llama(layers)
     with torch.no_grad():  # a confident teacher: a random tiny model's next-token distribution is near uniform
         model.lm_head.weight.mul_(30.0)
     return model
@@ -79,7 +70,28 @@ def test_increments_without_recovery_need_no_text() -> None:
     config = IncrementalConfig(ratio=0.3, step=0.15, recover=False)
     result = prune_incrementally(llama(), calibration, None, config, progress=False)
     assert [s.kl_before for s in result.steps] == [None, None]
-    with pytest.raises(ValueError, match="recovery distills on a text"):
+    with pytest.raises(ConfigError, match="recovery distills on a text"):
         prune_incrementally(llama(), calibration, None, IncrementalConfig(ratio=0.3, step=0.15), progress=False)
     with pytest.raises(Exception, match="larger than the ratio"):
         IncrementalConfig(ratio=0.1, step=0.2)
+
+
+def test_prunekit_adapt_prunes_in_steps_and_reports_them(tmp_path) -> None:
+    import json
+
+    import prunekit
+    from models import save_tiny_checkpoint
+    from prunekit.cli import main
+
+    model_dir = save_tiny_checkpoint(tmp_path / "tiny")
+    (tmp_path / "text.txt").write_text(sample_text())
+    out = tmp_path / "out"
+    argv = ["-q", "adapt", str(model_dir), "--ratio", "0.3", "--step", "0.15", "--calib", str(tmp_path / "text.txt")]
+    argv += ["--nsamples", "4", "--seqlen", "32", "--tokens-per-step", "128"]
+    assert main([*argv, "--text", str(tmp_path / "text.txt"), "--out", str(out)]) == 0
+    report = json.loads((out / "prunekit-report" / "report.json").read_text())
+    assert [round(s["removed"], 2) for s in report["steps"]] == [0.15, 0.3]
+    reloaded = prunekit.load_model(str(out)).model
+    assert sum(p.numel() for p in reloaded.parameters()) == report["params"]
+    assert main([*argv, "--out", str(tmp_path / "no-text")]) == 2  # recovery without --text: refused
+    assert not (tmp_path / "no-text").exists()

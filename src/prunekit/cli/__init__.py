@@ -1,5 +1,5 @@
-"""The ``prunekit`` command: ``prune``, ``eval``, ``bench-speed``, ``structured``, ``experts``, ``distill``; one
-module per subcommand."""
+"""The ``prunekit`` command: ``prune``, ``eval``, ``bench-speed``, ``structured``, ``experts``, ``distill``,
+``adapt``; one module per subcommand."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from transformers.utils import logging as hf_logging
 
-from prunekit.cli import distill, evaluate, experts, prune, structured
+from prunekit.cli import adapt, distill, evaluate, experts, prune, structured
 from prunekit.cli.common import _add_verbosity_flags
 from prunekit.core.errors import PrunekitError
 
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     structured.add_parser(sub)
     experts.add_parser(sub)
     distill.add_parser(sub)
+    adapt.add_parser(sub)
     return parser
 
 
@@ -45,6 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return experts.run(args, argv)
         if args.command == "distill":
             return distill.run(args, argv)
+        if args.command == "adapt":
+            return adapt.run(args, argv)
         commands = {"eval": evaluate.run_eval, "bench-speed": evaluate.run_bench_speed, "structured": structured.run}
         return commands[args.command](args)
     except PrunekitError as exc:

@@ -29,6 +29,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from prunekit.core.config import StrictConfig
+from prunekit.core.errors import ConfigError
 from prunekit.incremental.schedule import adaptive_sparsities, widths_for_sparsities
 from prunekit.models.blocks import find_decoder_blocks
 from prunekit.structured.llm.depth import layer_influence
@@ -103,7 +104,7 @@ def prune_incrementally(
     importances and local prunings, ``text_tokens`` (1-D) the text recovery trains on (``None`` only without
     recovery). ``model`` is not modified; it is the teacher of every recovery."""
     if config.recover and text_tokens is None:
-        raise ValueError("recovery distills on a text: give its tokens, or set recover=False")
+        raise ConfigError("recovery distills on a text: give its tokens, or set recover=False")
     dense_params = sum(p.numel() for p in model.parameters())
     teacher = model
     current = copy.deepcopy(model).eval()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from prunekit.core.errors import StructuralPruningError
 from prunekit.structured.llm.search import SearchSpace
 from prunekit.structured.llm.supernet import Genome, Ladder, LayerLayout
 
@@ -52,7 +53,7 @@ def widths_for_sparsities(
     space = SearchSpace(tuple(layouts), ladders, (1,) * len(layouts), fixed_params, kept_target)
     settled = space.settle(tuple(proposal))
     if settled is None:
-        raise ValueError(
+        raise StructuralPruningError(
             f"the widths cannot keep {kept_target} parameters within the current ones: the step removes more than "
             "the MLPs hold"
         )

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 import prunekit
-from models import CONFIGS, VOCAB, sample_text, tiny_model, tiny_tokenizer
+from models import VOCAB, sample_text, tiny_llama, tiny_model, tiny_tokenizer
 from prunekit.core.errors import StructuralPruningError
 from prunekit.models.dropped_attention import DroppedAttention, dropped_attention_layers
 from prunekit.structured.llm import prune_causal_lm_width
@@ -19,14 +19,6 @@ from prunekit.structured.llm.attention_drop import (
     least_influential_attention,
     prune_causal_lm_attention,
 )
-
-
-def tiny_llama(layers: int = 4, attention_bias: bool = False, seed: int = 0) -> transformers.LlamaForCausalLM:
-    config = CONFIGS["llama"]()
-    config.num_hidden_layers = layers
-    config.attention_bias = attention_bias
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 def silence_attention(model: transformers.LlamaForCausalLM, layer: int, output: torch.Tensor | None = None) -> None:

@@ -10,7 +10,7 @@ import torch
 import transformers
 
 import prunekit
-from models import VOCAB, sample_text, tiny_model, tiny_tokenizer
+from models import VOCAB, sample_text, tiny_llama, tiny_model, tiny_tokenizer
 from prunekit.core.errors import StructuralPruningError
 from prunekit.models.dropped_attention import DroppedAttention
 from prunekit.structured.llm.search import SearchSpace, WidthSearchConfig, search_widths
@@ -18,17 +18,7 @@ from prunekit.structured.llm.supernet import Ladder, build_supernet, layer_layou
 
 
 def llama(layers: int = 4, seed: int = 0, kv_heads: int = 2) -> transformers.PreTrainedModel:
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=kv_heads,
-        intermediate_size=64,
-        max_position_embeddings=256,
-    )
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
+    return tiny_llama(layers, seed, num_key_value_heads=kv_heads)
 
 
 def windows(n: int = 10, length: int = 32, seed: int = 1) -> torch.Tensor:
