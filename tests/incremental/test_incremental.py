@@ -47,7 +47,9 @@ def test_widths_meet_the_budget_and_never_grow() -> None:
 
 def test_incremental_pruning_meets_every_step_and_recovery_lowers_the_kl() -> None:
     model = llama()
+    model.model.layers[0].requires_grad_(False)  # partly frozen: the teacher keeps its flags
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
     tokens = tokenize_text(tiny_tokenizer(), sample_text(20_000))
     calibration = tokens[: 6 * 32].reshape(6, 32)
     distill = LMDistillConfig(tokens=4 * 2 * 32, seqlen=32, batch_size=2, lr=1e-4, heldout_windows=2)
@@ -62,6 +64,7 @@ def test_incremental_pruning_meets_every_step_and_recovery_lowers_the_kl() -> No
         assert step.sparsities[most] < step.sparsities[least]
     assert sum(p.numel() for p in result.model.parameters()) == result.steps[-1].params
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags and not model.training
 
 
 def test_increments_without_recovery_need_no_text() -> None:

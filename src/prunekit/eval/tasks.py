@@ -34,7 +34,7 @@ def evaluate_tasks(
     builtin: bool = True,
 ) -> dict[str, dict[str, float]]:
     """The harness's metrics of ``model`` on ``tasks``, per task: ``{"acc": ..., "acc_stderr": ...}`` (the
-    harness's filter suffix, ``,none``, dropped). ``limit`` scores the first ``limit`` documents of each task;
+    harness's ``,none`` filter suffix dropped; other filters, as gsm8k's ``exact_match,strict-match``, kept). ``limit`` scores the first ``limit`` documents of each task;
     every seed the harness takes is ``seed``. Tasks are looked up in ``include_path`` first and, with ``builtin``,
     among the harness's own (indexing those takes a while)."""
     try:
@@ -84,7 +84,7 @@ def evaluate_tasks(
     scores: dict[str, dict[str, float]] = {}
     for task, metrics in results["results"].items():
         scores[task] = {
-            name.split(",")[0]: float(value)
+            name.removesuffix(",none"): float(value)
             for name, value in metrics.items()
             if isinstance(value, (int, float)) and not isinstance(value, bool)
         }

@@ -22,6 +22,8 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -83,6 +85,23 @@ class IncrementalResult:
     steps: list[IncrementalStep] = field(default_factory=list)
 
 
+@contextmanager
+def _restored(model: nn.Module) -> Iterator[None]:
+    """Put ``model``'s device, train/eval modes and ``requires_grad`` flags back as they were afterwards (the
+    distillation moves and freezes its teacher, here the caller's model)."""
+    device = next(model.parameters()).device
+    modes = {module: module.training for module in model.modules()}
+    flags = {param: param.requires_grad for param in model.parameters()}
+    try:
+        yield
+    finally:
+        model.to(device)
+        for module, mode in modes.items():
+            module.training = mode
+        for param, flag in flags.items():
+            param.requires_grad_(flag)
+
+
 def _schedule(ratio: float, step: float) -> list[float]:
     """The cumulative shares removed after each step: ``step, 2 step, ...`` ending exactly at ``ratio``."""
     shares, done = [], 0.0
@@ -129,7 +148,9 @@ def prune_incrementally(
         record = IncrementalStep(share, sum(p.numel() for p in pruned.parameters()), importance, sparsities, genome)
         if config.recover:
             assert text_tokens is not None
-            recovery = distill_lm(pruned, teacher, text_tokens, config.distill, progress=progress)
+            pruned.requires_grad_(True)  # our own copy: trainable whatever the input's flags
+            with _restored(teacher):
+                recovery = distill_lm(pruned, teacher, text_tokens, config.distill, progress=progress)
             record.kl_before, record.kl_after = recovery.kl_before, recovery.kl_after
         pruned.eval()
         record.seconds = time.perf_counter() - started

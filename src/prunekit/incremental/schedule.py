@@ -46,8 +46,8 @@ def widths_for_sparsities(
     for layout, (units, channels), sparsity in zip(layouts, current, sparsities, strict=True):
         keep_params = (1.0 - sparsity) * layout.params((units, channels))
         kept_units = min(units, max(1, round(units * (1.0 - sparsity)))) if units else 0
-        attention = layout.params((kept_units, 0)) if kept_units else 0
-        mlp = round((keep_params - attention - layout.mlp_fixed) / layout.channel_params)
+        without_channels = layout.params((kept_units, 0)) if kept_units else layout.mlp_fixed
+        mlp = round((keep_params - without_channels) / layout.channel_params)
         proposal.append((kept_units, min(channels, max(1, mlp))))
     ladders = tuple(Ladder((u,), tuple(range(1, c + 1))) for u, c in current)
     space = SearchSpace(tuple(layouts), ladders, (1,) * len(layouts), fixed_params, kept_target)

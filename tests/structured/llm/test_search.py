@@ -220,26 +220,32 @@ def test_the_structured_command_searches_widths_and_reports_them(tmp_path) -> No
     assert main(refused) == 2 and not (tmp_path / "refused").exists()
 
 
-def test_prune_to_widths_fits_each_layer_on_the_outputs_of_the_pruned_layers_before_it() -> None:
+@pytest.mark.parametrize(
+    "genome",
+    [((2, 40), (2, 48)), ((2, 40), (0, 0), (2, 48)), ((2, 40), (0, 32), (2, 48))],
+    ids=["widths", "layer removed", "attention dropped"],
+)
+def test_prune_to_widths_fits_each_layer_on_the_outputs_of_the_pruned_layers_before_it(genome) -> None:
     from prunekit.calibration.hooks import first_input, observe
     from prunekit.reconstruction.least_squares import least_squares_refit
     from prunekit.structured.llm.supernet import prune_to_widths
 
-    model, calib = llama(layers=2), windows()
-    pruned = prune_to_widths(model, calib, ((2, 40), (2, 48)), progress=False)
-    # what layer 1's MLP receives in the pruned model (its layer 0 already pruned), through the dense MLP
+    model, calib = llama(layers=len(genome)), windows()
+    pruned = prune_to_widths(model, calib, genome, progress=False)
+    # what the last layer's MLP receives in the pruned model (the layers before it already pruned, a removed
+    # one passing its input on untouched), through the dense MLP
     inputs, activations = [], []
-    with observe({"mlp": pruned.model.layers[1].mlp}, on_input=lambda _n, a, k: inputs.append(first_input(a, k))):
+    with observe({"mlp": pruned.model.layers[-1].mlp}, on_input=lambda _n, a, k: inputs.append(first_input(a, k))):
         for row in calib:
             pruned(row[None], use_cache=False)
-    dense_mlp = model.model.layers[1].mlp
+    dense_mlp = model.model.layers[-1].mlp
     with observe(
         {"down": dense_mlp.down_proj}, on_input=lambda _n, a, k: activations.append(first_input(a, k, "input"))
     ):
         for x in inputs:
             dense_mlp(x)
     flat = torch.cat([a.reshape(-1, 64) for a in activations]).float()
-    got = pruned.model.layers[1].mlp
+    got = pruned.model.layers[-1].mlp
     kept = torch.tensor([int((dense_mlp.gate_proj.weight == row).all(1).nonzero()) for row in got.gate_proj.weight])
     assert kept.tolist() == sorted(kept.tolist()) and len(kept) == 48
     expected = least_squares_refit(dense_mlp.down_proj.weight, flat.T @ flat, kept, 0.01)
@@ -316,3 +322,21 @@ def test_the_latency_model_fits_the_decode_time_of_each_feature() -> None:
     assert decode_features(((2, 64), (0, 32), (0, 0), (1, 16))) == (1.0, 2.0, 3.0, 3.0, 112.0)
     latency = DecodeLatencyModel((1.0, 0.5, 0.25, 0.5, 0.01), error=0.0)
     assert latency.seconds(((2, 64), (0, 32), (0, 0), (1, 16))) == pytest.approx(1 + 1.0 + 0.75 + 1.5 + 1.12)
+
+
+def test_ladder_weights_are_the_uniform_distribution_over_legal_choices() -> None:
+    from prunekit.structured.llm.supernet import ladder_weights
+
+    # legal: (0, 0), (0, 32), (0, 64), (1, 32), (1, 64), (2, 32), (2, 64): seven choices
+    attention, dropped, mlp = ladder_weights(Ladder((0, 1, 2), (0, 32, 64)))
+    assert attention == pytest.approx({1: 2 / 7, 2: 2 / 7}) and dropped == pytest.approx(2 / 7)
+    assert mlp == pytest.approx({32: 3 / 7, 64: 3 / 7})  # the seventh is the layer removed: no MLP output
+    assert ladder_weights(Ladder((0,), (0,))) == ({}, 0.0, {})  # a removed layer adds nothing, not a mean
+
+
+def test_a_dropped_attention_refuses_save_pretrained_even_with_even_widths(tmp_path) -> None:
+    model = llama()
+    supernet = build_supernet(model, windows(), full_ladders(model), progress=False)
+    pruned = supernet.materialise(((2, 64), (0, 64), (2, 64), (2, 64)))
+    with pytest.raises(StructuralPruningError, match="without attention"):
+        pruned.save_pretrained(tmp_path / "plain")

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from prunekit.core.errors import StructuralPruningError
 from prunekit.eval.speed import measure_decode
 from prunekit.structured.llm.supernet import Genome, Supernet
 
@@ -59,9 +60,11 @@ def design_genomes(supernet: Supernet) -> list[Genome]:
     the five features varies apart from the others."""
     layouts = supernet.layouts
     dense = tuple(layout.dense for layout in layouts)
+    # the narrowest MLP each layer's local pruning reaches (its ladder's smallest kept width)
+    low = [min(c for c in ladder.mlp if c) for ladder in supernet.ladders]
 
     def mlp(share: float) -> Genome:
-        return tuple((u, max(1, round(c * share))) for u, c in dense)
+        return tuple((u, max(low[i], round(c * share))) for i, (u, c) in enumerate(dense))
 
     odd = range(1, len(layouts), 2)
     genomes = [
@@ -71,7 +74,7 @@ def design_genomes(supernet: Supernet) -> list[Genome]:
         tuple((1, c) for _, c in dense),
         tuple((0, c) if i in odd else (u, c) for i, (u, c) in enumerate(dense)),
         tuple((0, 0) if i in odd else (u, c) for i, (u, c) in enumerate(dense)),
-        tuple((0, max(1, c // 2)) if i % 3 == 1 else (u, c) for i, (u, c) in enumerate(dense)),
+        tuple((0, max(low[i], c // 2)) if i % 3 == 1 else (u, c) for i, (u, c) in enumerate(dense)),
     ]
     unique: list[Genome] = []
     for genome in genomes:
@@ -91,6 +94,12 @@ def fit_decode_latency(
     """Measure the seconds per generated token of the supernet's model at ``genomes`` (default:
     :func:`design_genomes`), ``rounds`` interleaved rounds and the median of each, and fit the linear model."""
     genomes = list(genomes or design_genomes(supernet))
+    features = torch.tensor([decode_features(g) for g in genomes], dtype=torch.float64)
+    if int(torch.linalg.matrix_rank(features)) < features.shape[1]:
+        raise StructuralPruningError(
+            f"the decode latency model needs genomes that vary its {features.shape[1]} features apart (a model of "
+            f"{len(supernet.layouts)} layer(s) cannot): constrain the search by parameters alone"
+        )
     times: dict[int, list[float]] = {i: [] for i in range(len(genomes))}
     for _ in range(rounds):
         for i, genome in enumerate(genomes):
@@ -98,7 +107,6 @@ def fit_decode_latency(
                 timing = measure_decode(running, 1, prompt_tokens, new_tokens, warmup=1, repeats=1)
             times[i].append(1.0 / timing.tokens_per_s)
     seconds = torch.tensor([statistics.median(times[i]) for i in range(len(genomes))], dtype=torch.float64)
-    features = torch.tensor([decode_features(g) for g in genomes], dtype=torch.float64)
     solution = torch.linalg.lstsq(features, seconds[:, None]).solution[:, 0]
     predicted = features @ solution
     error = float(((predicted - seconds).abs() / seconds).max())

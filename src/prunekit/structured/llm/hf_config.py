@@ -29,6 +29,7 @@ from prunekit.core.errors import StructuralPruningError
 from prunekit.models.blocks import find_decoder_blocks
 from prunekit.models.dropped_attention import (
     ATTENTION_NAME,
+    NO_ATTENTION,
     DroppedAttention,
     refuse_save_pretrained,
     save_pretrained_refusal,
@@ -128,20 +129,24 @@ def update_config(model: nn.Module) -> None:
         for key, value in block_sizes.items():
             values.setdefault(key, set()).add(value)
     uneven = sorted(key for key, seen in values.items() if len(seen) > 1)
+    dropped = len(per_layer) < len(blocks)
+    if dropped and save_pretrained_refusal(model) is None:
+        refuse_save_pretrained(model)  # a config cannot say that a layer has no attention
     if not uneven:
         for key, seen in values.items():
             setattr(config, key, seen.pop())
         return
-    if _write_per_layer_config(model, per_layer):
+    if not dropped and _write_per_layer_config(model, per_layer):
         log.info("structured: the layers differ in %s, written as the config's per_layer_config", uneven)
         return
-    if save_pretrained_refusal(model) is None:
-        refuse_save_pretrained(
-            model,
-            f"its decoder layers differ in {', '.join(uneven)}, which a {model_type or type(model).__name__} "
-            "config cannot describe (its transformers modeling code builds every layer from the global sizes, "
-            "not from per_layer_config)",
-        )
+    reason = (
+        f"its decoder layers differ in {', '.join(uneven)}, which a {model_type or type(model).__name__} config "
+        "cannot describe (its transformers modeling code builds every layer from the global sizes, not from "
+        "per_layer_config)"
+    )
+    if dropped:
+        reason = f"{NO_ATTENTION}, and {reason}"
+    refuse_save_pretrained(model, reason)
     log.info(
         "structured: the layers differ in %s, which this family's config cannot describe: save the model with "
         "prunekit.save_pruned and load it with prunekit.load_model (its save_pretrained raises)",

@@ -267,6 +267,25 @@ class SearchSpace:
         return result if self.within_budget(result) else None
 
 
+class _Scorer:
+    """A genome's KL from the dense model on the held-apart windows, on one iteration's supernet, each genome
+    computed once; ``total`` counts the evaluations of the whole search."""
+
+    def __init__(self, supernet: Supernet, reference: ReferenceOutputs, before: int) -> None:
+        self.supernet: Supernet | None = supernet
+        self.reference = reference
+        self.fitness: dict[Genome, float] = {}
+        self.total = before
+
+    def __call__(self, genome: Genome) -> float:
+        if genome not in self.fitness:
+            assert self.supernet is not None
+            with self.supernet.applied(genome) as running:
+                self.fitness[genome] = self.reference.kl(running)
+            self.total += 1
+        return self.fitness[genome]
+
+
 @dataclass
 class SearchStep:
     """The best genome's KL after one generation of one iteration, and the time and evaluations so far."""
@@ -373,9 +392,7 @@ def search_widths(
     started = time.perf_counter()
     rng = random.Random(config.seed)
     _, blocks = find_decoder_blocks(model)
-    was_training = model.training
-    model.eval()
-    reference = ReferenceOutputs(model, held_out, batch_size=config.batch_size)
+    training = {module: module.training for module in model.modules()}
     dense_params = sum(p.numel() for p in model.parameters())
     kept_target = dense_params - round(config.ratio * dense_params)
     history: list[SearchStep] = []
@@ -386,7 +403,10 @@ def search_widths(
     supernet: Supernet | None = None
     max_seconds = math.inf
     try:
+        model.eval()
+        reference = ReferenceOutputs(model, held_out, batch_size=config.batch_size)
         for iteration in range(config.iterations):
+            supernet = None  # the last iteration's supernet goes before the next is built (memory)
             ladders = []
             steps = []
             layouts = [layer_layout(block, i) for i, block in enumerate(blocks)]
@@ -417,15 +437,7 @@ def search_widths(
                 latency=latency if config.decode_speedup is not None else None,
                 max_seconds=max_seconds,
             )
-            fitness: dict[Genome, float] = {}
-
-            def evaluate(genome: Genome, space: Supernet = supernet, fitness: dict[Genome, float] = fitness) -> float:
-                nonlocal evaluations
-                if genome not in fitness:
-                    with space.applied(genome) as running:
-                        fitness[genome] = reference.kl(running)
-                    evaluations += 1
-                return fitness[genome]
+            evaluate = _Scorer(supernet, reference, evaluations)
 
             seeds: list[Genome] = []
             if best is None:
@@ -433,7 +445,8 @@ def search_widths(
                 if uniform is None:
                     raise StructuralPruningError(
                         f"removing {config.ratio:.0%} of the parameters needs more than the MLPs can give at "
-                        f"min_mlp={config.min_mlp} with every attention kept: lower the ratio or min_mlp"
+                        f"min_mlp={config.min_mlp} with every attention kept (the search starts from there): lower "
+                        "the ratio or min_mlp"
                     )
                 uniform_kl = evaluate(uniform)  # the baseline, reported even where it decodes too slowly
                 start = uniform if space.meets_target(uniform) else None
@@ -454,7 +467,7 @@ def search_widths(
                 if len(seeds) >= config.population:
                     break
                 child: Genome | None = seeds[0]
-                for _ in range(rng.randint(1, config.max_moves + 1)):
+                for _ in range(rng.randint(1, config.max_moves)):
                     child = space.mutate(child, rng)
                 child = space.repair(child, rng)
                 if child is not None and child not in seeds:
@@ -476,7 +489,7 @@ def search_widths(
                     for _ in range(rng.randint(1, config.max_moves)):
                         candidate = space.mutate(candidate, rng)
                     candidate = space.repair(candidate, rng)
-                    if candidate is not None and candidate not in fitness and candidate not in children:
+                    if candidate is not None and candidate not in evaluate.fitness and candidate not in children:
                         children.append(candidate)
                 for child in children:
                     evaluate(child)
@@ -484,7 +497,7 @@ def search_widths(
                     : config.population
                 ]
                 step_record = SearchStep(
-                    iteration, generation, evaluate(population[0]), time.perf_counter() - started, evaluations
+                    iteration, generation, evaluate(population[0]), time.perf_counter() - started, evaluate.total
                 )
                 history.append(step_record)
                 bar.set_postfix(kl=f"{step_record.best_kl:.4f}")
@@ -492,7 +505,9 @@ def search_widths(
                     on_step(step_record)
             best = population[0]
             best_kl = evaluate(best)
+            evaluations = evaluate.total
             log.info("search: iteration %d, best KL %.5f after %d evaluations", iteration + 1, best_kl, evaluations)
+            evaluate.supernet = None  # this iteration's supernet goes before the next is built (memory)
         assert supernet is not None and best is not None
         dense = tuple(layout.dense for layout in supernet.layouts)
         pruned = supernet.materialise(best)
@@ -511,7 +526,8 @@ def search_widths(
                 f"the searched model holds {params} parameters, the search counted {supernet.params(best)}"
             )
     finally:
-        model.train(was_training)
+        for module, mode in training.items():
+            module.training = mode
     return SearchResult(
         model=pruned,
         genome=best,

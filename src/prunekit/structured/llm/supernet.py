@@ -181,18 +181,20 @@ class SublayerFit:
         return least_squares_refit(self.weight, self.gram, self.columns[units].flatten(), dampening)
 
 
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    """An ``nn.Linear`` holding ``weight`` and ``bias`` as they are (no copy, no random initialisation)."""
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) -> nn.Linear:
+    """An ``nn.Linear`` holding ``weight`` and ``bias`` as they are (no copy, no random initialisation), its
+    parameters trainable where those of ``like`` (the dense layer it replaces) are."""
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    linear.weight = nn.Parameter(weight, requires_grad=False)
+    linear.weight = nn.Parameter(weight.detach(), requires_grad=like.weight.requires_grad)
     if bias is not None:
-        linear.bias = nn.Parameter(bias, requires_grad=False)
+        assert like.bias is not None
+        linear.bias = nn.Parameter(bias.detach(), requires_grad=like.bias.requires_grad)
     return linear
 
 
 def _rows(linear: nn.Linear, rows: torch.Tensor) -> nn.Linear:
     bias = None if linear.bias is None else linear.bias.detach()[rows]
-    return _linear(linear.weight.detach()[rows], bias)
+    return _linear(linear.weight.detach()[rows], bias, linear)
 
 
 def _shallow(module: nn.Module) -> nn.Module:
@@ -286,7 +288,7 @@ class Supernet:
                 pruned.num_key_value_groups = keep
             o = dense.o_proj
             weight = fit.refit(units, self.dampening)
-            pruned.o_proj = _linear(weight, None if o.bias is None else o.bias.detach())
+            pruned.o_proj = _linear(weight, o.bias, o)
             for name, value in (("num_heads", len(heads)), ("num_key_value_heads", len(units) * layout.kv_per_unit)):
                 if isinstance(getattr(pruned, name, None), int) and (name != "num_key_value_heads" or value):
                     setattr(pruned, name, value)
@@ -306,7 +308,7 @@ class Supernet:
             pruned.gate_proj = _rows(dense.gate_proj, channels)
             pruned.up_proj = _rows(dense.up_proj, channels)
             down = dense.down_proj
-            pruned.down_proj = _linear(fit.refit(channels, self.dampening), None if down.bias is None else down.bias)
+            pruned.down_proj = _linear(fit.refit(channels, self.dampening), down.bias, down)
             if isinstance(getattr(pruned, "intermediate_size", None), int):
                 pruned.intermediate_size = keep
             return pruned
@@ -336,17 +338,24 @@ class Supernet:
 
     @contextmanager
     def applied(self, genome: Genome) -> Iterator[nn.Module]:
-        """The supernet's model running ``genome`` for the length of the ``with`` block (no KV cache: the
-        kept layers are not renumbered), then restored."""
+        """The supernet's model running ``genome`` for the length of the ``with`` block, then restored. The
+        kept layers keep their indices into the KV cache (holes where layers went, which a dynamic cache
+        tolerates); the config's ``layer_types`` (sliding-window layers) follow the kept layers meanwhile."""
         self.check(genome)
         parent_name, _, attr = self.block_name.rpartition(".")
         parent = self.model.get_submodule(parent_name) if parent_name else self.model
         layers = [self.block(i, c) for i, c in enumerate(genome)]
+        config = getattr(self.model, "config", None)
+        types = getattr(config, "layer_types", None)
         setattr(parent, attr, nn.ModuleList([b for b in layers if b is not None]))
+        if types is not None:
+            config.layer_types = [t for t, b in zip(types, layers, strict=True) if b is not None]
         try:
             yield self.model
         finally:
             setattr(parent, attr, self.blocks)
+            if types is not None:
+                config.layer_types = types
 
     def materialise(self, genome: Genome) -> nn.Module:
         """A new model with ``genome``'s widths, its own tensors, layers renumbered and config updated
@@ -365,14 +374,8 @@ class Supernet:
         )
         if removed:
             shorten_module_list(pruned, self.block_name, removed)
-        for p in pruned.parameters():
-            p.requires_grad_(self.model_requires_grad)
         update_config(pruned)
         return pruned
-
-    @property
-    def model_requires_grad(self) -> bool:
-        return any(p.requires_grad for p in self.model.parameters())
 
 
 def _units_columns(layout: LayerLayout) -> torch.Tensor:
@@ -395,18 +398,31 @@ def _with_inputs_of(
     return seen, outputs
 
 
-def _expected_weight(fit: SublayerFit, keeps: Sequence[int], dampening: float) -> torch.Tensor:
-    """The mean over ``keeps`` of the reader's refitted weight, zero on the columns each width removes: applied
-    to the sublayer's dense inputs it gives the mean of the outputs of the widths (one product for all)."""
+def ladder_weights(ladder: Ladder) -> tuple[dict[int, float], float, dict[int, float]]:
+    """The probabilities of the uniform distribution over a ladder's legal choices ``(units, channels)`` (an MLP
+    removed only with its attention: the layer removed): of each attention width kept, of the attention dropped
+    *with* the MLP kept (whose mean output stands in for it; a removed layer adds nothing), and of each MLP
+    width. The supernet's expected outputs weight the widths by these."""
+    choices = [(a, m) for a in ladder.attention for m in ladder.mlp if m or not a]
+    share = 1.0 / len(choices)
+    attention = {a: share * sum(1 for u, m in choices if u == a) for a in ladder.attention if a}
+    dropped = share * sum(1 for u, m in choices if u == 0 and m)
+    mlp = {m: share * sum(1 for _, c in choices if c == m) for m in ladder.mlp if m}
+    return attention, dropped, mlp
+
+
+def _expected_weight(fit: SublayerFit, weights: dict[int, float], dampening: float) -> torch.Tensor:
+    """The reader's refitted weight at each width (zero on the columns it removes), summed with ``weights``:
+    applied to the sublayer's dense inputs it gives the expected output over the widths (one product)."""
     total = torch.zeros_like(fit.weight, dtype=torch.float64)
     units = fit.columns.shape[0]
-    for keep in keeps:
+    for keep, weight in weights.items():
         if keep == units:
-            total += fit.weight.double()
-        elif keep:
+            total += weight * fit.weight.double()
+        else:
             kept = fit.kept(keep)
-            total[:, fit.columns[kept].flatten()] += fit.refit(kept, dampening).double()
-    return (total / len(keeps)).to(fit.weight.dtype)
+            total[:, fit.columns[kept].flatten()] += weight * fit.refit(kept, dampening).double()
+    return total.to(fit.weight.dtype)
 
 
 def _fit_attention(
@@ -436,9 +452,10 @@ def _fit_attention(
     deepest = layout.units - min([k for k in ladder.attention if k] or [layout.units])
     order = remove_groups(o.weight.detach(), gram, columns.tolist(), deepest, dampening=dampening).removed
     fit = SublayerFit(o.weight.detach(), gram, columns, order)
-    weight = _expected_weight(fit, ladder.attention, dampening)
-    kept_share = sum(1 for k in ladder.attention if k) / len(ladder.attention)
-    shift = (1.0 - kept_share) * mean + (kept_share * o.bias.float() if o.bias is not None else 0.0)
+    kept, dropped, _ = ladder_weights(ladder)
+    weight = _expected_weight(fit, kept, dampening)
+    kept_share = sum(kept.values())
+    shift = dropped * mean + (kept_share * o.bias.float() if o.bias is not None else 0.0)
     middle = [x + nn.functional.linear(z, weight) + shift.to(x.dtype) for x, z in zip(hidden, inputs, strict=True)]
     return fit, mean, middle
 
@@ -455,8 +472,9 @@ def _fit_mlp(
     deepest = layout.channels - min([k for k in ladder.mlp if k] or [layout.channels])
     order = column_removal_order(down.weight.detach(), gram, deepest, dampening=dampening)
     fit = SublayerFit(down.weight.detach(), gram, torch.arange(layout.channels)[:, None], order)
-    weight = _expected_weight(fit, ladder.mlp, dampening)
-    kept_share = sum(1 for k in ladder.mlp if k) / len(ladder.mlp)
+    _, _, kept = ladder_weights(ladder)
+    weight = _expected_weight(fit, kept, dampening)
+    kept_share = sum(kept.values())
     bias = kept_share * down.bias if down.bias is not None else None
     return fit, [x + nn.functional.linear(a, weight, bias) for x, a in zip(hidden, activations, strict=True)]
 
@@ -478,6 +496,12 @@ def build_supernet(
     _, blocks = find_decoder_blocks(model)
     if len(ladders) != len(blocks):
         raise StructuralPruningError(f"{len(ladders)} ladders for {len(blocks)} decoder layers")
+    if any(hasattr(module, "_hf_hook") for module in model.modules()):
+        raise StructuralPruningError(
+            "the model runs under accelerate hooks (device_map offload or several devices): the width search "
+            "assembles layers from the model's own tensors and needs them in memory on one device; load the model "
+            "without device_map (prunekit.load_model(..., device='cuda' or 'cpu'))"
+        )
     layouts = [layer_layout(block, i) for i, block in enumerate(blocks)]
     device = next(model.parameters()).device
     captured = capture_block_inputs(model, blocks, calibration, batch_size, device)
