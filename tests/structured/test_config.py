@@ -65,7 +65,9 @@ def test_model_flags_are_config_keys():
     assert config.trust_remote_code is True and config.dtype == "bfloat16"
 
 
-def test_the_shipped_width_recipe_is_a_valid_config():
-    recipe = Path(__file__).resolve().parents[2] / "bench" / "recipes" / "structured-25.yaml"
-    config = StructuredConfig.from_yaml(recipe)
-    assert (config.mode, config.ratio, config.criterion, config.reconstruct) == ("width", 0.25, "obs", True)
+def test_the_shipped_recipes_are_valid_configs():
+    recipes = Path(__file__).resolve().parents[2] / "bench" / "recipes"
+    width = StructuredConfig.from_yaml(recipes / "structured-25-width.yaml")
+    assert (width.mode, width.ratio, width.criterion, width.reconstruct) == ("width", 0.25, "obs", True)
+    search = StructuredConfig.from_yaml(recipes / "structured-25.yaml")
+    assert (search.mode, search.ratio, search.nsamples, search.search.generations) == ("search", 0.25, 32, 12)
