@@ -253,12 +253,14 @@ class Supernet:
 
     # -- the pruned sublayers, built on demand and cached -------------------------------------------------
 
-    def _cached(self, key: tuple[str, int, int], build: object) -> nn.Module:
+    def _cached(self, key: tuple[str, int, int], build: Callable[[], nn.Module]) -> nn.Module:
+        """The module under ``key``, built once and kept while the cache stays within ``cache_bytes`` (the
+        least recently used go first)."""
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)
             return hit[0]
-        module = build()  # type: ignore[operator]
+        module = build()
         size = sum(p.numel() * p.element_size() for p in module.parameters())
         self._cache[key] = (module, size)
         self._cached_bytes += size
