@@ -10,7 +10,7 @@ import torch
 import transformers
 
 import prunekit
-from models import VOCAB, sample_text, tiny_llama, tiny_model, tiny_tokenizer
+from models import CONFIGS, VOCAB, sample_text, tiny_llama, tiny_model, tiny_tokenizer
 from prunekit.core.errors import StructuralPruningError
 from prunekit.models.dropped_attention import DroppedAttention
 from prunekit.structured.llm.search import SearchSpace, WidthSearchConfig, search_widths
@@ -268,16 +268,9 @@ class PerLayerLlama(transformers.LlamaForCausalLM):
 
 
 def test_uneven_widths_go_into_per_layer_config_where_the_family_builds_from_it(tmp_path) -> None:
+    config = CONFIGS["llama"]()
+    config.num_hidden_layers = 3
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=256,
-    )
     model = PerLayerLlama(config).eval()
     supernet = build_supernet(model, windows(), full_ladders(model)[:3], progress=False)
     pruned = supernet.materialise(((2, 48), (1, 64), (2, 32)))
