@@ -12,7 +12,7 @@ from prunekit.calibration.data import tokenize_text
 from prunekit.core.errors import ConfigError
 from prunekit.incremental import IncrementalConfig, adaptive_sparsities, prune_incrementally, widths_for_sparsities
 from prunekit.incremental.prune import _schedule
-from prunekit.structured.llm.supernet import layer_layout
+from prunekit.structured.llm.layer_widths import layer_layout
 from prunekit.training.lm_distill import LMDistillConfig
 
 

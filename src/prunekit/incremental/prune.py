@@ -35,7 +35,8 @@ from prunekit.core.errors import ConfigError
 from prunekit.incremental.schedule import adaptive_sparsities, widths_for_sparsities
 from prunekit.models.blocks import find_decoder_blocks
 from prunekit.structured.llm.depth import layer_influence
-from prunekit.structured.llm.supernet import Genome, layer_layout, prune_to_widths
+from prunekit.structured.llm.layer_widths import Genome, layer_layout
+from prunekit.structured.llm.supernet import prune_to_widths
 from prunekit.training.lm_distill import LMDistillConfig, distill_lm
 
 log = logging.getLogger(__name__)

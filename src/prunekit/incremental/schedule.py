@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from prunekit.core.errors import StructuralPruningError
-from prunekit.structured.llm.search import SearchSpace
-from prunekit.structured.llm.supernet import Genome, Ladder, LayerLayout
+from prunekit.structured.llm.layer_widths import Genome, Ladder, LayerLayout
+from prunekit.structured.llm.search_space import SearchSpace
 
 
 def adaptive_sparsities(importance: Sequence[float], mean: float, amplitude: float) -> list[float]:

@@ -13,8 +13,10 @@ import prunekit
 from models import CONFIGS, VOCAB, sample_text, tiny_llama, tiny_model, tiny_tokenizer
 from prunekit.core.errors import StructuralPruningError
 from prunekit.models.dropped_attention import DroppedAttention
-from prunekit.structured.llm.search import SearchSpace, WidthSearchConfig, search_widths
-from prunekit.structured.llm.supernet import Ladder, build_supernet, layer_layout
+from prunekit.structured.llm.layer_widths import Ladder, layer_layout
+from prunekit.structured.llm.search import WidthSearchConfig, search_widths
+from prunekit.structured.llm.search_space import SearchSpace
+from prunekit.structured.llm.supernet import build_supernet
 
 
 def llama(layers: int = 4, seed: int = 0, kv_heads: int = 2) -> transformers.PreTrainedModel:
@@ -318,7 +320,7 @@ def test_the_latency_model_fits_the_decode_time_of_each_feature() -> None:
 
 
 def test_ladder_weights_are_the_uniform_distribution_over_legal_choices() -> None:
-    from prunekit.structured.llm.supernet import ladder_weights
+    from prunekit.structured.llm.layer_widths import ladder_weights
 
     # legal: (0, 0), (0, 32), (0, 64), (1, 32), (1, 64), (2, 32), (2, 64): seven choices
     attention, dropped, mlp = ladder_weights(Ladder((0, 1, 2), (0, 32, 64)))

@@ -5,9 +5,10 @@
 - :mod:`.attention_drop`: the attention sublayers of the least influential layers dropped (He et al. 2024);
 - :mod:`.depth`: whole decoder layers removed by ShortGPT's Block Influence (Men et al. 2024);
 - :mod:`.hf_config`: the pruned sizes written into the model's config, and checked by rebuilding a layer;
-- :mod:`.supernet`, :mod:`.search`, :mod:`.decode_latency`: per-layer widths searched (Týr-the-Pruner): local
-  second-order prunings at a ladder of widths, the evolutionary search on the KL from the dense model, and the
-  measured batch-1 decode latency model of its speed constraint;
+- :mod:`.layer_widths`, :mod:`.supernet`, :mod:`.search_space`, :mod:`.search`, :mod:`.decode_latency`:
+  per-layer widths searched (Týr-the-Pruner): a layer's choices and their parameter counts, local
+  second-order prunings at a ladder of widths, the genome operations, the evolutionary search on the KL from
+  the dense model, and the measured batch-1 decode latency model of its speed constraint;
 - :mod:`.windows`: calibration windows as model calls.
 """
 
@@ -25,8 +26,9 @@ from prunekit.structured.llm.hf_config import (
     check_config_reload,
     update_config,
 )
+from prunekit.structured.llm.layer_widths import Ladder
 from prunekit.structured.llm.search import SearchResult, WidthSearchConfig, WidthSearchSettings, search_widths
-from prunekit.structured.llm.supernet import Ladder, Supernet, build_supernet, prune_to_widths
+from prunekit.structured.llm.supernet import Supernet, build_supernet, prune_to_widths
 from prunekit.structured.llm.width import prune_causal_lm_width
 
 __all__ = [

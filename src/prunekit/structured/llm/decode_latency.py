@@ -26,7 +26,8 @@ import torch
 
 from prunekit.core.errors import StructuralPruningError
 from prunekit.eval.speed import measure_decode
-from prunekit.structured.llm.supernet import Genome, Supernet
+from prunekit.structured.llm.layer_widths import Genome
+from prunekit.structured.llm.supernet import Supernet
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ the one order, so a layer's ladder costs one greedy pass and one refit per width
 
 **Error propagation by expectation** (Týr's expectation error accumulation): the statistics of layer ``l``
 are gathered on the hidden states that the supernet's layers ``< l`` produce on average over their ladder
-(the mean of the outputs of every width on the ladder, attention then MLP), so each local pruning sees the
+(their outputs weighted by the uniform distribution over each ladder's legal choices,
+:func:`~prunekit.structured.llm.layer_widths.ladder_weights`; attention then MLP), so each local pruning sees the
 error its predecessors are expected to leave without fixing their widths before the search has chosen them.
 With a narrow ladder (the fine iterations of the search) the expectation approaches the chosen model.
 
@@ -49,113 +50,19 @@ from prunekit.models.dropped_attention import ATTENTION_NAME, DroppedAttention
 from prunekit.reconstruction.least_squares import least_squares_refit
 from prunekit.reconstruction.structured_obs import column_removal_order, remove_groups
 from prunekit.structured.depth import shorten_module_list
-from prunekit.structured.llm.attention_drop import INPUT_NORM_NAME, POST_ATTENTION_NORM_NAME, check_layer
+from prunekit.structured.llm.attention_drop import INPUT_NORM_NAME, POST_ATTENTION_NORM_NAME
 from prunekit.structured.llm.hf_config import update_config
+from prunekit.structured.llm.layer_widths import (
+    Genome,
+    Ladder,
+    LayerChoice,
+    LayerLayout,
+    ladder_weights,
+    layer_layout,
+    parameter_count,
+)
 
 log = logging.getLogger(__name__)
-
-#: ``(attention units kept, MLP channels kept)`` of one decoder layer; ``(0, 0)`` is the layer removed.
-LayerChoice = tuple[int, int]
-#: One choice per decoder layer.
-Genome = tuple[LayerChoice, ...]
-
-_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP = ("gate_proj", "up_proj", "down_proj")
-
-
-@dataclass(frozen=True)
-class LayerLayout:
-    """What one decoder layer is made of and what each of its units costs in parameters."""
-
-    units: int  # attention units: key/value groups, or query heads under multi-query attention
-    unit_heads: int  # query heads per unit
-    head_dim: int
-    kv_per_unit: int  # key/value heads that leave with a unit (0 under multi-query attention)
-    channels: int  # MLP channels
-    unit_params: int
-    channel_params: int
-    attention_fixed: int  # what the attention keeps while it has a unit: input norm, o_proj bias, shared k/v
-    mlp_fixed: int  # post-attention norm, down_proj bias
-
-    def params(self, choice: LayerChoice) -> int:
-        """Parameters of the layer with ``choice``."""
-        units, channels = choice
-        attention = self.attention_fixed + units * self.unit_params if units else 0
-        mlp = self.mlp_fixed + channels * self.channel_params if channels or units else 0
-        return attention + mlp
-
-    @property
-    def dense(self) -> LayerChoice:
-        return (self.units, self.channels)
-
-
-def _params(*modules: nn.Module | None) -> int:
-    return sum(p.numel() for m in modules if m is not None for p in m.parameters())
-
-
-def layer_layout(block: nn.Module, index: int) -> LayerLayout:
-    """The :class:`LayerLayout` of a pre-norm decoder layer with ``q/k/v/o_proj`` attention and a
-    ``gate/up/down_proj`` MLP; anything else is refused with the reason."""
-    instead = "prune_causal_lm_width (uniform widths) or prune_causal_lm_depth"
-    check_layer(block, index, method="the width search", instead=instead)
-    attention, mlp = getattr(block, ATTENTION_NAME), block.mlp
-    missing = [n for n in _PROJECTIONS if not isinstance(getattr(attention, n, None), nn.Linear)]
-    missing += [f"mlp.{n}" for n in _MLP if not isinstance(getattr(mlp, n, None), nn.Linear)]
-    head_dim = getattr(attention, "head_dim", None)
-    if missing or not isinstance(head_dim, int):
-        raise StructuralPruningError(
-            f"decoder layer {index} ({type(block).__name__}) lacks {missing or ['head_dim']}: the width search "
-            f"supports attention with separate q/k/v/o projections and gated MLPs (Llama, Mistral, Qwen2/3...): use "
-            f"{instead}"
-        )
-    heads = attention.q_proj.out_features // head_dim
-    kv_heads = attention.k_proj.out_features // head_dim
-    if heads % kv_heads:
-        raise StructuralPruningError(f"layer {index}: {heads} query heads do not split into {kv_heads} groups")
-    q, k, v, o = (getattr(attention, n) for n in _PROJECTIONS)
-
-    def rows(linear: nn.Linear, count: int) -> int:
-        return count * (linear.in_features + (linear.bias is not None))
-
-    if kv_heads > 1:
-        units, unit_heads, kv_per_unit = kv_heads, heads // kv_heads, 1
-        shared = 0
-    else:
-        units, unit_heads, kv_per_unit = heads, 1, 0
-        shared = _params(k, v)
-    unit_params = rows(q, unit_heads * head_dim) + 2 * rows(k, kv_per_unit * head_dim)
-    unit_params += o.out_features * unit_heads * head_dim
-    o_bias = o.bias.numel() if o.bias is not None else 0
-    gate, up, down = (getattr(mlp, n) for n in _MLP)
-    channel_params = rows(gate, 1) + rows(up, 1) + down.out_features
-    down_bias = down.bias.numel() if down.bias is not None else 0
-    layout = LayerLayout(
-        units=units,
-        unit_heads=unit_heads,
-        head_dim=head_dim,
-        kv_per_unit=kv_per_unit,
-        channels=gate.out_features,
-        unit_params=unit_params,
-        channel_params=channel_params,
-        attention_fixed=_params(getattr(block, INPUT_NORM_NAME)) + o_bias + shared,
-        mlp_fixed=_params(getattr(block, POST_ATTENTION_NORM_NAME)) + down_bias,
-    )
-    if layout.params(layout.dense) != _params(block):
-        raise StructuralPruningError(
-            f"decoder layer {index} holds {_params(block)} parameters, the width search accounts for "
-            f"{layout.params(layout.dense)}: it has parameters outside its attention and MLP projections and norms "
-            f"that the search cannot count: use {instead}"
-        )
-    return layout
-
-
-@dataclass(frozen=True)
-class Ladder:
-    """The widths one decoder layer may take: attention units kept, MLP channels kept (``0`` with no
-    attention: the layer removed)."""
-
-    attention: tuple[int, ...]
-    mlp: tuple[int, ...]
 
 
 @dataclass
@@ -232,7 +139,7 @@ class Supernet:
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[tuple[str, int, int], tuple[nn.Module, int]] = OrderedDict()
         self._cached_bytes = 0
-        self.fixed_params = _params(model) - sum(_params(b) for b in self.blocks)
+        self.fixed_params = parameter_count(model) - sum(parameter_count(b) for b in self.blocks)
 
     def params(self, genome: Genome) -> int:
         """Parameters of the model that ``genome`` makes (tied tensors once, as ``model.parameters()``)."""
@@ -398,19 +305,6 @@ def _with_inputs_of(
     with observe({"linear": linear}, on_input=keep):
         outputs = [run() for run in runs]
     return seen, outputs
-
-
-def ladder_weights(ladder: Ladder) -> tuple[dict[int, float], float, dict[int, float]]:
-    """The probabilities of the uniform distribution over a ladder's legal choices ``(units, channels)`` (an MLP
-    removed only with its attention: the layer removed): of each attention width kept, of the attention dropped
-    *with* the MLP kept (whose mean output stands in for it; a removed layer adds nothing), and of each MLP
-    width. The supernet's expected outputs weight the widths by these."""
-    choices = [(a, m) for a in ladder.attention for m in ladder.mlp if m or not a]
-    share = 1.0 / len(choices)
-    attention = {a: share * sum(1 for u, m in choices if u == a) for a in ladder.attention if a}
-    dropped = share * sum(1 for u, m in choices if u == 0 and m)
-    mlp = {m: share * sum(1 for _, c in choices if c == m) for m in ladder.mlp if m}
-    return attention, dropped, mlp
 
 
 def _expected_weight(fit: SublayerFit, weights: dict[int, float], dampening: float) -> torch.Tensor:
