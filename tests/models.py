@@ -125,12 +125,13 @@ def sample_text(chars: int = 60_000) -> str:
     return " ".join(words[i % len(words)] for i in range(chars // 5))
 
 
-def tiny_tokenizer(text: str | None = None) -> transformers.PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer with ``VOCAB`` entries trained on ``text`` in well under a second."""
+def tiny_tokenizer(text: str | None = None, vocab: int = VOCAB) -> transformers.PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with ``vocab`` entries (at least the 256 bytes and 2 specials) trained on
+    ``text`` in well under a second."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=["<unk>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab, special_tokens=["<unk>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator([text or sample_text(20_000)], trainer=trainer)
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
