@@ -64,6 +64,14 @@ def add_parsers(sub: Any) -> None:
         action="store_true",
         help="time decoding on a static KV cache under torch.compile (the first warm-up run compiles)",
     )
+    b.add_argument(
+        "--runtime",
+        choices=["pytorch", "llamacpp"],
+        default="pytorch",
+        help="pytorch (default: eager, or --compile) or llamacpp (MODEL and --baseline are .gguf files; needs "
+        "prunekit[llamacpp]): batch 1, models timed in interleaved rounds",
+    )
+    b.add_argument("--threads", type=int, default=None, help="llama.cpp CPU threads (default: all cores)")
     b.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -133,10 +141,68 @@ def _print_speed(rows: list[tuple[str, Any, Any, Any]], ratio: tuple[str, str, s
         print(f"{'ratio model / baseline':<26}{ratio[0]:>24}{ratio[1]:>24}{ratio[2]:>26}")
 
 
+def _bench_llamacpp(args: argparse.Namespace) -> int:
+    """``bench-speed --runtime llamacpp``: prefill and decode tokens/s of GGUF files in llama.cpp."""
+    from prunekit.eval.speed.llamacpp import measure_llamacpp
+
+    paths = [p for p in (args.baseline, args.model) if p is not None]
+    if any(not str(p).lower().endswith(".gguf") for p in paths):
+        raise ConfigError(
+            "--runtime llamacpp times GGUF files: pass MODEL (and --baseline) as .gguf files, written by "
+            "prunekit export MODEL_DIR --gguf OUT.gguf"
+        )
+    if args.batch_size != 1 or args.compile or args.semi_structured:
+        raise ConfigError(
+            "--runtime llamacpp times batch 1 as llama.cpp runs it: drop --batch-size, --compile, --semi-structured"
+        )
+    results = measure_llamacpp(
+        paths,
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        threads=args.threads,
+        seed=args.seed,
+    )
+    base = results[0] if args.baseline is not None else None
+    ratios = (
+        {
+            "prefill_speedup": base.prefill.median_s / results[-1].prefill.median_s,
+            "decode_speedup": base.decode.median_s / results[-1].decode.median_s,
+            "size_ratio": results[-1].bytes / base.bytes,
+        }
+        if base
+        else None
+    )
+    if args.json:
+        data = {"runtime": "llamacpp", "model": results[-1].to_dict(), "baseline": base.to_dict() if base else None}
+        print(json.dumps({**data, **(ratios or {})}, indent=2))
+        return 0
+    first = results[-1]
+    print(
+        f"llama.cpp, {first.threads} threads: batch 1, prompt {first.prompt_tokens} tokens, {first.new_tokens} "
+        f"new tokens; median of {args.repeats} interleaved rounds after {args.warmup} warm-up"
+    )
+    print(f"{'':<26}{'prefill tok/s (range)':>24}{'decode tok/s (range)':>24}{'file MiB':>12}")
+    for label, result in (("baseline", base), ("model", first)):
+        if result is not None:
+            cells = [f"{t.tokens_per_s:,.1f} ({t.spread:.0%})" for t in (result.prefill, result.decode)]
+            print(f"{label:<26}{cells[0]:>24}{cells[1]:>24}{result.bytes / 2**20:>12.1f}")
+    if ratios:
+        print(
+            f"{'ratio model / baseline':<26}{ratios['prefill_speedup']:>23.2f}x{ratios['decode_speedup']:>23.2f}x"
+            f"{ratios['size_ratio']:>11.2f}x"
+        )
+    return 0
+
+
 def run_bench_speed(args: argparse.Namespace) -> int:
     from collections import Counter
 
     import torch
+
+    if args.runtime == "llamacpp":
+        return _bench_llamacpp(args)
 
     settings = {
         "batch_size": args.batch_size,
