@@ -85,6 +85,7 @@ def test_prunekit_adapt_prunes_in_steps_and_reports_them(tmp_path) -> None:
     import prunekit
     from models import save_tiny_checkpoint
     from prunekit.cli import main
+    from prunekit.io.hub import read_card_metadata
 
     model_dir = save_tiny_checkpoint(tmp_path / "tiny")
     (tmp_path / "text.txt").write_text(sample_text())
@@ -96,5 +97,10 @@ def test_prunekit_adapt_prunes_in_steps_and_reports_them(tmp_path) -> None:
     assert [round(s["removed"], 2) for s in report["steps"]] == [0.15, 0.3]
     reloaded = prunekit.load_model(str(out)).model
     assert sum(p.numel() for p in reloaded.parameters()) == report["params"]
+    card = read_card_metadata(out)
+    assert card["base_model"] == str(model_dir)
+    assert card["tags"] == ["pruned", "prunekit", "adapt-pruner", "structured", "distillation"]
+    text = (out / "README.md").read_text()
+    assert f"| parameters | {report['dense_params']:,} | {report['params']:,} |" in text
     assert main([*argv, "--out", str(tmp_path / "no-text")]) == 2  # recovery without --text: refused
     assert not (tmp_path / "no-text").exists()

@@ -12,6 +12,7 @@ import transformers
 
 from models import sample_text, save_tiny_checkpoint
 from prunekit.cli import main
+from prunekit.io.hub import read_card_metadata
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,12 @@ def test_stun_end_to_end(workspace: Path, capsys: pytest.CaptureFixture[str]) ->
     )
     assert 0.45 < removed <= 0.5  # the budget, less each row's rounding down
     assert report["oneshot_method"] == "wanda" and report["oneshot"]["sparsity"] == pytest.approx(1 / 3)
+    card = read_card_metadata(out)  # the model card, written with the model
+    assert card["base_model"] == str(workspace / "mixtral")
+    assert card["tags"] == ["pruned", "prunekit", "reap", "expert-pruning", "moe", "wanda", "unstructured"]
+    text = (out / "README.md").read_text()
+    assert "| routed experts per layer | 4 | 3 |" in text
+    assert f"| parameters | {report['params_before']:,} | {report['params_after']:,} |" in text
     assert report["oneshot"]["include"] == [r"\.experts\.\d+\."]
     kept_rows = [row for row in report["experts"] if row["kept"]]
     assert len(kept_rows) == 6 and all(row["sparsity"] > 0.3 for row in kept_rows)

@@ -102,6 +102,7 @@ def test_nan_in_a_streamed_block_names_the_layer(calibration, tmp_path):
 
 def test_cli_lazy_end_to_end_and_its_errors(tmp_path, capsys):
     from prunekit.cli import main
+    from prunekit.io.hub import read_card_metadata
 
     source = save_tiny_checkpoint(tmp_path / "in", "llama")
     calib = tmp_path / "calib.txt"
@@ -110,6 +111,8 @@ def test_cli_lazy_end_to_end_and_its_errors(tmp_path, capsys):
     assert main(["prune", *common, "--out", str(tmp_path / "out")]) == 0
     assert "checkpoint:" in capsys.readouterr().out
     assert (tmp_path / "out" / "prunekit-report" / "report.json").is_file()
+    card = read_card_metadata(tmp_path / "out")  # the model card lands with the shards
+    assert card["base_model"] == str(source) and card["tags"] == ["pruned", "prunekit", "wanda", "unstructured"]
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     expected = prunekit.prune(
         tiny_model("llama"), prunekit.PruneConfig(), prunekit.calibration_windows(tiny_tokenizer(), calib, 4, 32)

@@ -16,6 +16,7 @@ from models import sample_text, tiny_model, tiny_tokenizer
 from prunekit.calibration.data import tokenize_text
 from prunekit.cli import main
 from prunekit.core.errors import CalibrationError, ConfigError
+from prunekit.io.hub import read_card_metadata
 from prunekit.io.saving import save_pretrained
 from prunekit.training import lm_distill
 from prunekit.training.lm_distill import LMDistillConfig, distill_lm, learning_rate, sparse_masks
@@ -124,5 +125,10 @@ def test_cli_distills_a_saved_pruned_model_and_keeps_its_zeros(pruned, tmp_path:
         assert not torch.equal(dict(distilled.named_parameters())[name], before[name])
     report = json.loads((out / "prunekit-report" / "report.json").read_text())
     assert report["result"]["steps"] == 6 and report["result"]["kl_after"] < report["result"]["kl_before"]
+    card = read_card_metadata(out)  # the student has no card of its own: its path is the base model
+    assert card["base_model"] == str(tmp_path / "student")
+    assert card["tags"] == ["pruned", "prunekit", "distillation", "recovery"]
+    kl = f"| held-out KL(teacher ‖ student) per token | {report['result']['kl_before']:.4f} | "
+    assert kl + f"{report['result']['kl_after']:.4f} |" in (out / "README.md").read_text()
     assert not checkpoint_folder(out).exists()  # removed once the model is saved
     assert main([*argv, *flags]) == 2  # refuses to clobber the output

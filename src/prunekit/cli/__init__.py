@@ -1,5 +1,5 @@
 """The ``prunekit`` command: ``prune``, ``eval``, ``bench-speed``, ``structured``, ``experts``, ``distill``,
-``adapt``, ``export``; one module per subcommand."""
+``adapt``, ``export``, ``push``; one module per subcommand."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from transformers.utils import logging as hf_logging
 
-from prunekit.cli import adapt, distill, evaluate, experts, export, prune, structured
+from prunekit.cli import adapt, distill, evaluate, experts, export, prune, push, structured
 from prunekit.cli.common import _add_verbosity_flags
 from prunekit.core.errors import PrunekitError
 
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_parser(sub)
     adapt.add_parser(sub)
     export.add_parser(sub)
+    push.add_parser(sub)
     return parser
 
 
@@ -49,11 +50,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return distill.run(args, argv)
         if args.command == "adapt":
             return adapt.run(args, argv)
+        if args.command == "structured":
+            return structured.run(args, argv)
         commands = {
             "eval": evaluate.run_eval,
             "bench-speed": evaluate.run_bench_speed,
-            "structured": structured.run,
             "export": export.run,
+            "push": push.run,
         }
         return commands[args.command](args)
     except PrunekitError as exc:

@@ -4,6 +4,8 @@ command line override it) into a :class:`prunekit.structured.config.StructuredCo
 from __future__ import annotations
 
 import argparse
+import shlex
+from collections.abc import Sequence
 from typing import Any
 
 from prunekit.cli.common import _add_model_flags, _add_verbosity_flags
@@ -42,6 +44,14 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--search-population", type=int, default=None, help="--mode search: genomes kept (16)")
     s.add_argument(
         "--search-windows", type=int, default=None, help="--mode search: calibration windows held apart to score on (4)"
+    )
+    s.add_argument(
+        "--channel-multiple",
+        type=int,
+        default=None,
+        metavar="M",
+        help="--mode search: MLP widths in multiples of M (32 or 64 for llama.cpp's and GPUs' fast kernels; "
+        "default 1: the parameter target met exactly)",
     )
     s.add_argument(
         "--decode-speedup",
@@ -112,6 +122,7 @@ _SECTIONS = {
     "search_population": ("search", "population"),
     "search_windows": ("search", "search_windows"),
     "decode_speedup": ("search", "decode_speedup"),
+    "channel_multiple": ("search", "channel_multiple"),
 }
 _NOT_CONFIG = {"command", "verbose", "quiet", "recipe", "print_recipe"}
 
@@ -134,12 +145,12 @@ def config_from_args(args: argparse.Namespace) -> StructuredConfig:
     return StructuredConfig.from_dict(data)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
     job = config_from_args(args)
     if args.print_recipe:
         print(job.to_yaml(), end="")
         return 0
-    report = run_structured_job(job)
+    report = run_structured_job(job, command=None if argv is None else shlex.join(["prunekit", *argv]))
     s = report["summary"]
     print(f"parameters {s['params_before']:,} -> {s['params_after']:,} ({s['params_after'] / s['params_before']:.3f})")
     if s.get("macs_before"):

@@ -19,6 +19,7 @@ from prunekit.io.atomic import check_output_dir
 from prunekit.io.loading import load_model
 from prunekit.io.saving import save_causal_lm
 from prunekit.reporting import new_figure, save_figure, write_report
+from prunekit.reporting.model_card import Metric, ModelCard, lineage, perplexity_metric, write_model_card
 
 REPORT_DIR = "prunekit-report"
 
@@ -59,6 +60,35 @@ class IncrementalReport:
         lines += ["", f"Command: `{self.command}`", "", "## Versions", ""]
         lines += [f"- {k}: {v}" for k, v in self.versions.items()]
         return "\n".join(lines) + "\n"
+
+    def model_card(self, base_model: str, derived_from: str | None = None, ppl_source: str | None = None) -> ModelCard:
+        """The card of the pruned model (``base_model`` and ``derived_from``: what it was pruned from,
+        :func:`prunekit.reporting.model_card.lineage`; ``ppl_source``: the text its perplexity was measured on)."""
+        recover = self.config.get("recover", True)
+        summary = (
+            f"`{base_model}` pruned structurally by prunekit with Adapt-Pruner in {len(self.steps)} steps"
+            + (", each followed by distillation from the dense model" if recover else "")
+            + f": {self.dense_params:,} -> {self.params:,} parameters, {1 - self.params / self.dense_params:.2%} "
+            "removed (MLP channels and attention heads, a width per layer). The tensors are smaller, so the model "
+            "is smaller and faster with ordinary dense kernels."
+        )
+        results = []
+        if self.perplexity:
+            results.append(perplexity_metric(self.perplexity.get("before"), self.perplexity.get("after"), ppl_source))
+        results.append(Metric("parameters", self.dense_params, self.params, ","))
+        last = self.steps[-1] if self.steps else None
+        if last is not None and last.kl_after is not None:
+            results.append(Metric("held-out KL from the dense model per token", None, last.kl_after, ".4f"))
+        return ModelCard(
+            base_model=base_model,
+            derived_from=derived_from,
+            method="adapt-pruner",
+            kind="structured",
+            summary=summary,
+            command=self.command,
+            results=results,
+            tags=["distillation"] if recover else [],
+        )
 
     def plot(self, path: Path) -> bool:
         """The MLP width of every decoder layer after each step."""
@@ -123,5 +153,11 @@ def run_incremental(
         perplexity=scores or None,
         versions=versions(),
     )
-    save_causal_lm(result.model, tokenizer, out, overwrite, extra=lambda tmp: write_report(report, tmp / REPORT_DIR))
+    card = report.model_card(*lineage(model), ppl_source=ppl)
+
+    def extra(tmp: Path) -> None:
+        write_report(report, tmp / REPORT_DIR)
+        write_model_card(card, tmp)
+
+    save_causal_lm(result.model, tokenizer, out, overwrite, extra=extra)
     return report

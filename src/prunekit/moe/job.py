@@ -32,11 +32,12 @@ from prunekit.io.saving import save_pretrained
 from prunekit.models.moe_layers import experts_to_remove, find_moe_layers
 from prunekit.moe.config import ExpertPruneConfig
 from prunekit.moe.remove import ExpertPruneResult, check_expert_removal, prune_experts
-from prunekit.moe.report import ExpertReport, expert_rows
+from prunekit.moe.report import ExpertReport, expert_rows, model_card
 from prunekit.oneshot.config import CalibrationConfig, EvalConfig, ModelConfig, OutputConfig, PruneConfig
 from prunekit.oneshot.job import REPORT_SUBDIR, calibration_from_config
 from prunekit.oneshot.prune import PruneResult, prune
 from prunekit.reporting import write_report
+from prunekit.reporting.model_card import lineage, write_model_card
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +188,7 @@ def run_expert_recipe(recipe: ExpertRecipe, command: str | None = None, progress
             report.size_bytes = checkpoint_size_bytes(tmp)
             if report_dir is None:
                 write_report(report, tmp / REPORT_SUBDIR)
+            write_model_card(model_card(report, *lineage(recipe.model.source)), tmp)
 
         save_pretrained(model, loaded.tokenizer, out_dir, recipe.output.overwrite, add_report)
     if report_dir is not None:

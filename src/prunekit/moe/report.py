@@ -12,6 +12,7 @@ from prunekit.eval.perplexity import PerplexityResult
 from prunekit.moe.remove import ExpertPruneResult
 from prunekit.oneshot.prune import PruneResult
 from prunekit.reporting import new_figure, save_figure
+from prunekit.reporting.model_card import Metric, ModelCard, perplexity_metric
 
 
 @dataclass
@@ -147,6 +148,49 @@ class ExpertReport:
         ax.set_title(f"{self.criterion}: {self.experts_before} -> {self.experts_after} experts per layer (x: removed)")
         save_figure(fig, path)
         return True
+
+
+def model_card(report: ExpertReport, base_model: str, derived_from: str | None = None) -> ModelCard:
+    """The model card of the checkpoint an expert-pruning run saved (``base_model`` and ``derived_from``: what it
+    was pruned from, :func:`prunekit.reporting.model_card.lineage`)."""
+    then = ""
+    tags = ["moe"]
+    if report.oneshot_method and report.oneshot_sparsity is not None:
+        pattern = str((report.oneshot or {}).get("pattern", "unstructured"))
+        then = (
+            f", then {report.oneshot_method} ({pattern}) inside the kept experts to {report.oneshot_sparsity:.2%} "
+            "sparsity"
+        )
+        tags += [report.oneshot_method, pattern]
+    summary = (
+        f"`{base_model}` pruned by prunekit from {report.experts_before} to {report.experts_after} routed experts per "
+        f"MoE layer: the experts kept were chosen by **{report.criterion}**, the others "
+        + ("merged into their nearest kept expert" if report.merged else "removed")
+        + f"{then}. {report.expert_params_removed_fraction:.2%} of the routed experts' parameters are gone."
+    )
+    results = []
+    ppl = [report.perplexity_before, report.perplexity_after]
+    known = next((p for p in ppl if p is not None), None)
+    if known is not None:
+        values = [None if p is None else p.perplexity for p in ppl]
+        results.append(perplexity_metric(*values, known.source, known.windows, known.seqlen))
+    results += [
+        Metric("parameters", report.params_before, report.params_after, ","),
+        Metric("routed experts per layer", report.experts_before, report.experts_after, "d"),
+        Metric("routed-expert parameters removed", None, report.expert_params_removed_fraction, ".2%"),
+    ]
+    return ModelCard(
+        base_model=base_model,
+        derived_from=derived_from,
+        method=report.criterion,
+        kind="expert-pruning",
+        summary=summary,
+        command=report.command,
+        recipe=report.recipe,
+        recipe_command="prunekit experts --recipe recipe.yaml",
+        results=results,
+        tags=tags,
+    )
 
 
 def _fmt(value: float | None) -> str:

@@ -32,7 +32,8 @@ from prunekit.io.saving import save_pretrained
 from prunekit.oneshot.config import CalibrationConfig, Recipe
 from prunekit.oneshot.lazy import prune_checkpoint
 from prunekit.oneshot.prune import PruneResult, prune
-from prunekit.oneshot.report import OneShotReport, build_report, record_checkpoint, write_report
+from prunekit.oneshot.report import OneShotReport, build_report, model_card, record_checkpoint, write_report
+from prunekit.reporting.model_card import lineage, write_model_card
 
 log = logging.getLogger(__name__)
 REPORT_SUBDIR = "prunekit-report"
@@ -132,18 +133,19 @@ def run_recipe(recipe: Recipe, command: str | None = None, progress: bool = True
         process_peak_rss_bytes=current_peak_rss_bytes(),
     )
     if out_dir is not None:
-        save_format = recipe.output.save_format
-        if report_dir is None:  # the report travels inside the checkpoint directory
+        inside = report_dir is None  # the report travels inside the checkpoint directory
 
-            def add_report(tmp: Path) -> None:
-                record_checkpoint(report, tmp)  # the weights are written by now: their size is known
+        def add_report(tmp: Path) -> None:
+            record_checkpoint(report, tmp)  # the weights are written by now: their size is known
+            if inside:
                 write_report(report, tmp / REPORT_SUBDIR)
+            write_model_card(model_card(report, *lineage(recipe.model.source)), tmp)
 
-            save_pretrained(result.model, loaded.tokenizer, out_dir, recipe.output.overwrite, add_report, save_format)
+        save_pretrained(
+            result.model, loaded.tokenizer, out_dir, recipe.output.overwrite, add_report, recipe.output.save_format
+        )
+        if inside:
             report_dir = out_dir / REPORT_SUBDIR
-        else:
-            save_pretrained(result.model, loaded.tokenizer, out_dir, recipe.output.overwrite, save_format=save_format)
-            record_checkpoint(report, out_dir)
     if recipe.output.report_dir:
         assert report_dir is not None
         write_report(report, report_dir, overwrite=recipe.output.overwrite)
@@ -210,6 +212,7 @@ def _run_lazily(
         reports.append(report)
         if report_dir is None:
             write_report(report, tmp / REPORT_SUBDIR)
+        write_model_card(model_card(report, *lineage(recipe.model.source)), tmp)
 
     result = prune_checkpoint(
         source,

@@ -22,6 +22,7 @@ from prunekit.io.compressed import checkpoint_format, checkpoint_size_bytes
 from prunekit.oneshot.config import Recipe
 from prunekit.oneshot.prune import LayerResult, PruneResult
 from prunekit.reporting import new_figure, save_figure
+from prunekit.reporting.model_card import Metric, ModelCard, perplexity_metric
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +239,50 @@ def plot_report(report: dict[str, Any], path: Path) -> bool:
         axes[2].set_xlabel("block")
     save_figure(fig, path)
     return True
+
+
+def model_card(report: OneShotReport, base_model: str, derived_from: str | None = None) -> ModelCard:
+    """The model card of the checkpoint a one-shot run saved (``base_model`` and ``derived_from``: what it was
+    pruned from, :func:`prunekit.reporting.model_card.lineage`)."""
+    s = report.summary
+    refit = (
+        f", the kept weights refitted by least squares ({report.refit_steps} CG steps)" if report.refit_steps else ""
+    )
+    calibrated = (
+        f", calibrated on {report.calibration_windows} windows of {report.calibration_seqlen} tokens"
+        if report.calibration_windows
+        else ""
+    )
+    stored = report.output.written_format or report.output.save_format
+    summary = (
+        f"`{base_model}` pruned one-shot by prunekit with **{report.method}** to the **{report.pattern}** pattern: "
+        f"{s.overall_sparsity:.2%} of the weights of its {s.layers} target layers are zero{refit}{calibrated}. "
+        f"The weights are stored in the {stored} format"
+        + (" (zeros included: `--save-format compressed` stores the kept weights only)." if stored == "dense" else ".")
+    )
+    ppl = [report.perplexity_before, report.perplexity_after]
+    known = next((p for p in ppl if p is not None), None)
+    results = []
+    if known is not None:
+        results.append(
+            perplexity_metric(
+                *(None if p is None else p.perplexity for p in ppl), known.source, known.windows, known.seqlen
+            )
+        )
+    results.append(Metric("sparsity of the target layers", None, s.overall_sparsity, ".2%"))
+    if s.mean_relative_error is not None:
+        results.append(Metric("mean relative reconstruction error", None, s.mean_relative_error, ".4f"))
+    return ModelCard(
+        base_model=base_model,
+        derived_from=derived_from,
+        method=report.method,
+        kind=report.pattern.split()[0],
+        summary=summary,
+        command=report.command,
+        recipe=report.recipe,
+        recipe_command="prunekit prune --recipe recipe.yaml",
+        results=results,
+    )
 
 
 def write_report(report: OneShotReport, directory: str | Path, overwrite: bool = False) -> Path:

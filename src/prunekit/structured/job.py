@@ -39,6 +39,7 @@ from prunekit.io.saving import save_causal_lm
 from prunekit.models.blocks import find_decoder_blocks
 from prunekit.models.dropped_attention import dropped_attention_layers
 from prunekit.reporting import write_report
+from prunekit.reporting.model_card import lineage, write_model_card
 from prunekit.structured.config import StructuredConfig
 from prunekit.structured.llm import prune_causal_lm_depth, prune_causal_lm_width
 from prunekit.structured.llm.search import SearchResult, WidthSearchConfig, search_widths
@@ -47,6 +48,7 @@ from prunekit.structured.report import (
     StructuralReport,
     compare_latency,
     layer_widths,
+    model_card,
     search_summary,
     size_on_disk,
     structural_report,
@@ -57,14 +59,15 @@ log = logging.getLogger(__name__)
 REPORT_DIR = "prunekit-report"
 
 
-def run_structured_job(job: StructuredConfig) -> dict[str, Any]:
-    """Run ``job``; returns the report as a dict (also written under ``<out>/prunekit-report``)."""
+def run_structured_job(job: StructuredConfig, command: str | None = None) -> dict[str, Any]:
+    """Run ``job``; returns the report as a dict (also written under ``<out>/prunekit-report``). ``command``, the
+    command line that ran it, goes into a causal LM's model card (``README.md``)."""
     if job.out is None:
         raise ConfigError("no output directory: pass --out DIR (or out: in the recipe)")
     check_output_dir(job.out, job.overwrite)
     if job.torchvision:
         return _vision_job(job).to_dict()
-    return _llm_job(job).to_dict()
+    return _llm_job(job, command).to_dict()
 
 
 def _vision_job(job: StructuredConfig) -> StructuralReport:
@@ -113,7 +116,7 @@ def _vision_job(job: StructuredConfig) -> StructuralReport:
     return report
 
 
-def _llm_job(job: StructuredConfig) -> StructuralReport:
+def _llm_job(job: StructuredConfig, command: str | None = None) -> StructuralReport:
 
     loaded = load_model(job.model, dtype=job.dtype, device=job.device, trust_remote_code=job.trust_remote_code)
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
@@ -163,6 +166,9 @@ def _llm_job(job: StructuredConfig) -> StructuralReport:
 
     def extra(directory: Path) -> None:
         write_report(report, directory / REPORT_DIR)
+        base, derived_from = lineage(job.model)
+        card = model_card(report, base, command, job.model_dump(mode="json"), job.ppl, derived_from)
+        write_model_card(card, directory)
 
     save_causal_lm(pruned, tokenizer, job.out, job.overwrite, extra=extra)
     return report

@@ -20,6 +20,7 @@ from prunekit.core.devices import device_of
 from prunekit.core.measure import versions
 from prunekit.eval.speed import seconds_per_call
 from prunekit.reporting import new_figure, save_figure
+from prunekit.reporting.model_card import Metric, ModelCard, perplexity_metric
 from prunekit.structured.cost import model_size, original_size, planned_macs, planned_parameters
 from prunekit.structured.llm.search import SearchResult
 from prunekit.structured.prune import StructuralResult
@@ -331,3 +332,60 @@ def plot_widths(report: dict[str, Any] | StructuralReport, path: Path) -> bool:
     )
     save_figure(fig, path)
     return True
+
+
+#: How each ``--mode`` of a causal LM prunes, for its model card (and its method tag).
+_MODES = {
+    "width": ("width-pruning", "the same share of MLP channels and attention heads removed from every decoder layer"),
+    "depth": ("depth-pruning", "whole decoder layers removed"),
+    "search": ("width-search", "per-layer widths chosen by an evolutionary search (Týr-the-Pruner)"),
+}
+
+
+def model_card(
+    report: StructuralReport,
+    base_model: str,
+    command: str | None = None,
+    recipe: dict[str, Any] | None = None,
+    ppl_source: str | None = None,
+    derived_from: str | None = None,
+) -> ModelCard:
+    """The model card of a structurally pruned causal LM (``report.command`` holds its mode, ratio and target;
+    ``ppl_source`` is the text its perplexity was measured on; ``base_model`` and ``derived_from``: what it was
+    pruned from, :func:`prunekit.reporting.model_card.lineage`)."""
+    settings = report.command or {}
+    mode = settings.get("mode", "width")
+    method, how = _MODES.get(mode, (f"{mode}-pruning", mode))
+    s = report.summary
+    if report.removed_layers:
+        how += f" (layers {', '.join(map(str, report.removed_layers))})"
+    if report.dropped_attention:
+        how += f"; the attention of layers {', '.join(map(str, report.dropped_attention))} dropped"
+    target = f" (asked: {settings['ratio']:.0%} of the {settings['target']})" if "ratio" in settings else ""
+    summary = (
+        f"`{base_model}` pruned structurally by prunekit: {how}. {s['params_before']:,} -> {s['params_after']:,} "
+        f"parameters, {1 - s['params_after'] / s['params_before']:.2%} removed{target}. The tensors are smaller, so "
+        "the model is smaller and faster with ordinary dense kernels."
+    )
+    results = []
+    if report.perplexity:
+        results.append(perplexity_metric(report.perplexity.get("before"), report.perplexity.get("after"), ppl_source))
+    results.append(Metric("parameters", s["params_before"], s["params_after"], ","))
+    if "latency_before_s" in s:
+        results.append(
+            Metric("latency of a forward pass (ms)", 1e3 * s["latency_before_s"], 1e3 * s["latency_after_s"], ".2f")
+        )
+        results.append(Metric("speed-up", None, f"x{s['speedup']:.2f}"))
+    return ModelCard(
+        base_model=base_model,
+        derived_from=derived_from,
+        method=method,
+        kind="structured",
+        summary=summary,
+        command=command,
+        recipe=recipe,
+        recipe_command="prunekit structured --recipe recipe.yaml" if recipe else None,
+        results=results,
+        tags=["attention-drop"] if report.dropped_attention else [],
+        weights_bytes_before=s.get("bytes_before"),
+    )

@@ -22,6 +22,14 @@ from prunekit.io.atomic import check_output_dir
 from prunekit.io.loading import load_model
 from prunekit.io.saving import save_causal_lm
 from prunekit.reporting import new_figure, save_figure, write_report
+from prunekit.reporting.model_card import (
+    Metric,
+    ModelCard,
+    base_model_of,
+    inherited_tags,
+    prefer_hub_id,
+    write_model_card,
+)
 from prunekit.training.lm_distill import LMDistillConfig, LMDistillResult, distill_lm
 
 REPORT_DIR = "prunekit-report"
@@ -52,6 +60,27 @@ class DistillReport:
             f"- settings: {self.config}\n\nCommand: `{self.command}`\n\n## Versions\n\n"
             + "\n".join(f"- {k}: {v}" for k, v in self.versions.items())
             + "\n"
+        )
+
+    def model_card(self, base_model: str, params: int, tags: list[str] | None = None) -> ModelCard:
+        """The card of the distilled student (``params`` parameters; ``tags``: how the student was pruned)."""
+        r = self.result
+        summary = (
+            f"A pruned `{base_model}` (the student `{self.student}`) recovered by prunekit with knowledge "
+            f"distillation from `{self.teacher}`: {r.steps} steps, {r.tokens:,} tokens of "
+            f"`{Path(self.text).name}`. The zeros (or removed structures) of the student are kept."
+        )
+        return ModelCard(
+            base_model=base_model,
+            method="distillation",
+            kind="recovery",
+            summary=summary,
+            command=self.command,
+            results=[
+                Metric("held-out KL(teacher ‖ student) per token", r.kl_before, r.kl_after, ".4f"),
+                Metric("parameters", params, params, ","),
+            ],
+            tags=list(tags or []),
         )
 
     def plot(self, path: Path) -> bool:
@@ -122,12 +151,14 @@ def run_distill(
         result=result,
         versions=versions(),
     )
-    save_causal_lm(
-        loaded_student.model,
-        loaded_student.tokenizer,
-        out,
-        overwrite,
-        extra=lambda tmp: write_report(report, tmp / REPORT_DIR),
-    )
+    base = prefer_hub_id(base_model_of(student), base_model_of(teacher))
+    params = sum(p.numel() for p in loaded_student.model.parameters())
+    card = report.model_card(base, params, inherited_tags(student))
+
+    def extra(tmp: Path) -> None:
+        write_report(report, tmp / REPORT_DIR)
+        write_model_card(card, tmp)
+
+    save_causal_lm(loaded_student.model, loaded_student.tokenizer, out, overwrite, extra=extra)
     shutil.rmtree(folder, ignore_errors=True)
     return report
