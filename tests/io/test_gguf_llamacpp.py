@@ -43,7 +43,7 @@ def test_llamacpp_logits_match_pytorch(tmp_path: Path, tokenizer, family: str) -
     model = _model(family, tokenizer)
     export_gguf(model, tokenizer, tmp_path / "m.gguf", outtype="f32", progress=False)
     check = compare_with_llamacpp(model, tmp_path / "m.gguf", tokens=32)
-    assert check.relative < 1e-3 and check.argmax_agreement == 1.0
+    assert check.relative < 1e-4 and check.argmax_agreement == 1.0
 
 
 def test_llamacpp_runs_heterogeneous_widths_and_an_attention_free_layer(tmp_path: Path, tokenizer) -> None:
@@ -53,7 +53,7 @@ def test_llamacpp_runs_heterogeneous_widths_and_an_attention_free_layer(tmp_path
     result = export_gguf(pruned, tokenizer, tmp_path / "p.gguf", outtype="f32", progress=False)
     assert result.arch == "deci" and result.folded == [2]
     check = compare_with_llamacpp(pruned, tmp_path / "p.gguf", tokens=32)
-    assert check.relative < 1e-3 and check.argmax_agreement == 1.0
+    assert check.relative < 1e-4 and check.argmax_agreement == 1.0
     # the folded constant matters: without it llama.cpp would compute another function
     assert pruned.model.layers[2].self_attn.bias.abs().max() > 10 * check.max_abs_diff
 
@@ -68,7 +68,7 @@ def test_export_and_bench_speed_commands(tmp_path: Path, tokenizer, capsys) -> N
         == 0
     )
     data = json.loads(capsys.readouterr().out)
-    assert data["arch"] == "llama" and data["check"]["relative"] < 1e-3 and data["check"]["argmax_agreement"] == 1.0
+    assert data["arch"] == "llama" and data["check"]["relative"] < 1e-4 and data["check"]["argmax_agreement"] == 1.0
     assert main(["export", str(tmp_path / "dense"), "--gguf", str(gguf), "-q"]) == 2  # exists, no --overwrite
     assert "overwrite" in capsys.readouterr().err
     args = ["bench-speed", str(gguf), "--baseline", str(gguf), "--runtime", "llamacpp", "--repeats", "2"]

@@ -183,6 +183,37 @@ def test_budget_repair_and_moves_stay_legal() -> None:
         genome = child
 
 
+def test_channel_multiple_keeps_every_searched_mlp_width_a_multiple_and_the_budget_within_one() -> None:
+    model = llama()
+    supernet = build_supernet(model, windows(), full_ladders(model), progress=False)
+    dense = sum(p.numel() for p in model.parameters())
+    space = SearchSpace(
+        tuple(supernet.layouts),
+        tuple(supernet.ladders),
+        (16,) * 4,
+        supernet.fixed_params,
+        dense - 12_000,
+        multiple=8,
+    )
+    rng = random.Random(0)
+    genome = space.uniform()
+    assert genome is not None and space.meets_target(genome)
+    per = supernet.layouts[0].channel_params
+    for _ in range(200):
+        child = space.repair(space.mutate(genome, rng), rng)
+        if child is None:
+            continue
+        assert all(c % 8 == 0 for _, c in child)  # 64 dense, so every width is a multiple
+        kept = space.params(child)
+        assert kept <= dense - 12_000 < kept + 8 * per
+        genome = child
+    config = WidthSearchConfig(ratio=0.3, seed=3, channel_multiple=8, **QUICK)
+    result = search_widths(model, windows(), config, progress=False)
+    assert all(c % 8 == 0 for _, c in result.genome)
+    target = result.dense_params - round(0.3 * result.dense_params)
+    assert target - 8 * per < result.params <= target
+
+
 def test_the_structured_command_searches_widths_and_reports_them(tmp_path) -> None:
     import json
 

@@ -29,9 +29,15 @@ def llama_cpp_available() -> bool:
 
 
 def open_gguf(
-    path: str | os.PathLike[str], *, threads: int | None = None, context: int = 512, logits_all: bool = False
+    path: str | os.PathLike[str],
+    *,
+    threads: int | None = None,
+    context: int = 512,
+    logits_all: bool = False,
+    float32_cache: bool = False,
 ) -> Any:
-    """A ``llama_cpp.Llama`` on the GGUF file ``path``, quiet, on ``threads`` CPU threads (all cores by default)."""
+    """A ``llama_cpp.Llama`` on the GGUF file ``path``, quiet, on ``threads`` CPU threads (all cores by default),
+    its key/value cache in float16 as llama.cpp's default (``float32_cache``: float32, for exact comparisons)."""
     if not llama_cpp_available():
         raise ConfigError(f"running GGUF files in llama.cpp needs llama-cpp-python: {INSTALL}")
     from llama_cpp import Llama
@@ -48,14 +54,16 @@ def open_gguf(
             n_threads_batch=threads or os.cpu_count() or 1,
             logits_all=logits_all,
             verbose=False,
+            **({"type_k": 0, "type_v": 0} if float32_cache else {}),  # GGML_TYPE_F32
         )
     except ValueError as exc:  # llama-cpp-python's word for "llama.cpp refused the file"
         raise ModelLoadError(f"llama.cpp could not load {str(path)!r}: {exc}") from None
 
 
 def llamacpp_logits(path: str | os.PathLike[str], token_ids: list[int], *, threads: int | None = None) -> np.ndarray:
-    """The logits llama.cpp computes for every position of ``token_ids``, ``(len(token_ids), vocab)`` float32."""
-    model = open_gguf(path, threads=threads, context=max(len(token_ids), 8), logits_all=True)
+    """The logits llama.cpp computes for every position of ``token_ids``, ``(len(token_ids), vocab)`` float32,
+    with a float32 key/value cache (llama.cpp's default float16 cache alone moves logits by ~1e-3)."""
+    model = open_gguf(path, threads=threads, context=max(len(token_ids), 8), logits_all=True, float32_cache=True)
     try:
         model.eval(list(token_ids))
         return np.array(model.scores[: len(token_ids)], dtype=np.float32)

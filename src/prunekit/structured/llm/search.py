@@ -68,6 +68,12 @@ class WidthSearchSettings(StrictConfig):
     attention_drop: bool = Field(True, description="a layer's attention may go whole")
     layer_removal: bool = Field(True, description="a layer may go whole")
     min_mlp: float = Field(0.125, gt=0.0, le=1.0, description="narrowest MLP of a kept MLP, fraction of its width")
+    channel_multiple: int = Field(
+        1,
+        ge=1,
+        description="MLP widths in multiples of this (32 or 64 suit the matrix kernels of llama.cpp and GPUs); "
+        "the parameter budget is then met to within one multiple of channels",
+    )
     search_windows: int = Field(4, ge=1, description="calibration windows held apart to score genomes on")
     search_seqlen: int | None = Field(256, gt=0, description="their length (None: the calibration length)")
     batch_size: int = Field(1, ge=1)
@@ -167,25 +173,27 @@ def _ladder(
     layout: LayerLayout, index: int, config: WidthSearchConfig, step: int, center: LayerChoice | None
 ) -> Ladder:
     """Iteration ladders: all attention widths and MLP multiples of ``step`` from ``min_mlp`` up (the first),
-    or ``neighbourhood`` steps either side of ``center`` (the next)."""
-    low = max(1, math.ceil(config.min_mlp * layout.channels))
+    or ``neighbourhood`` steps either side of ``center`` (the next); every MLP width but the dense one a
+    multiple of ``channel_multiple`` (``step`` already is one)."""
+    m = config.channel_multiple
+    low = max(m, math.ceil(config.min_mlp * layout.channels / m) * m)
     attention = list(range(layout.units + 1))
     if not config.attention_drop or index == 0:
         attention = [a for a in attention if a]
     if center is None:
-        mlp = sorted({layout.channels - k * step for k in range(layout.channels // step + 1)} | {layout.channels})
+        mlp = {layout.channels - k * step for k in range(layout.channels // step + 1)}
+        mlp = sorted({c - c % m for c in mlp} | {layout.channels})
         mlp = [c for c in mlp if c >= low]
         removable = config.layer_removal and 0 in attention
     else:
         units, channels = center
         attention = [a for a in attention if abs(a - units) <= 1]
         base = channels or low
-        mlp = sorted(
-            {
-                min(layout.channels, max(low, base + k * step))
-                for k in range(-config.neighbourhood, config.neighbourhood + 1)
-            }
-        )
+        widths = {
+            min(layout.channels, max(low, base + k * step))
+            for k in range(-config.neighbourhood, config.neighbourhood + 1)
+        }
+        mlp = sorted({c if c == layout.channels else max(low, c - c % m) for c in widths})
         removable = config.layer_removal and 0 in attention and (channels == 0 or base == low)
     return Ladder(tuple(attention), tuple(([0] if removable else []) + mlp))
 
@@ -239,7 +247,8 @@ def search_widths(
             steps = []
             layouts = [layer_layout(block, i) for i, block in enumerate(blocks)]
             for i, layout in enumerate(layouts):
-                step = max(1, round(layout.channels * config.first_step / 2**iteration))
+                m = config.channel_multiple
+                step = max(m, round(layout.channels * config.first_step / 2**iteration / m) * m)
                 steps.append(step)
                 ladders.append(_ladder(layout, i, config, step, None if best is None else best[i]))
             supernet = build_supernet(
@@ -264,6 +273,7 @@ def search_widths(
                 kept_target,
                 latency=latency if config.decode_speedup is not None else None,
                 max_seconds=max_seconds,
+                multiple=config.channel_multiple,
             )
             evaluate = _Scorer(supernet, reference, evaluations)
 

@@ -27,6 +27,12 @@ class SearchSpace:
     #: with a decode-speed constraint: the measured latency model and the most seconds per token allowed
     latency: DecodeLatencyModel | None = None
     max_seconds: float = math.inf
+    #: MLP widths other than the dense one are multiples of this (the budget is met to within one multiple)
+    multiple: int = 1
+
+    def _down(self, channels: int) -> int:
+        """``channels`` rounded down to a multiple of :attr:`multiple`."""
+        return channels - channels % self.multiple
 
     def low(self, layer: int) -> int:
         return min(c for c in self.ladders[layer].mlp if c)
@@ -51,9 +57,10 @@ class SearchSpace:
         return self.latency is None or self.latency.seconds(genome) <= self.max_seconds
 
     def within_budget(self, genome: Genome) -> bool:
-        """Keeps at most the parameter target, and less than one MLP channel's parameters under it."""
+        """Keeps at most the parameter target, and less than one MLP channel's parameters under it (one
+        :attr:`multiple` of channels)."""
         kept = self.params(genome)
-        slack = max(layout.channel_params for layout in self.layouts)
+        slack = max(layout.channel_params for layout in self.layouts) * self.multiple
         return kept <= self.kept_target and self.kept_target - kept < slack
 
     def meets_target(self, genome: Genome) -> bool:
@@ -77,7 +84,8 @@ class SearchSpace:
 
     def _repair_params(self, genome: Genome, rng: random.Random) -> Genome | None:
         """``genome`` with MLP channels taken from (or given back to) random layers, at most one ladder step at
-        a time, until it keeps the parameter target; ``None`` where the MLP ranges cannot absorb the difference."""
+        a time (in steps of :attr:`multiple`), until it keeps the parameter target; ``None`` where the MLP ranges
+        cannot absorb the difference."""
         choices = list(genome)
         excess = self.params(genome) - self.kept_target
         while excess > 0:
@@ -87,23 +95,27 @@ class SearchSpace:
             i = rng.choice(layers)
             units, channels = choices[i]
             per = self.layouts[i].channel_params
-            take = min(self.step[i], channels - self.low(i), math.ceil(excess / per))
-            choices[i] = (units, channels - take)
-            excess -= take * per
+            need = min(self.step[i], math.ceil(excess / per))
+            narrower = max(self.low(i), self._down(channels - need))
+            choices[i] = (units, narrower)
+            excess -= (channels - narrower) * per
         while True:
             layers = [
                 i
                 for i, (_, c) in enumerate(choices)
-                if 0 < c < self.high(i) and -excess >= self.layouts[i].channel_params
+                if 0 < c < self.high(i) and -excess >= self.layouts[i].channel_params * self.multiple
             ]
             if not layers:
                 break
             i = rng.choice(layers)
             units, channels = choices[i]
             per = self.layouts[i].channel_params
-            give = min(self.step[i], self.high(i) - channels, -excess // per)
-            choices[i] = (units, channels + give)
-            excess += give * per
+            give = min(self.step[i], -excess // per)
+            wider = self.high(i) if channels + give >= self.high(i) else self._down(channels + give)
+            if wider <= channels:  # a step shorter than a multiple: nothing to give
+                break
+            choices[i] = (units, wider)
+            excess += (wider - channels) * per
         return tuple(choices) if self.within_budget(tuple(choices)) else None
 
     def mutate(self, genome: Genome, rng: random.Random) -> Genome:
@@ -120,6 +132,8 @@ class SearchSpace:
                     proposal = (units, self.high(i))
                 if proposal[1] < self.low(i) < channels:
                     proposal = (units, self.low(i))
+                if proposal[1] != self.high(i):
+                    proposal = (units, max(self.low(i), self._down(proposal[1])))
             elif move < 0.9:
                 position = ladder.attention.index(units)
                 neighbours = [
@@ -148,31 +162,36 @@ class SearchSpace:
         total = sum(layout.channels * layout.channel_params for layout in self.layouts)
         share = max(0.0, excess / total)
         genome = tuple(
-            (u, max(self.low(i), min(self.high(i), round(layout.channels * (1 - share)))))
+            (u, max(self.low(i), min(self.high(i), self._down(round(layout.channels * (1 - share))))))
             for i, (u, layout) in enumerate(zip(units, self.layouts, strict=True))
         )
         return self.settle(genome)
 
     def settle(self, genome: Genome) -> Genome | None:
-        """``genome`` brought to the parameter budget one MLP channel at a time, on the layers in turn (no
-        randomness: for genomes a channel or so per layer off, like rounded shares); ``None`` where the MLP
-        ranges cannot absorb the difference."""
+        """``genome`` brought to the parameter budget one MLP channel (one :attr:`multiple`) at a time, on the
+        layers in turn (no randomness: for genomes a channel or so per layer off, like rounded shares); ``None``
+        where the MLP ranges cannot absorb the difference."""
         choices = list(genome)
         excess = self.params(genome) - self.kept_target
+        m = self.multiple
         start = 0
         while True:
             turn = [(start + k) % len(choices) for k in range(len(choices))]
             if excess > 0:
-                layers = [j for j in turn if choices[j][1] > self.low(j)]
+                layers = [j for j in turn if self._down(choices[j][1] - 1) >= self.low(j)]
             else:
-                layers = [j for j in turn if choices[j][1] < self.high(j) and -excess >= self.layouts[j].channel_params]
+                layers = [
+                    j
+                    for j in turn
+                    if choices[j][1] + m <= self.high(j) and -excess >= self.layouts[j].channel_params * m
+                ]
             if not layers:
                 break
             i = layers[0]
             u, c = choices[i]
-            sign = 1 if excess > 0 else -1
-            choices[i] = (u, c - sign)
-            excess -= sign * self.layouts[i].channel_params
+            new = self._down(c - 1) if excess > 0 else c + m
+            choices[i] = (u, new)
+            excess += (new - c) * self.layouts[i].channel_params
             start = i + 1
         result = tuple(choices)
         return result if self.within_budget(result) else None
