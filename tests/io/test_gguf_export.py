@@ -146,6 +146,22 @@ def test_f16_and_q8_0_types(tmp_path: Path, tokenizer, pruned) -> None:
     assert types["blk.0.ffn_down.weight"] == "Q8_0"
 
 
+def test_a_sparse_model_exports_dense_and_says_llama_cpp_gains_nothing(tmp_path: Path, tokenizer) -> None:
+    model = _llama(tokenizer)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for linear in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj, layer.self_attn.q_proj):
+                linear.weight[:, ::2] = 0
+    result = export_gguf(model, tokenizer, tmp_path / "s.gguf", outtype="bf16", progress=False)
+    # half of gate, up, down (3 x 64 x 32) and q (32 x 32) of the 9,216 weights of a layer's matrices
+    assert result.zero_share == pytest.approx(3584 / 9216)
+    assert any("buy neither size nor speed" in note for note in result.notes)
+    types = {t.name: t.tensor_type.name for t in GGUFReader(tmp_path / "s.gguf").tensors}
+    assert types["blk.0.ffn_up.weight"] == "BF16" and types["output_norm.weight"] == "F32"
+    dense = export_gguf(_llama(tokenizer), tokenizer, tmp_path / "d.gguf", outtype="bf16", progress=False)
+    assert dense.notes == [] and result.bytes == dense.bytes  # stored dense: the zeros take their full place
+
+
 def test_bad_input_is_refused_before_anything_is_written(tmp_path: Path, tokenizer, pruned) -> None:
     with pytest.raises(ConfigError, match="families"):
         export_gguf(tiny_model("gpt2"), tokenizer, tmp_path / "a.gguf", progress=False)
