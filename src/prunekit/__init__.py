@@ -22,6 +22,8 @@ from prunekit.core.errors import (
 from prunekit.core.masks import Mask
 from prunekit.core.patterns import NM, Unstructured, parse_pattern
 from prunekit.eval.perplexity import PerplexityResult, perplexity
+from prunekit.io.gguf.export import export_gguf
+from prunekit.io.hub import push_to_hub
 from prunekit.io.loading import LoadedModel, load_model
 from prunekit.io.onnx import export_onnx
 from prunekit.oneshot import LayerResult, PruneResult, prune
@@ -52,6 +54,7 @@ __all__ = [
     "TargetError",
     "Unstructured",
     "calibration_windows",
+    "export_gguf",
     "export_onnx",
     "load_model",
     "load_pruned",
@@ -59,6 +62,7 @@ __all__ = [
     "perplexity",
     "prune",
     "prune_structurally",
+    "push_to_hub",
     "run_recipe",
     "save_pruned",
 ]
