@@ -45,6 +45,9 @@ _PRUNE_FLAGS = {
     "offload_activations": ("prune", "offload_activations"),
     "propagation": ("prune", "propagation"),
     "refit_steps": ("prune", "refit_steps"),
+    "layer_budget": ("prune", "layer_budget"),
+    "owl_outlier_multiple": ("prune", "owl_outlier_multiple"),
+    "owl_max_deviation": ("prune", "owl_max_deviation"),
     "expert_min_tokens": ("prune", "expert_min_tokens"),
     "underused_experts": ("prune", "underused_experts"),
     "routing_weighted": ("prune", "routing_weighted"),
@@ -107,6 +110,16 @@ def add_parser(sub: Any) -> None:
         help="conjugate-gradient steps refitting the kept weights to the dense output after masking (default 4 for "
         "sparsegpt, 0 otherwise; 0 = the paper's SparseGPT; any method with > 0 needs --calib)",
     )
+    budget = p.add_argument_group("per-block sparsity")
+    budget.add_argument(
+        "--layer-budget",
+        choices=["uniform", "owl"],
+        default=None,
+        help="uniform (default) or owl: more weights kept in blocks with more outlier scores (Yin et al. 2024); "
+        "the mean sparsity stays exactly --sparsity",
+    )
+    budget.add_argument("--owl-outlier-multiple", type=float, default=None, help="OWL's M (default 5)")
+    budget.add_argument("--owl-max-deviation", type=float, default=None, help="OWL's lambda (default 0.08)")
     moe = p.add_argument_group("mixture-of-experts layers (every expert's gate/up/down matrices are targets)")
     moe.add_argument(
         "--expert-min-tokens",

@@ -47,6 +47,17 @@ class PruneConfig(StrictConfig):
         description="regexes of layer names to prune (default: all decoder-block linears)",
     )
     exclude: list[str] = Field(default_factory=list, description="regexes of layer names to leave alone")
+    layer_budget: Literal["uniform", "owl"] = Field(
+        "uniform",
+        description="per-block sparsity: uniform (the same everywhere) or owl (more kept where a block has more "
+        "outlier Wanda scores, Yin et al. 2024; unstructured patterns; the mean stays exactly at sparsity)",
+    )
+    owl_outlier_multiple: float = Field(
+        5.0, gt=0.0, description="OWL's M: a score above M times its block's mean score is an outlier"
+    )
+    owl_max_deviation: float = Field(
+        0.08, gt=0.0, lt=0.5, description="OWL's lambda: outlier shares are scaled to [0, 2 lambda] before centring"
+    )
     seed: int = Field(0, description="seed of the random method")
     batch_size: int = Field(
         1, gt=0, description="calibration windows per forward batch (all batches are in flight at once)"
@@ -139,6 +150,11 @@ class PruneConfig(StrictConfig):
                 )
             object.__setattr__(self, "options", config_class())
         self.method_class().check(self.options, self.parsed_pattern())
+        if self.layer_budget == "owl" and isinstance(self.parsed_pattern(), NM):
+            raise ValueError(
+                f"layer_budget owl varies the sparsity per block, which an N:M pattern ({self.pattern}) fixes: use "
+                "an unstructured pattern, or layer_budget uniform"
+            )
         return self
 
     def method_class(self) -> type[OneShotMethod]:

@@ -21,10 +21,11 @@ from prunekit.core.devices import resolve_device
 from prunekit.core.errors import ConfigError, NonFiniteError
 from prunekit.core.masks import Mask
 from prunekit.core.measure import MemoryMeter
-from prunekit.core.patterns import check_pattern_fits
+from prunekit.core.patterns import Pattern, Unstructured, check_pattern_fits
 from prunekit.methods import LayerTask, MethodConfig, OneShotMethod, method_class
 from prunekit.models.blocks import find_decoder_blocks
 from prunekit.models.targets import Target, find_targets, weight_matrix
+from prunekit.oneshot.budgets import block_outlier_shares, owl_sparsities
 from prunekit.oneshot.config import PruneConfig
 from prunekit.reconstruction.least_squares import DEFAULT_DAMPENING, refit_kept_weights
 
@@ -62,6 +63,9 @@ class PruneResult:
     peak_rss_bytes: int = 0
     peak_device_bytes: int | None = None
     calibration_shape: tuple[int, int] | None = None
+    #: per decoder block: the sparsity it was given (``layer_budget`` owl) and its share of outlier scores
+    block_sparsity: dict[int, float] = field(default_factory=dict)
+    block_outliers: dict[int, float] = field(default_factory=dict)
 
     @property
     def overall_sparsity(self) -> float:
@@ -144,6 +148,28 @@ def prune(
     result = PruneResult(model=model)
     meter = MemoryMeter(device)
     started = time.perf_counter()
+    patterns: dict[int | None, Pattern] = {}
+    if config.layer_budget == "owl":
+        if stream is not None or calibration is None:
+            raise ConfigError(
+                "layer_budget owl scores every block on calibration activations before pruning: give calibration "
+                "data, and prune in memory (not --lazy)"
+            )
+        result.block_outliers, sizes = block_outlier_shares(
+            model,
+            blocks_name,
+            blocks,
+            targets,
+            calibration,
+            config.owl_outlier_multiple,
+            device=device,
+            batch_size=config.batch_size,
+            progress=progress,
+        )
+        result.block_sparsity = owl_sparsities(result.block_outliers, sizes, pattern.sparsity, config.owl_max_deviation)
+        scope = config.scope or config.method_class().default_scope
+        patterns = {b: Unstructured(s, scope) for b, s in result.block_sparsity.items()}
+        log.info("OWL block sparsities: %s", {b: round(s, 4) for b, s in result.block_sparsity.items()})
 
     def prune_layer(target: Target, inputs: LayerStatistics) -> None:
         t0 = time.perf_counter()
@@ -166,7 +192,8 @@ def prune(
             mask, new_weight = Mask(torch.ones_like(weight, dtype=torch.bool)), weight
         else:
             stats = inputs if inputs.reached else None
-            pruned = chosen.finalize(LayerTask(target.name, weight, stats, pattern, keep_gram=refit_steps > 0))
+            layer_pattern = patterns.get(target.block_index, pattern)
+            pruned = chosen.finalize(LayerTask(target.name, weight, stats, layer_pattern, keep_gram=refit_steps > 0))
             mask, new_weight = pruned.mask, pruned.weight
         if chosen is not None and refit_steps and inputs.gram is not None:
             dampening = DEFAULT_DAMPENING if pruned.dampening is None else pruned.dampening

@@ -76,6 +76,9 @@ class OneShotReport:
     perplexity_after: PerplexityResult | None = None
     blocks: list[BlockTiming] = field(default_factory=list)
     layers: list[LayerResult] = field(default_factory=list)
+    #: ``layer_budget`` owl: each block's sparsity and its share of outlier scores
+    block_sparsity: dict[int, float] = field(default_factory=dict)
+    block_outliers: dict[int, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -96,6 +99,10 @@ class OneShotReport:
             "output": asdict(self.output),
             "blocks": [asdict(b) for b in self.blocks],
             "layers": [asdict(layer) for layer in self.layers],
+            "block_budgets": [
+                {"block": b, "sparsity": s, "outlier_share": self.block_outliers.get(b)}
+                for b, s in sorted(self.block_sparsity.items())
+            ],
         }
 
     def to_markdown(self) -> str:
@@ -147,6 +154,8 @@ def build_report(
         perplexity_after=ppl_after,
         blocks=list(result.blocks),
         layers=list(result.layers),
+        block_sparsity=dict(result.block_sparsity),
+        block_outliers=dict(result.block_outliers),
     )
 
 
@@ -172,7 +181,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         + (f", kept weights refitted ({report['refit_steps']} CG steps)" if report.get("refit_steps") else ""),
         f"- calibration: {report['calibration']['windows']} windows x {report['calibration']['seqlen']} tokens"
         + (f", statistics: {report['propagation']}" if report.get("propagation") else ""),
-        f"- overall sparsity of {s['layers']} target layers: {s['overall_sparsity']:.4%}",
+        f"- overall sparsity of {s['layers']} target layers: {s['overall_sparsity']:.4%}"
+        + (
+            f" (OWL budgets: blocks from {min(b['sparsity'] for b in report['block_budgets']):.2%} to "
+            f"{max(b['sparsity'] for b in report['block_budgets']):.2%})"
+            if report.get("block_budgets")
+            else ""
+        ),
         f"- mean relative reconstruction error: {_fmt(s['mean_relative_error'])}",
         f"- prune time: {s['prune_seconds']:.1f} s; peak RSS while pruning: {s['prune_peak_rss_gib']:.2f} GiB"
         + (f"; peak device memory: {s['peak_device_gib']:.2f} GiB" if s["peak_device_gib"] is not None else ""),
