@@ -106,7 +106,9 @@ def test_the_command_line_offers_the_registered_methods_options(keep_first):
 
 
 def test_another_methods_option_is_an_error_naming_its_owner():
-    with pytest.raises(ConfigError, match="dampening is an option of method sparsegpt, not of wanda"):
+    with pytest.raises(ConfigError, match="block_size is an option of method sparsegpt, not of wanda"):
+        prunekit.PruneConfig(method="wanda", block_size=64)
+    with pytest.raises(ConfigError, match="dampening is an option of method alps or sparsegpt, not of wanda"):
         prunekit.PruneConfig(method="wanda", dampening=0.1)
     with pytest.raises(ConfigError, match="unknown method 'keep-first'"):
         prunekit.PruneConfig(method="keep-first")
@@ -133,7 +135,7 @@ def test_a_recipe_written_before_methods_had_own_options_still_loads(caplog):
     old = {"method": "wanda", "dampening": 0.01, "block_size": 128, "hessian_dtype": "float32"}
     assert prunekit.PruneConfig(**old) == prunekit.PruneConfig(method="wanda")
     assert "ignoring dampening=0.01" in caplog.text
-    with pytest.raises(ConfigError, match="dampening is an option of method sparsegpt, not of wanda"):
+    with pytest.raises(ConfigError, match="dampening is an option of method alps or sparsegpt, not of wanda"):
         prunekit.PruneConfig(method="wanda", dampening=0.02)
 
 
