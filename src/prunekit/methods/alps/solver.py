@@ -57,14 +57,15 @@ class ScaledProblem:
 
 
 def scaled_problem(hessian: torch.Tensor, dampening: float = 0.01) -> ScaledProblem:
-    """Damp ``H`` by ``dampening * mean(diag H)``, scale it to a unit diagonal and eigendecompose it (float64)."""
+    """Damp ``H`` by ``dampening * mean(diag H)``, scale it to a unit diagonal and eigendecompose it (in float64;
+    kept in float32, the precision the ADMM iterations run in)."""
     h = hessian.double().clone()
     diagonal = torch.arange(h.shape[0], device=h.device)
     h[diagonal, diagonal] += dampening * float(h.diagonal().mean()) + 1e-12
     scale = h.diagonal().sqrt()
     h = h / scale / scale.unsqueeze(1)
     eigenvalues, eigenvectors = torch.linalg.eigh(h)
-    return ScaledProblem(eigenvalues.clamp_min(0.0), eigenvectors, scale)
+    return ScaledProblem(eigenvalues.clamp_min(0.0).float(), eigenvectors.float(), scale.float())
 
 
 def _project(values: torch.Tensor, pattern: Pattern) -> torch.Tensor:
@@ -84,7 +85,7 @@ def alps_prune(
 ) -> AlpsResult:
     """ALPS's ADMM (module docstring) on one ``(out, in)`` layer; ``weight`` is not modified. The result's
     weight is exactly zero off ``keep`` and fits ``pattern`` exactly."""
-    w0 = weight.double() * problem.scale  # W~_0
+    w0 = weight.float() * problem.scale  # W~_0
     target = w0 @ problem.gram()  # W~_0 H~: the right-hand side's data term
     keep = _project(w0, pattern)
     z = w0 * keep
