@@ -1,0 +1,137 @@
+"""Benchmark (issue 22): better one-shot solvers than SparseGPT at the same calibration budget, beside
+llm-compressor's SparseGPT in the same run.
+
+SmolLM2-135M-Instruct float32; calibration 32 x 512 tokens of ``wikitext2_valid.txt`` (seed 0; the same ids for
+every run and the peer); perplexity on the first 40 x 2048 tokens of ``wikitext2_test.txt``. Each prunekit run
+prunes a fresh copy of the dense model in this process (``prunekit.prune``), timed; the peer runs in its own
+virtual environment (``bench/peer_llmcompressor.py``) on the same ids and is scored by the same perplexity code.
+
+A run is ``METHOD:PATTERN[:owl]``, PATTERN a sparsity (``0.7``) or ``N:M``; ``owl`` adds OWL layer budgets
+(M = 5, lambda = 0.08 unless ``--owl-max-deviation``)::
+
+    python bench/bench_oneshot_solvers.py --runs sparsegpt:0.7 sparsegpt:0.7:owl alps:0.7 alps:0.7:owl \\
+        sparsegpt:2:4 alps:2:4 --peer-python .venv-peer/bin/python --peer-runs sparsegpt:0.7
+
+Writes ``bench/results/oneshot_solvers.json`` (each run as it finishes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+log = logging.getLogger("bench_oneshot_solvers")
+
+
+def parse_run(text: str) -> tuple[str, dict, bool]:
+    """``METHOD:PATTERN[:owl]`` -> (method, pattern keys of PruneConfig, owl)."""
+    method, rest = text.split(":", 1)
+    owl = rest.endswith(":owl")
+    rest = rest.removesuffix(":owl")
+    keys = {"pattern": rest} if ":" in rest else {"sparsity": float(rest)}
+    return method, keys, owl
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", nargs="+", required=True)
+    parser.add_argument("--peer-python", default=None)
+    parser.add_argument("--peer-runs", nargs="*", default=[])
+    parser.add_argument("--owl-max-deviation", type=float, default=0.08)
+    parser.add_argument("--ppl-windows", type=int, default=40)
+    parser.add_argument("--work", default=str(ROOT / "bench/work/solvers"))
+    parser.add_argument("--out", default=str(ROOT / "bench/results/oneshot_solvers.json"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    import torch
+    from safetensors.torch import save_file
+
+    import prunekit
+    from prunekit.core.measure import versions
+    from prunekit.io.loading import prepare_bundled_model
+
+    dense = prunekit.load_model("smollm2", dtype="float32")
+    calib = prunekit.calibration_windows(dense.tokenizer, str(DATA / "wikitext2_valid.txt"), 32, 512, seed=0)
+    test = str(DATA / "wikitext2_test.txt")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    result: dict = {"versions": versions(), "settings": vars(args), "runs": []}
+    if out.is_file():  # extend an earlier run of the same settings
+        result["runs"] = json.loads(out.read_text()).get("runs", [])
+
+    def score(model: torch.nn.Module) -> float:
+        return prunekit.perplexity(model, dense.tokenizer, test, 2048, args.ppl_windows, progress=False).perplexity
+
+    def save() -> None:
+        out.write_text(json.dumps(result, indent=2))
+
+    for text in args.runs:
+        method, keys, owl = parse_run(text)
+        budget = {"layer_budget": "owl", "owl_max_deviation": args.owl_max_deviation} if owl else {}
+        config = prunekit.PruneConfig(method=method, **keys, **budget)
+        started = time.perf_counter()
+        pruned = prunekit.prune(dense.model, config, calib, progress=False)
+        seconds = time.perf_counter() - started
+        ppl = score(pruned.model)
+        record = {
+            "tool": "prunekit",
+            "run": text,
+            "perplexity": ppl,
+            "prune_seconds": seconds,
+            "sparsity": pruned.overall_sparsity,
+            "block_sparsity": pruned.block_sparsity,
+            "mean_relative_error": sum(r.relative_error or 0 for r in pruned.layers) / len(pruned.layers),
+        }
+        log.info("%s", record)
+        result["runs"].append(record)
+        save()
+        del pruned
+    if args.peer_runs and args.peer_python:
+        calib_file = work / "calib.safetensors"
+        save_file({"input_ids": calib.contiguous()}, str(calib_file))
+        for text in args.peer_runs:
+            method, keys, _ = parse_run(text)
+            name = f"peer-{method}-{text.split(':', 1)[1].replace(':', 'of')}"
+            flags = ["--pattern", keys["pattern"]] if "pattern" in keys else ["--sparsity", str(keys["sparsity"])]
+            command = [
+                args.peer_python,
+                str(ROOT / "bench/peer_llmcompressor.py"),
+                "--model",
+                str(prepare_bundled_model()),
+                "--calib-ids",
+                str(calib_file),
+                "--method",
+                method,
+                *flags,
+                "--out",
+                str(work / name),
+                "--result",
+                str(work / f"{name}.json"),
+            ]
+            subprocess.run(command, check=True, cwd=ROOT)
+            peer = json.loads((work / f"{name}.json").read_text())
+            model = prunekit.load_model(str(work / name), dtype="float32").model
+            record = {
+                "tool": "llm-compressor",
+                "run": text,
+                "version": peer.get("version"),
+                "perplexity": score(model),
+                "prune_seconds": peer.get("prune_seconds"),
+                "sparsity": peer.get("measured_sparsity_of_targets"),
+            }
+            log.info("%s", record)
+            result["runs"].append(record)
+            save()
+    log.info("wrote %s", out)
+
+
+if __name__ == "__main__":
+    main()
