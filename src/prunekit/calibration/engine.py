@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 
 
 PruneLayer = Callable[[Target, LayerStatistics], None]
+#: ``after_block(index, block, forward, inputs, dense_outputs)``, called once a block's targets are pruned and
+#: before its outputs go on: ``forward(b, x)`` runs the block on calibration batch ``b`` with input ``x``;
+#: ``inputs`` are the block's calibration inputs and ``dense_outputs`` the block's outputs on them before pruning
+AfterBlock = Callable[[int, nn.Module, Callable[[int, torch.Tensor], torch.Tensor], list, list], None]
 
 
 class BlockStream(Protocol):
@@ -141,6 +145,7 @@ def run_sequential(
     stream: BlockStream | None = None,
     progress: bool = True,
     routing_weighted: bool = True,
+    after_block: AfterBlock | None = None,
 ) -> list[BlockTiming]:
     """Prune ``targets`` block by block.
 
@@ -161,6 +166,10 @@ def run_sequential(
     Fused MoE experts whose matrices are targets run one expert at a time through those matrices
     (:func:`prunekit.models.experts.routed_through`), so each expert's statistics come from its own routed
     tokens, weighted by their routing weights when ``routing_weighted``.
+
+    With ``after_block`` (block reconstruction), each block first runs dense once more to record its outputs,
+    its inputs are kept until it is done, ``after_block`` may change its weights, and its outputs are then
+    computed again: memory holds three sets of one block's activations.
 
     Returns the time spent per block.
     """
@@ -247,7 +256,18 @@ def run_sequential(
 
             return job
 
-        two_passes = propagation == "block"
+        def forward(b: int, x: torch.Tensor, block: nn.Module = block, calls: list[BlockCall] = calls) -> torch.Tensor:
+            call = calls[b]
+            out = block(to_device(x, device), *to_device(call.args, device), **to_device(call.kwargs, device))
+            return hidden_from_output(out)
+
+        dense_outputs: list[torch.Tensor] = []
+        if after_block is not None:
+            with torch.no_grad():
+                dense_outputs = [forward(b, x) for b, x in enumerate(hidden) if x is not None]
+        inputs = list(hidden)
+        # the block's outputs go on after it is pruned (and reconstructed), except under dense propagation
+        two_passes = propagation == "block" or (after_block is not None and propagation == "sequential")
         expert_targets = [t.module for t in layer_targets if isinstance(t.module, ExpertMatrix)]
         owners_with_targets = {id(m.owner) for m in expert_targets}
         owners = [
@@ -255,8 +275,13 @@ def run_sequential(
         ]
         with torch.no_grad(), routed_through(owners, expert_targets, weigh_rows=routing_weighted):
             outputs = runner.run([make_job(b, release=not two_passes) for b in range(n_batches)])
-            if two_passes:  # second pass: outputs of the pruned block
+            if after_block is not None:
+                if two_passes:
+                    outputs = []  # computed again once the block is reconstructed
+                after_block(index, block, forward, inputs, dense_outputs)
+            if two_passes:  # second pass: outputs of the pruned (and reconstructed) block
                 outputs = [make_job(b, release=True)() for b in range(n_batches)]
+        inputs, dense_outputs = [], []
         hidden = list(outputs)
         reached = {id(m) for m in runner.finalized}
         for target in layer_targets:

@@ -45,6 +45,9 @@ _PRUNE_FLAGS = {
     "offload_activations": ("prune", "offload_activations"),
     "propagation": ("prune", "propagation"),
     "refit_steps": ("prune", "refit_steps"),
+    "reconstruct": ("prune", "reconstruct"),
+    "reconstruct_steps": ("prune", "reconstruct_steps"),
+    "reconstruct_lr": ("prune", "reconstruct_lr"),
     "layer_budget": ("prune", "layer_budget"),
     "owl_outlier_multiple": ("prune", "owl_outlier_multiple"),
     "owl_max_deviation": ("prune", "owl_max_deviation"),
@@ -110,6 +113,15 @@ def add_parser(sub: Any) -> None:
         help="conjugate-gradient steps refitting the kept weights to the dense output after masking (default 4 for "
         "sparsegpt, 0 otherwise; 0 = the paper's SparseGPT; any method with > 0 needs --calib)",
     )
+    p.add_argument(
+        "--reconstruct",
+        choices=["none", "block"],
+        default=None,
+        help="block: after each block's masks, tune its kept weights (Adam) to the dense block's outputs on the "
+        "calibration inputs; the mask is held exactly and the block's error never rises (default none)",
+    )
+    p.add_argument("--reconstruct-steps", type=int, default=None, help="block reconstruction: Adam steps (100)")
+    p.add_argument("--reconstruct-lr", type=float, default=None, help="block reconstruction: learning rate (1e-4)")
     budget = p.add_argument_group("per-block sparsity")
     budget.add_argument(
         "--layer-budget",

@@ -58,6 +58,13 @@ class PruneConfig(StrictConfig):
     owl_max_deviation: float = Field(
         0.08, gt=0.0, lt=0.5, description="OWL's lambda: outlier shares are scaled to [0, 2 lambda] before centring"
     )
+    reconstruct: Literal["none", "block"] = Field(
+        "none",
+        description="block: once a block's masks are fixed, tune its kept weights by Adam so the block's output "
+        "matches the dense block's on the calibration inputs (mask held exactly; never raises the block's error)",
+    )
+    reconstruct_steps: int = Field(100, ge=1, description="Adam steps of block reconstruction, one batch a step")
+    reconstruct_lr: float = Field(1e-4, gt=0.0, description="Adam learning rate of block reconstruction")
     seed: int = Field(0, description="seed of the random method")
     batch_size: int = Field(
         1, gt=0, description="calibration windows per forward batch (all batches are in flight at once)"

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from prunekit.calibration.engine import BlockStream, BlockTiming, run_sequential
+from prunekit.calibration.engine import AfterBlock, BlockStream, BlockTiming, run_sequential
 from prunekit.calibration.statistics import LayerStatistics
 from prunekit.core.devices import resolve_device
 from prunekit.core.errors import ConfigError, NonFiniteError
@@ -27,6 +27,7 @@ from prunekit.models.blocks import find_decoder_blocks
 from prunekit.models.targets import Target, find_targets, weight_matrix
 from prunekit.oneshot.budgets import block_outlier_shares, owl_sparsities
 from prunekit.oneshot.config import PruneConfig
+from prunekit.reconstruction.block import BlockForward, BlockReconstruction, reconstruct_block
 from prunekit.reconstruction.least_squares import DEFAULT_DAMPENING, refit_kept_weights
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ class PruneResult:
     #: per decoder block: the sparsity it was given (``layer_budget`` owl) and its share of outlier scores
     block_sparsity: dict[int, float] = field(default_factory=dict)
     block_outliers: dict[int, float] = field(default_factory=dict)
+    #: ``reconstruct`` block: per decoder block, its output error against the dense block before and after
+    block_reconstruction: dict[int, BlockReconstruction] = field(default_factory=dict)
 
     @property
     def overall_sparsity(self) -> float:
@@ -90,6 +93,33 @@ def _check_finite_weight(target: Target, weight: torch.Tensor) -> None:
             f"NaN or Inf in the weights of layer {target.name!r}: the checkpoint is damaged or was saved in "
             "a dtype that overflowed; reload it in float32"
         )
+
+
+def _block_reconstruction(
+    config: PruneConfig, targets: list[Target], masks: dict[int, torch.Tensor], result: PruneResult
+) -> AfterBlock:
+    """The engine's ``after_block`` for ``reconstruct: block`` (:func:`~prunekit.reconstruction.block.reconstruct_block`)."""
+    unsupported = [t.name for t in targets if not isinstance(t.module, nn.Linear) and not hasattr(t.module, "nf")]
+    if unsupported:
+        raise ConfigError(
+            f"block reconstruction tunes nn.Linear (and GPT-2 Conv1D) weights; {unsupported[0]} is not one (fused "
+            "MoE experts are not supported yet): prune without reconstruct, or exclude those layers"
+        )
+
+    def after_block(index: int, block: nn.Module, forward: BlockForward, inputs: list, dense: list) -> None:
+        masked = []
+        for target in targets:
+            keep = masks.get(id(target.module))
+            if target.block_index == index and keep is not None:
+                weight = target.module.weight
+                masked.append((weight, keep if isinstance(target.module, nn.Linear) else keep.t()))
+        done = reconstruct_block(
+            block, forward, inputs, dense, masked, steps=config.reconstruct_steps, lr=config.reconstruct_lr
+        )
+        result.block_reconstruction[index] = done
+        log.info("block %d reconstructed: error %.4g -> %.4g", index, done.error_before, done.error_after)
+
+    return after_block
 
 
 def prune(
@@ -123,6 +153,10 @@ def prune(
         raise ConfigError(
             "refitting the kept weights needs calibration data: pass calibration token ids or refit_steps=0"
         )
+    if config.reconstruct == "block" and calibration is None:
+        raise ConfigError(
+            "block reconstruction fits the block's outputs on calibration data: pass calibration token ids"
+        )
     if calibration is not None and (calibration.dim() != 2 or calibration.numel() == 0):
         raise ConfigError(f"calibration must be a non-empty (nsamples, seqlen) tensor, got {tuple(calibration.shape)}")
 
@@ -149,6 +183,10 @@ def prune(
     meter = MemoryMeter(device)
     started = time.perf_counter()
     patterns: dict[int | None, Pattern] = {}
+    masks: dict[int, torch.Tensor] = {}  # module -> keep-mask, for block reconstruction
+    after_block = None
+    if config.reconstruct == "block":
+        after_block = _block_reconstruction(config, targets, masks, result)
     if config.layer_budget == "owl":
         if stream is not None or calibration is None:
             raise ConfigError(
@@ -204,6 +242,7 @@ def prune(
             error = relative_reconstruction_error(weight, new_weight, inputs.sample)
         with torch.no_grad():
             weight.copy_(new_weight)
+        masks[id(target.module)] = mask.keep
         result.layers.append(
             LayerResult(
                 target.name,
@@ -248,6 +287,7 @@ def prune(
                 stream=stream,
                 progress=progress,
                 routing_weighted=config.routing_weighted,
+                after_block=after_block,
             )
     result.seconds = time.perf_counter() - started
     result.peak_rss_bytes = meter.peak_rss_bytes
