@@ -79,6 +79,8 @@ class OneShotReport:
     #: ``layer_budget`` owl: each block's sparsity and its share of outlier scores
     block_sparsity: dict[int, float] = field(default_factory=dict)
     block_outliers: dict[int, float] = field(default_factory=dict)
+    #: ``reconstruct`` block: each block's output error against the dense block, before and after
+    block_reconstruction: dict[int, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -103,6 +105,7 @@ class OneShotReport:
                 {"block": b, "sparsity": s, "outlier_share": self.block_outliers.get(b)}
                 for b, s in sorted(self.block_sparsity.items())
             ],
+            "block_reconstruction": [{"block": b, **asdict(r)} for b, r in sorted(self.block_reconstruction.items())],
         }
 
     def to_markdown(self) -> str:
@@ -156,6 +159,7 @@ def build_report(
         layers=list(result.layers),
         block_sparsity=dict(result.block_sparsity),
         block_outliers=dict(result.block_outliers),
+        block_reconstruction=dict(result.block_reconstruction),
     )
 
 
@@ -192,6 +196,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- prune time: {s['prune_seconds']:.1f} s; peak RSS while pruning: {s['prune_peak_rss_gib']:.2f} GiB"
         + (f"; peak device memory: {s['peak_device_gib']:.2f} GiB" if s["peak_device_gib"] is not None else ""),
     ]
+    rebuilt = report.get("block_reconstruction") or []
+    if rebuilt:
+        lines.append(
+            f"- block reconstruction: {sum(r['kept'] for r in rebuilt)} of {len(rebuilt)} blocks improved; mean output "
+            f"error {sum(r['error_before'] for r in rebuilt) / len(rebuilt):.4g} -> "
+            f"{sum(r['error_after'] for r in rebuilt) / len(rebuilt):.4g}"
+        )
     experts = [layer for layer in report["layers"] if layer["expert"] is not None]
     if experts:
         underused = [layer for layer in experts if layer["note"]]
