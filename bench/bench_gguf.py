@@ -9,8 +9,14 @@ a 128-token prompt and 64 single-token decode steps on the cache, median over ``
 one warm-up. For reference the same models are timed in PyTorch eager float32 in the same run
 (:func:`prunekit.eval.speed.measure_speed`, batch 1, same prompt and new tokens).
 
-    python bench/bench_gguf.py --model dense=smollm2 --model search25=bench/work/recipe-search25 \\
-        --model width25=bench/work/recipe-width25        # ~10 min on 2 CPU cores
+    python bench/bench_gguf.py --model dense=smollm2 --model width25=bench/work/recipe-width25 \\
+        --model attn9=bench/work/attn9-width25 --model search25=bench/work/recipe-search25 \\
+        --model search25x32=bench/work/recipe-search25-32        # ~25 min on 2 CPU cores
+
+(the models: ``prunekit structured --recipe bench/recipes/structured-25-width.yaml`` with and without
+``--drop-attention 9``, ``structured-25.yaml`` and ``structured-25-llamacpp.yaml``, all with
+``--calib ../shared/data/wikitext2_valid.txt``). A model's perplexity (40 x 2048 tokens of
+``wikitext2_test.txt``) is taken from its report where the run measured it (``--ppl``), else measured here.
 
 Writes ``bench/results/gguf_llamacpp.json``.
 """
@@ -28,6 +34,15 @@ ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench_gguf")
 
 
+def _stored_perplexity(source: str) -> tuple[float | None, float | None]:
+    """(before, after) perplexity from the report prunekit wrote beside a model (40 x 2048 windows), if any."""
+    report = Path(source) / "prunekit-report" / "report.json"
+    if not report.is_file():
+        return None, None
+    found = json.loads(report.read_text()).get("perplexity") or {}
+    return found.get("before"), found.get("after")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", action="append", required=True, help="NAME=DIR (the first is the baseline)")
@@ -36,6 +51,12 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--pytorch-repeats", type=int, default=7, help="0: skip the PyTorch reference")
+    parser.add_argument(
+        "--ppl-windows",
+        type=int,
+        default=40,
+        help="perplexity windows of 2048 tokens of wikitext2_test.txt, measured for a model whose report has none",
+    )
     parser.add_argument("--work", default=str(ROOT / "bench/work/gguf"))
     parser.add_argument("--out", default=str(ROOT / "bench/results/gguf_llamacpp.json"))
     args = parser.parse_args()
@@ -44,9 +65,9 @@ def main() -> None:
     import llama_cpp
     import torch
 
-    import prunekit
     from prunekit.core.measure import versions
     from prunekit.eval.gguf_check import compare_with_llamacpp
+    from prunekit.eval.perplexity import perplexity
     from prunekit.eval.speed import measure_speed
     from prunekit.eval.speed.llamacpp import measure_llamacpp
     from prunekit.io.gguf.export import export_gguf
@@ -57,7 +78,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     result: dict = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
-        "versions": {**versions(), "prunekit": prunekit.__version__, "llama_cpp_python": llama_cpp.__version__},
+        "versions": {**versions(), "llama_cpp_python": llama_cpp.__version__},
         "settings": vars(args),
         "load_before": os.getloadavg(),
         "models": {},
@@ -65,9 +86,17 @@ def main() -> None:
         "pytorch": {},
     }
     files: dict[str, dict[str, Path]] = {outtype: {} for outtype in args.outtypes}
+    stored = {name: _stored_perplexity(source) for name, source in models.items()}
+    dense_ppl = next((p[0] for p in stored.values() if p[0] is not None), None)
     for name, source in models.items():
         loaded = load_model(source, dtype="float32")
         entry = {"source": loaded.source, "parameters": sum(p.numel() for p in loaded.model.parameters())}
+        ppl = stored[name][1] if name != next(iter(models)) else dense_ppl
+        if ppl is None and args.ppl_windows:
+            test = ROOT.parent / "shared/data/wikitext2_test.txt"
+            ppl = perplexity(loaded.model, loaded.tokenizer, test, 2048, args.ppl_windows, progress=False).perplexity
+            entry["perplexity_measured_here"] = True
+        entry["perplexity"] = ppl
         for outtype in args.outtypes:
             path = work / f"{name}-{outtype}.gguf"
             export = export_gguf(
