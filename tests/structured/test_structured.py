@@ -666,6 +666,27 @@ def test_planned_cost_equals_the_measured_cost(make, shape):
     assert planned_macs(plan) == measured_macs(pruned, x)
 
 
+class TinySelfAttention(nn.Module):
+    """Two heads of width 4 over 8 features, through PyTorch's fused attention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.out = nn.Linear(8, 24), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (t.unflatten(-1, (2, 4)).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        return self.out(nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+
+def test_the_cost_counts_attention_products_on_a_cpu_too():
+    # FlopCounterMode counts 0 for the CPU's fused attention kernel; the planned cost counts its two products:
+    # 5 tokens x (8 x 24 + 8 x 8) for the Linears, 2 x 5 x 5 x 8 for scores and weighted values
+    from prunekit.structured.cost import model_size
+
+    model = TinySelfAttention().eval()
+    assert model_size(model, (torch.randn(1, 5, 8),)) == (24 * 9 + 8 * 9, 5 * (8 * 24 + 8 * 8) + 2 * 5 * 5 * 8)
+
+
 @pytest.mark.parametrize("target", ["macs", "params"])
 def test_a_cost_target_is_reached_with_the_least_channel_ratio(target):
     torch.manual_seed(0)

@@ -3,7 +3,8 @@
 Parameters come from the planned shapes. MACs come from the traced graph: every matrix product, convolution
 and attention node is re-costed at its planned shapes with the formulas of
 :mod:`torch.utils.flop_counter` (the same ones ``FlopCounterMode`` uses; MACs = FLOPs / 2), so the
-prediction equals a measurement of the pruned model with that counter.
+prediction equals a measurement of the pruned model with that counter, except that attention's two products
+(scores and weighted values) are counted on a CPU too, where the counter misses the fused kernel.
 """
 
 from __future__ import annotations
@@ -78,10 +79,19 @@ def aten_calls(graph: DependencyGraph) -> list[torch.fx.Node]:
     return [n for n in graph.traced.graph.nodes if n.op == "call_function" and hasattr(n.target, "overloadpacket")]
 
 
+def _formula(packet: Any) -> Any:
+    """The FLOP formula of an ATen operation: :data:`~torch.utils.flop_counter.flop_registry`'s, and for the
+    CPU's fused attention kernel, which that registry leaves out (so ``FlopCounterMode`` counts 0 for the
+    attention products of every model run on a CPU), the formula of the same products on other devices."""
+    if packet is getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None):
+        packet = torch.ops.aten._scaled_dot_product_flash_attention
+    return flop_registry.get(packet)
+
+
 def node_flops(graph: DependencyGraph, node: torch.fx.Node, removed: set[int]) -> int:
     """Floating-point operations of one traced call at its planned shapes (0 for operations without a
-    formula in :data:`torch.utils.flop_counter.flop_registry`); MACs are half of them."""
-    formula = flop_registry.get(getattr(node.target, "overloadpacket", None))
+    formula: see :func:`_formula`); MACs are half of them."""
+    formula = _formula(getattr(node.target, "overloadpacket", None))
     if formula is None:
         return 0
     args, kwargs, out = planned_call(graph, node, removed)

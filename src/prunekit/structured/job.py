@@ -41,6 +41,7 @@ from prunekit.models.dropped_attention import dropped_attention_layers
 from prunekit.reporting import write_report
 from prunekit.reporting.model_card import lineage, write_model_card
 from prunekit.structured.config import StructuredConfig
+from prunekit.structured.cost import model_size
 from prunekit.structured.llm import prune_causal_lm_depth, prune_causal_lm_width
 from prunekit.structured.llm.search import SearchResult, WidthSearchConfig, search_widths
 from prunekit.structured.prune import prune_structurally
@@ -155,6 +156,10 @@ def _llm_job(job: StructuredConfig, command: str | None = None) -> StructuralRep
         report = _search_report(model, searched, example)
     else:
         raise ConfigError(f"--mode must be width, depth or search, got {job.mode!r}")
+    # one definition for every mode: the MACs of one forward pass over one calibration window
+    report.summary["macs_before"] = model_size(model, (example,), {"use_cache": False})[1]
+    report.summary["macs_after"] = model_size(pruned, (example,), {"use_cache": False})[1]
+    report.summary["macs_tokens"] = int(example.shape[1])
     if job.ppl:
         ppl["after"] = perplexity(pruned, tokenizer, job.ppl, job.ppl_seqlen, job.ppl_windows).perplexity
         report.perplexity = ppl
@@ -183,8 +188,6 @@ def _depth_report(
         summary={
             "params_before": sum(p.numel() for p in original.parameters()),
             "params_after": sum(p.numel() for p in pruned.parameters()),
-            "macs_before": 0,
-            "macs_after": 0,
             "bytes_before": size_on_disk(original),
             "bytes_after": size_on_disk(pruned),
             **timing,
@@ -206,8 +209,6 @@ def _search_report(original: nn.Module, searched: SearchResult, example: torch.T
         summary={
             "params_before": searched.dense_params,
             "params_after": searched.params,
-            "macs_before": 0,
-            "macs_after": 0,
             "bytes_before": size_on_disk(original),
             "bytes_after": size_on_disk(pruned),
             **timing,

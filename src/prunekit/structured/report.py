@@ -177,13 +177,15 @@ def structural_report(
 ) -> StructuralReport:
     """Everything about one structural pruning run."""
     params_before, macs_before = original_size(result.plan)
-    if result.removed_blocks:  # the plan is of the model without them: count the original itself
+    macs_after = planned_macs(result.plan)
+    if result.removed_blocks:  # the plan is of the model without them: count both models on the same inputs
         params_before, macs_before = model_size(original, example_inputs, example_kwargs)
+        macs_after = model_size(result.model, example_inputs, example_kwargs)[1]
     summary: dict[str, Any] = {
         "params_before": params_before,
         "params_after": planned_parameters(result.plan),
         "macs_before": macs_before,
-        "macs_after": planned_macs(result.plan),
+        "macs_after": macs_after,
         "bytes_before": size_on_disk(original),
         "bytes_after": size_on_disk(result.model),
     }
@@ -224,9 +226,12 @@ def render_markdown(report: dict[str, Any] | StructuralReport) -> str:
         "| | before | after | ratio |",
         "|---|---|---|---|",
         f"| parameters | {s['params_before']:,} | {s['params_after']:,} | {s['params_after'] / s['params_before']:.3f} |",
-        f"| MACs | {s['macs_before']:,} | {s['macs_after']:,} | {s['macs_after'] / max(1, s['macs_before']):.3f} |",
         f"| bytes on disk | {s['bytes_before']:,} | {s['bytes_after']:,} | {s['bytes_after'] / s['bytes_before']:.3f} |",
     ]
+    if s.get("macs_before"):  # reports of before the MAC count covered every mode have 0 here: no row
+        label = f"MACs (one pass of {s['macs_tokens']} tokens)" if "macs_tokens" in s else "MACs"
+        ratio = s["macs_after"] / s["macs_before"]
+        lines.insert(-1, f"| {label} | {s['macs_before']:,} | {s['macs_after']:,} | {ratio:.3f} |")
     if "latency_before_s" in s:
         lines.append(
             f"| latency (s) | {s['latency_before_s']:.5f} | {s['latency_after_s']:.5f} | speed-up x{s['speedup']:.2f} |"

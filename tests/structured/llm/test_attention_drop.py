@@ -31,6 +31,14 @@ def silence_attention(model: transformers.LlamaForCausalLM, layer: int, output: 
             o_proj.bias.copy_(output if output is not None else torch.zeros_like(o_proj.bias))
 
 
+def hand_counted_macs(model: torch.nn.Module, tokens: int) -> int:
+    """Multiply-accumulates of one pass over ``tokens`` tokens: each Linear's weight once per token, and the
+    two attention products (scores, weighted values) over every pair of tokens, per kept query channel."""
+    linear = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    attention = sum(2 * tokens * tokens * m.q_proj.out_features for m in model.modules() if hasattr(m, "q_proj"))
+    return tokens * linear + attention
+
+
 def ids(rows: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (rows, length), generator=torch.Generator().manual_seed(seed))
 
@@ -164,6 +172,11 @@ def test_structured_command_drops_attention_then_prunes_width(tmp_path) -> None:
     assert len(report["dropped_attention"]) == 2 and 0 not in report["dropped_attention"]
     reloaded = prunekit.load_model(out).model  # rebuilt from the saved config and structure
     assert sum(p.numel() for p in reloaded.parameters()) == summary["params_after"]
+    # MACs of one 32-token window, before and after on the same window: every Linear once per token, and
+    # q.k and attention.v over all 32 x 32 pairs in each layer that kept its attention
+    assert summary["macs_tokens"] == 32
+    assert summary["macs_before"] == hand_counted_macs(tiny_llama(), 32)
+    assert summary["macs_after"] == hand_counted_macs(reloaded, 32)
     assert dropped_attention_layers(reloaded) == report["dropped_attention"]
     depth = [*argv[:3], "--mode", "depth", *argv[3:-1], str(tmp_path / "depth")]
     assert main(depth) == 2  # --drop-attention is for width: refused before anything is written
