@@ -1,8 +1,8 @@
 """One-shot pruning methods: one folder per method (its math in pure functions beside its method object
 and options), found through a registry (:func:`register_method`). Importing this package registers the
-built-in methods: magnitude, random, wanda, sparsegpt, alps."""
+built-in methods: magnitude, random, wanda, sparsegpt, alps, icbs."""
 
-from prunekit.methods import alps, magnitude, random, sparsegpt, wanda
+from prunekit.methods import alps, icbs, magnitude, random, sparsegpt, wanda
 from prunekit.methods.base import LayerStatistics, LayerTask, MethodConfig, OneShotMethod, Pruned, ScoreMethod
 from prunekit.methods.registry import (
     method_class,
@@ -21,6 +21,7 @@ __all__ = [
     "Pruned",
     "ScoreMethod",
     "alps",
+    "icbs",
     "magnitude",
     "method_class",
     "method_classes",
