@@ -37,7 +37,9 @@ def test_owl_sparsities_by_hand() -> None:
 def test_owl_budgets_prune_each_block_to_its_sparsity_with_the_mean_at_the_target() -> None:
     model = tiny_model("llama")
     calib = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
-    config = PruneConfig(method="wanda", sparsity=0.5, layer_budget="owl", owl_outlier_multiple=3, owl_max_deviation=0.1)
+    config = PruneConfig(
+        method="wanda", sparsity=0.5, layer_budget="owl", owl_outlier_multiple=3, owl_max_deviation=0.1
+    )
     result = prune(model, config, calib, progress=False)
     assert len(set(result.block_sparsity.values())) == len(result.block_sparsity) == 2
     sizes = {b: sum(r.shape[0] * r.shape[1] for r in result.layers if r.block == b) for b in result.block_sparsity}
