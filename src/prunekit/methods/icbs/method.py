@@ -21,11 +21,13 @@ log = logging.getLogger(__name__)
 class IcbsConfig(MethodConfig):
     """iCBS's options (Rosenberg et al. 2024, Alg. 1): the starting mask and the budget of the refinement."""
 
-    start: Literal["wanda", "magnitude"] = Field("wanda", description="icbs: the mask the refinement starts from")
-    steps: int = Field(
+    start_mask: Literal["wanda", "magnitude"] = Field(
+        "wanda", description="icbs: the mask the refinement starts from"
+    )
+    exchanges: int = Field(
         100, ge=0, description="icbs: exchanges per row at most (the quality/time knob; 0 = the start mask)"
     )
-    block: int = Field(16, ge=1, description="icbs: kept and pruned candidates per row in each block")
+    candidates: int = Field(16, ge=1, description="icbs: kept and pruned candidates per row in each block")
 
 
 @register_method
@@ -45,7 +47,7 @@ class Icbs(OneShotMethod):
         stats = task.stats
         if stats is None or stats.gram is None or stats.sq_norms is None:
             raise ValueError(f"icbs needs the input Gram matrix and norms of {task.name!r}: pass calibration data")
-        if self.config.start == "wanda":
+        if self.config.start_mask == "wanda":
             scores = wanda_scores(task.weight, stats.sq_norms)
         else:
             scores = magnitude_scores(task.weight)
@@ -55,8 +57,8 @@ class Icbs(OneShotMethod):
             keep,
             stats.gram.to(task.weight.device),
             task.pattern,
-            steps=self.config.steps,
-            block=self.config.block,
+            steps=self.config.exchanges,
+            block=self.config.candidates,
         )
         before, after = float(refined.error_before.sum()), float(refined.error_after.sum())
         log.debug("icbs %s: %d exchanges, error %.4g -> %.4g", task.name, refined.swaps, before, after)
