@@ -6,11 +6,17 @@ every run and the peer); perplexity on the first 40 x 2048 tokens of ``wikitext2
 prunes a fresh copy of the dense model in this process (``prunekit.prune``), timed; the peer runs in its own
 virtual environment (``bench/peer_llmcompressor.py``) on the same ids and is scored by the same perplexity code.
 
-A run is ``METHOD:PATTERN[:owl]``, PATTERN a sparsity (``0.7``) or ``N:M``; ``owl`` adds OWL layer budgets
-(M = 5, lambda = 0.08 unless ``--owl-max-deviation``)::
+A run is ``METHOD:PATTERN[:owl][:KEY=VALUE]...``, PATTERN a sparsity (``0.7``) or ``N:M``; ``owl`` adds OWL
+layer budgets (M = 5, lambda = 0.08 unless ``--owl-max-deviation``), and each ``KEY=VALUE`` one more
+:class:`prunekit.PruneConfig` key (``reconstruct=block``, ``max_iterations=100``). A recipe (``--recipes``)
+runs through the command line as a user would (``prunekit prune smollm2 --recipe FILE --calib
+wikitext2_valid.txt --nsamples 32 --seqlen 512 --seed 0 --out DIR``, timed whole) and its output is loaded
+with plain ``transformers`` for the perplexity::
 
     python bench/bench_oneshot_solvers.py --runs sparsegpt:0.7 sparsegpt:0.7:owl alps:0.7 alps:0.7:owl \\
         sparsegpt:2:4 alps:2:4 --peer-python .venv-peer/bin/python --peer-runs sparsegpt:0.7
+    python bench/bench_oneshot_solvers.py --recipes bench/recipes/best-50.yaml bench/recipes/best-2of4.yaml \\
+        bench/recipes/best-70.yaml
 
 Writes ``bench/results/oneshot_solvers.json`` (each run as it finishes).
 """
@@ -21,6 +27,7 @@ import argparse
 import json
 import logging
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -29,18 +36,38 @@ DATA = ROOT.parent / "shared" / "data"
 log = logging.getLogger("bench_oneshot_solvers")
 
 
+def _value(text: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def parse_run(text: str) -> tuple[str, dict, bool]:
-    """``METHOD:PATTERN[:owl]`` -> (method, pattern keys of PruneConfig, owl)."""
-    method, rest = text.split(":", 1)
-    owl = rest.endswith(":owl")
-    rest = rest.removesuffix(":owl")
-    keys = {"pattern": rest} if ":" in rest else {"sparsity": float(rest)}
+    """``METHOD:PATTERN[:owl][:KEY=VALUE]...`` -> (method, PruneConfig keys, owl). PATTERN is a sparsity
+    (``0.7``) or ``N:M``; each ``KEY=VALUE`` is one more PruneConfig key (``reconstruct=block``,
+    ``max_iterations=100``)."""
+    method, *parts = text.split(":")
+    if len(parts) > 1 and parts[0].isdigit() and parts[1].isdigit():
+        keys: dict = {"pattern": f"{parts[0]}:{parts[1]}"}
+        parts = parts[2:]
+    else:
+        keys = {"sparsity": float(parts[0])}
+        parts = parts[1:]
+    owl = "owl" in parts
+    for part in parts:
+        if part != "owl":
+            key, _, value = part.partition("=")
+            keys[key] = _value(value)
     return method, keys, owl
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", nargs="+", required=True)
+    parser.add_argument("--runs", nargs="*", default=[])
+    parser.add_argument("--recipes", nargs="*", default=[], help="recipe files, run through `prunekit prune`")
     parser.add_argument("--peer-python", default=None)
     parser.add_argument("--peer-runs", nargs="*", default=[])
     parser.add_argument("--owl-max-deviation", type=float, default=0.08)
@@ -51,6 +78,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     import torch
+    import transformers
     from safetensors.torch import save_file
 
     import prunekit
@@ -94,6 +122,29 @@ def main() -> None:
         result["runs"].append(record)
         save()
         del pruned
+    for recipe in args.recipes:
+        name = Path(recipe).stem
+        target = work / f"recipe-{name}"
+        command = [sys.executable, "-m", "prunekit", "-q", "prune", "smollm2", "--recipe", recipe, "--overwrite"]
+        command += ["--calib", str(DATA / "wikitext2_valid.txt"), "--nsamples", "32", "--seqlen", "512"]
+        command += ["--seed", "0", "--out", str(target)]
+        started = time.perf_counter()
+        subprocess.run(command, check=True, cwd=ROOT)
+        seconds = time.perf_counter() - started
+        model = transformers.AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)  # plain transformers
+        weights = [m.weight for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+        zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+        record = {
+            "tool": "prunekit",
+            "run": f"recipe {recipe}",
+            "perplexity": score(model),
+            "prune_seconds": seconds,
+            "sparsity": zeros,
+            "command": " ".join(command[1:]),
+        }
+        log.info("%s", record)
+        result["runs"].append(record)
+        save()
     if args.peer_runs and args.peer_python:
         calib_file = work / "calib.safetensors"
         save_file({"input_ids": calib.contiguous()}, str(calib_file))
