@@ -179,3 +179,32 @@ def test_a_card_with_a_local_base_model_is_pushed_with_a_warning(
     assert push_to_hub(folder, "org/x", token="t") == URL
     assert "is a local path, not a Hub id" in caplog.text
     assert [name for name, _ in hub.calls] == ["create_repo", "upload_folder"]
+
+
+def test_prune_with_push_to_hub_uploads_the_written_output(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = Recorder(monkeypatch)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_stored")
+    out = tmp_path / "out"
+    argv = ["-q", "prune", str(model_dir), "--method", "magnitude", "--sparsity", "0.5", "--out", str(out)]
+    assert main([*argv, "--push-to-hub", "org/tiny-pruned"]) == 0
+    assert [name for name, _ in hub.calls] == ["create_repo", "upload_folder"]
+    assert hub.calls[1][1]["folder_path"] == out and "README.md" in hub.uploaded and "config.json" in hub.uploaded
+
+
+def test_push_to_hub_is_checked_before_the_pruning(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hub = Recorder(monkeypatch)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    out = tmp_path / "out"
+    argv = ["-q", "prune", str(model_dir), "--method", "magnitude", "--sparsity", "0.5"]
+    assert main([*argv, "--out", str(out), "--push-to-hub", "org/tiny-pruned"]) == 2
+    assert "not logged in" in capsys.readouterr().err and not out.exists() and hub.calls == []
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_stored")
+    assert main([*argv, "--push-to-hub", "org/tiny-pruned"]) == 2  # nothing to upload without --out
+    assert "pass --out DIR" in capsys.readouterr().err and hub.calls == []
+    structured = ["-q", "structured", "--torchvision", "resnet18", "--out", str(out), "--push-to-hub", "org/x"]
+    assert main(structured) == 2 and not out.exists()
+    assert "uploads causal LMs" in capsys.readouterr().err

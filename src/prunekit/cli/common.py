@@ -14,7 +14,12 @@ CALIBRATION_FLAGS = {
     "seed": ("calibration", "seed"),
 }
 EVAL_FLAGS = {"ppl": ("eval", "ppl"), "ppl_seqlen": ("eval", "seqlen"), "ppl_windows": ("eval", "max_windows")}
-OUTPUT_FLAGS = {"out": ("output", "dir"), "overwrite": ("output", "overwrite"), "report": ("output", "report_dir")}
+OUTPUT_FLAGS = {
+    "out": ("output", "dir"),
+    "overwrite": ("output", "overwrite"),
+    "report": ("output", "report_dir"),
+    "push_to_hub": ("output", "push_to_hub"),
+}
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +55,9 @@ def _add_output_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="output directory for the pruned checkpoint")
     parser.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty --out")
     parser.add_argument("--report", default=None, help="report directory (default: <out>/prunekit-report)")
+    parser.add_argument(
+        "--push-to-hub", default=None, metavar="ORG/NAME", help="upload --out to this Hub repository once written"
+    )
 
 
 def apply_flags(data: dict[str, Any], args: argparse.Namespace, flags: Mapping[str, tuple[str, str]]) -> dict[str, Any]:

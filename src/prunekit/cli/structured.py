@@ -108,6 +108,7 @@ def add_parser(sub: Any) -> None:
     )
     s.add_argument("--out", default=None, help="new or empty output directory (or out: in the recipe)")
     s.add_argument("--overwrite", action="store_true", default=None, help="replace a non-empty --out")
+    s.add_argument("--push-to-hub", default=None, metavar="ORG/NAME", help="LMs: upload --out to this Hub repository")
     s.add_argument("--device", default=None, help="LMs: auto (default), cpu, cuda")
     s.add_argument("--recipe", default=None, help="YAML recipe (the keys of StructuredConfig); flags override it")
     s.add_argument("--print-recipe", action="store_true", help="print the resolved recipe as YAML and exit")

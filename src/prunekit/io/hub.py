@@ -113,6 +113,35 @@ def _hub_error(exc: Exception, repo_id: str) -> Exception:
     )
 
 
+def check_can_push(repo_id: str, token: str | None = None) -> None:
+    """Everything about a push that can be checked without the network: ``repo_id`` is ``ORG/NAME``, the Hub
+    is not in offline mode, and a token is at hand. A pipeline asked to push calls it before its slow work."""
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except errors.HFValidationError as exc:
+        raise ConfigError(f"--repo {repo_id!r} is not a Hub repository id: use ORG/NAME ({exc})") from None
+    if "/" not in repo_id:
+        raise ConfigError(f"--repo {repo_id!r} names no owner: use ORG/NAME (your user name or an organisation)")
+    if constants.HF_HUB_OFFLINE:
+        raise OutputError("cannot push to the Hub in offline mode: unset HF_HUB_OFFLINE")
+    if not (token or huggingface_hub.get_token()):
+        raise ConfigError(f"not logged in to the Hugging Face Hub: {_LOGIN}")
+
+
+def check_push_request(repo_id: str | None, out_dir: str | os.PathLike[str] | None) -> None:
+    """A pipeline's ``push_to_hub`` setting checked before its slow work: nothing to do without one; with one,
+    an output directory to upload and :func:`check_can_push`."""
+    if repo_id is None:
+        return
+    if out_dir is None:
+        raise ConfigError("--push-to-hub uploads the output directory: pass --out DIR too")
+    check_can_push(repo_id)
+
+
 def push_to_hub(
     directory: str | os.PathLike[str],
     repo_id: str,
@@ -132,20 +161,10 @@ def push_to_hub(
     :class:`~prunekit.core.errors.OutputError` when the Hub cannot be reached or refuses the upload.
     """
     import huggingface_hub
-    from huggingface_hub import constants, errors
-    from huggingface_hub.utils import validate_repo_id
+    from huggingface_hub import errors
 
     folder = check_model_directory(directory)
-    try:
-        validate_repo_id(repo_id)
-    except errors.HFValidationError as exc:
-        raise ConfigError(f"--repo {repo_id!r} is not a Hub repository id: use ORG/NAME ({exc})") from None
-    if "/" not in repo_id:
-        raise ConfigError(f"--repo {repo_id!r} names no owner: use ORG/NAME (your user name or an organisation)")
-    if constants.HF_HUB_OFFLINE:
-        raise OutputError("cannot push to the Hub in offline mode: unset HF_HUB_OFFLINE")
-    if not (token or huggingface_hub.get_token()):
-        raise ConfigError(f"not logged in to the Hugging Face Hub: {_LOGIN}")
+    check_can_push(repo_id, token)
     api = huggingface_hub.HfApi(token=token)
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

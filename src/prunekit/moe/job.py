@@ -27,6 +27,7 @@ from prunekit.core.measure import versions
 from prunekit.eval.perplexity import PerplexityResult, check_eval_seqlen, perplexity_of_tokens
 from prunekit.io.atomic import check_output_dir
 from prunekit.io.compressed import checkpoint_size_bytes
+from prunekit.io.hub import check_push_request, push_to_hub
 from prunekit.io.loading import load_model
 from prunekit.io.saving import save_pretrained
 from prunekit.models.moe_layers import experts_to_remove, find_moe_layers
@@ -107,6 +108,7 @@ def run_expert_recipe(recipe: ExpertRecipe, command: str | None = None, progress
     out_dir = check_output_dir(recipe.output.dir, recipe.output.overwrite) if recipe.output.dir else None
     if out_dir is None:
         log.warning("no output directory given: the pruned model will not be saved (pass --out DIR)")
+    check_push_request(recipe.output.push_to_hub, out_dir)
     report_dir = (
         check_output_dir(recipe.output.report_dir, recipe.output.overwrite) if recipe.output.report_dir else None
     )
@@ -195,4 +197,6 @@ def run_expert_recipe(recipe: ExpertRecipe, command: str | None = None, progress
         write_report(report, report_dir, overwrite=recipe.output.overwrite)
     elif out_dir is not None:
         report_dir = out_dir / REPORT_SUBDIR
+    if recipe.output.push_to_hub and out_dir is not None:
+        push_to_hub(out_dir, recipe.output.push_to_hub)
     return ExpertRunResult(result, inside, report, out_dir, report_dir)

@@ -251,6 +251,9 @@ class OutputConfig(StrictConfig):
     dir: str | None = None
     overwrite: bool = False
     report_dir: str | None = Field(None, description="default: <dir>/prunekit-report")
+    push_to_hub: str | None = Field(
+        None, description="Hub repository ORG/NAME to upload the output directory to once written (needs dir)"
+    )
     save_format: SaveFormat = Field(
         "dense",
         description="dense (plain save_pretrained), compressed (sparse layers in compressed-tensors' "

@@ -27,6 +27,7 @@ from prunekit.core.measure import current_peak_rss_bytes
 from prunekit.eval.perplexity import PerplexityResult, check_eval_seqlen, perplexity_of_tokens
 from prunekit.io.atomic import check_output_dir
 from prunekit.io.compressed import check_save_format
+from prunekit.io.hub import check_push_request, push_to_hub
 from prunekit.io.loading import BUNDLED_NAMES, load_model, prepare_bundled_model
 from prunekit.io.saving import save_pretrained
 from prunekit.oneshot.config import CalibrationConfig, Recipe
@@ -69,6 +70,7 @@ def run_recipe(recipe: Recipe, command: str | None = None, progress: bool = True
         log.warning("no output directory given: the pruned model will not be saved (pass --out DIR)")
     else:
         check_save_format(recipe.output.save_format, recipe.prune.parsed_pattern())  # before the slow work
+    check_push_request(recipe.output.push_to_hub, out_dir)
     report_dir = None
     if recipe.output.report_dir:
         report_dir = check_output_dir(recipe.output.report_dir, recipe.output.overwrite)
@@ -149,6 +151,8 @@ def run_recipe(recipe: Recipe, command: str | None = None, progress: bool = True
     if recipe.output.report_dir:
         assert report_dir is not None
         write_report(report, report_dir, overwrite=recipe.output.overwrite)
+    if recipe.output.push_to_hub and out_dir is not None:
+        push_to_hub(out_dir, recipe.output.push_to_hub)
     return RunResult(result, ppl_before, ppl_after, out_dir, report_dir, report)
 
 
@@ -228,4 +232,6 @@ def _run_lazily(
     )
     if report_dir is not None:
         write_report(reports[0], report_dir, overwrite=recipe.output.overwrite)
+    if recipe.output.push_to_hub:
+        push_to_hub(out_dir, recipe.output.push_to_hub)
     return RunResult(result, None, None, out_dir, report_dir or out_dir / REPORT_SUBDIR, reports[0])

@@ -47,6 +47,9 @@ class StructuredConfig(StrictConfig):
     reconstruct: bool = Field(True, description="LMs, width: least-squares refit of the consumers of pruned inputs")
     onnx: bool = Field(False, description="torchvision: also export model.onnx")
     overwrite: bool = Field(False, description="replace a non-empty out")
+    push_to_hub: str | None = Field(
+        None, description="Hub repository ORG/NAME to upload out to once written (causal LMs)"
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = Field(False, description="LMs: run model code from the hub")
     device: str = Field("auto", description="LMs: auto, cpu, cuda")

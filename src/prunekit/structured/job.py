@@ -32,6 +32,7 @@ from prunekit.core.errors import ConfigError
 from prunekit.core.measure import versions
 from prunekit.eval.perplexity import perplexity
 from prunekit.io.atomic import check_output_dir, write_atomically
+from prunekit.io.hub import check_push_request, push_to_hub
 from prunekit.io.loading import load_model
 from prunekit.io.onnx import export_onnx
 from prunekit.io.pruned import write_pruned
@@ -67,8 +68,16 @@ def run_structured_job(job: StructuredConfig, command: str | None = None) -> dic
         raise ConfigError("no output directory: pass --out DIR (or out: in the recipe)")
     check_output_dir(job.out, job.overwrite)
     if job.torchvision:
+        if job.push_to_hub:
+            raise ConfigError(
+                "--push-to-hub uploads causal LMs (a Hub model card needs one): drop it for --torchvision"
+            )
         return _vision_job(job).to_dict()
-    return _llm_job(job, command).to_dict()
+    check_push_request(job.push_to_hub, job.out)
+    report = _llm_job(job, command).to_dict()
+    if job.push_to_hub:
+        push_to_hub(job.out, job.push_to_hub)
+    return report
 
 
 def _vision_job(job: StructuredConfig) -> StructuralReport:

@@ -21,9 +21,7 @@ log = logging.getLogger(__name__)
 class IcbsConfig(MethodConfig):
     """iCBS's options (Rosenberg et al. 2024, Alg. 1): the starting mask and the budget of the refinement."""
 
-    start_mask: Literal["wanda", "magnitude"] = Field(
-        "wanda", description="icbs: the mask the refinement starts from"
-    )
+    start_mask: Literal["wanda", "magnitude"] = Field("wanda", description="icbs: the mask the refinement starts from")
     exchanges: int = Field(
         100, ge=0, description="icbs: exchanges per row at most (the quality/time knob; 0 = the start mask)"
     )
