@@ -18,6 +18,9 @@ with plain ``transformers`` for the perplexity::
     python bench/bench_oneshot_solvers.py --recipes bench/recipes/best-50.yaml bench/recipes/best-2of4.yaml \\
         bench/recipes/best-70.yaml
 
+The second family (``--model bench/work/qwen2-tiny --ppl-seqlen 512``, trained by ``bench/qwen2_model.py``)
+checks that the gains are not tuned to SmolLM2.
+
 Writes ``bench/results/oneshot_solvers.json`` (each run as it finishes).
 """
 
@@ -71,7 +74,9 @@ def main() -> None:
     parser.add_argument("--peer-python", default=None)
     parser.add_argument("--peer-runs", nargs="*", default=[])
     parser.add_argument("--owl-max-deviation", type=float, default=0.08)
+    parser.add_argument("--model", default="smollm2", help="the dense model: smollm2 (bundled) or a directory")
     parser.add_argument("--ppl-windows", type=int, default=40)
+    parser.add_argument("--ppl-seqlen", type=int, default=2048)
     parser.add_argument("--work", default=str(ROOT / "bench/work/solvers"))
     parser.add_argument("--out", default=str(ROOT / "bench/results/oneshot_solvers.json"))
     args = parser.parse_args()
@@ -85,7 +90,7 @@ def main() -> None:
     from prunekit.core.measure import versions
     from prunekit.io.loading import prepare_bundled_model
 
-    dense = prunekit.load_model("smollm2", dtype="float32")
+    dense = prunekit.load_model(args.model, dtype="float32")
     calib = prunekit.calibration_windows(dense.tokenizer, str(DATA / "wikitext2_valid.txt"), 32, 512, seed=0)
     test = str(DATA / "wikitext2_test.txt")
     work = Path(args.work)
@@ -96,7 +101,9 @@ def main() -> None:
         result["runs"] = json.loads(out.read_text()).get("runs", [])
 
     def score(model: torch.nn.Module) -> float:
-        return prunekit.perplexity(model, dense.tokenizer, test, 2048, args.ppl_windows, progress=False).perplexity
+        return prunekit.perplexity(
+            model, dense.tokenizer, test, args.ppl_seqlen, args.ppl_windows, progress=False
+        ).perplexity
 
     def save() -> None:
         out.write_text(json.dumps(result, indent=2))
@@ -125,7 +132,7 @@ def main() -> None:
     for recipe in args.recipes:
         name = Path(recipe).stem
         target = work / f"recipe-{name}"
-        command = [sys.executable, "-m", "prunekit", "-q", "prune", "smollm2", "--recipe", recipe, "--overwrite"]
+        command = [sys.executable, "-m", "prunekit", "-q", "prune", args.model, "--recipe", recipe, "--overwrite"]
         command += ["--calib", str(DATA / "wikitext2_valid.txt"), "--nsamples", "32", "--seqlen", "512"]
         command += ["--seed", "0", "--out", str(target)]
         started = time.perf_counter()
@@ -156,7 +163,7 @@ def main() -> None:
                 args.peer_python,
                 str(ROOT / "bench/peer_llmcompressor.py"),
                 "--model",
-                str(prepare_bundled_model()),
+                str(prepare_bundled_model() if args.model == "smollm2" else Path(args.model).resolve()),
                 "--calib-ids",
                 str(calib_file),
                 "--method",

@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
-import time
 from pathlib import Path
 
 import torch
@@ -26,6 +24,7 @@ import torch
 from prunekit.calibration.data import load_text_tokens
 from prunekit.eval.perplexity import perplexity
 from prunekit.io.loading import load_model
+from tiny_lm import train_causal_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -62,28 +61,7 @@ def train(out: Path, steps: int, batch: int, seqlen: int, lr: float, layers: int
     torch.manual_seed(0)
     config = build_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, layers, expert_width)
     model = MixtralForCausalLM(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
-    generator = torch.Generator().manual_seed(0)
-    warmup = max(1, steps // 20)
-    started = time.perf_counter()
-    model.train()
-    losses = []
-    for step in range(steps):
-        scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        for group in optimizer.param_groups:
-            group["lr"] = lr * max(scale, 0.05)
-        starts = torch.randint(0, tokens.numel() - seqlen - 1, (batch,), generator=generator)
-        ids = torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
-        loss = model(input_ids=ids, labels=ids).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-        if step % 25 == 0 or step == steps - 1:
-            log.info("step %d/%d loss %.3f (%.0f s)", step, steps, losses[-1], time.perf_counter() - started)
-    seconds = time.perf_counter() - started
-    model.eval()
+    losses, seconds = train_causal_lm(model, tokens, steps, batch, seqlen, lr)
     model.config.output_router_logits = False
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
