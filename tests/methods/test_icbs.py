@@ -95,3 +95,14 @@ def test_icbs_runs_in_the_pipeline_and_beats_wanda_on_a_tiny_model() -> None:
         assert {r.method for r in result.layers} == {method} and {r.sparsity for r in result.layers} == {0.5}
         errors[method] = [r.relative_error for r in result.layers]
     assert sum(errors["icbs"]) < sum(errors["wanda"])
+
+
+def test_rows_with_nothing_to_exchange_are_left_alone() -> None:
+    # under a per-layer budget a row may be wholly kept or wholly pruned: it has no exchange to make
+    weight, hessian = problem(rows=3, cols=8, seed=4)
+    start = torch.zeros(3, 8, dtype=torch.bool)
+    start[1] = True
+    start[2, :4] = True
+    refined = icbs_refine(weight, start, hessian, Unstructured(0.5, "layer"), steps=20, block=4)
+    assert torch.equal(refined.keep[:2], start[:2]) and int(refined.keep[2].sum()) == 4
+    assert refined.error_after[2] <= refined.error_before[2]

@@ -71,12 +71,12 @@ def _pair_changes(
 def _candidates_unstructured(
     w: torch.Tensor, g: torch.Tensor, diag: torch.Tensor, keep: torch.Tensor, block: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's ``block`` kept entries cheapest to prune and ``block`` pruned entries best to restore."""
+    """Each row's ``block`` kept entries cheapest to prune and ``block`` pruned entries best to restore (a row
+    with fewer of either fills its list with entries of the other side, whose exchanges cost ``+inf``)."""
     cost = torch.where(keep, 2 * w * g + w * w * diag, torch.inf)
     gain = torch.where(keep, -torch.inf, 2 * w * g - w * w * diag)
-    kept = min(block, int(keep.sum(dim=1).min()))
-    pruned = min(block, int((~keep).sum(dim=1).min()))
-    return cost.topk(kept, dim=1, largest=False).indices, gain.topk(pruned, dim=1).indices
+    size = min(block, w.shape[1])
+    return cost.topk(size, dim=1, largest=False).indices, gain.topk(size, dim=1).indices
 
 
 def _candidates_nm(keep: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,9 +123,10 @@ def icbs_refine(
             g = (w * ~keep) @ hessian
         if nm is None:
             kept_at, pruned_at = _candidates_unstructured(w, g, diag, keep, block)
-            if kept_at.shape[1] == 0 or pruned_at.shape[1] == 0:
-                break
             change = _pair_changes(w, g, diag, hessian, kept_at[:, :, None], pruned_at[:, None, :])
+            # an entry on the wrong side of its list (a row short of kept or of pruned entries) never moves
+            wrong = ~keep.gather(1, kept_at)[:, :, None] | keep.gather(1, pruned_at)[:, None, :]
+            change = change.masked_fill(wrong, torch.inf)
             best, flat = change.flatten(1).min(dim=1)
             i = kept_at.gather(1, (flat // pruned_at.shape[1])[:, None]).squeeze(1)
             j = pruned_at.gather(1, (flat % pruned_at.shape[1])[:, None]).squeeze(1)
