@@ -146,6 +146,7 @@ def run_sequential(
     progress: bool = True,
     routing_weighted: bool = True,
     after_block: AfterBlock | None = None,
+    reduce_statistics: Callable[[LayerStatistics], None] | None = None,
 ) -> list[BlockTiming]:
     """Prune ``targets`` block by block.
 
@@ -170,6 +171,10 @@ def run_sequential(
     With ``after_block`` (block reconstruction), each block first runs dense once more to record its outputs,
     its inputs are kept until it is done, ``after_block`` may change its weights, and its outputs are then
     computed again: memory holds three sets of one block's activations.
+
+    With ``reduce_statistics`` (several ranks, each with its own calibration windows:
+    :func:`~prunekit.calibration.statistics.all_reduce_statistics`), each layer's statistics are combined
+    across ranks before it is pruned, once per shared input, in the same order on every rank.
 
     Returns the time spent per block.
     """
@@ -213,6 +218,9 @@ def run_sequential(
             module: nn.Module, pooled: LayerStatistics, batches: list[int], by_module: dict[int, Target] = by_module
         ) -> None:
             target = by_module[id(module)]
+            if reduce_statistics is not None and "reduced" not in pooled.cache:
+                reduce_statistics(pooled)
+                pooled.cache["reduced"] = True
             if pooled.gram is not None and "gram_complete" not in pooled.cache:
                 complete_gram(pooled.gram)
                 pooled.cache["gram_complete"] = True

@@ -24,6 +24,7 @@ from prunekit.cli.common import (
     apply_flags,
 )
 from prunekit.core.config import read_yaml_mapping
+from prunekit.core.distributed import rank_and_world
 from prunekit.io.compressed import SAVE_FORMATS
 from prunekit.methods import method_classes, method_names
 from prunekit.oneshot.config import Recipe
@@ -41,6 +42,7 @@ _PRUNE_FLAGS = {
     "exclude": ("prune", "exclude"),
     "batch_size": ("prune", "batch_size"),
     "device": ("prune", "device"),
+    "distributed": ("prune", "distributed"),
     "sample_tokens": ("prune", "sample_tokens"),
     "offload_activations": ("prune", "offload_activations"),
     "propagation": ("prune", "propagation"),
@@ -90,6 +92,13 @@ def add_parser(sub: Any) -> None:
         help="windows per forward batch (default 1; all batches are in flight together, so larger batches only add transient memory)",
     )
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        default=None,
+        help="one rank of a torchrun job (torchrun --nproc-per-node N -m prunekit prune ... --distributed): "
+        "calibration and layer solves shared by the ranks, rank 0 writes",
+    )
     p.add_argument("--sample-tokens", type=int, default=None, help="tokens per layer for the error report")
     p.add_argument("--offload-activations", action="store_true", default=None, help="keep activations on CPU")
     p.add_argument(
@@ -223,6 +232,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return 0
     command = shlex.join(["prunekit", *argv])
     run = run_recipe(recipe, command=command, progress=not args.quiet)
+    if rank_and_world()[0] != 0:  # rank 0 speaks for the run
+        return 0
     s = run.report.summary
     print(f"pruned {s.layers} layers: sparsity {s.overall_sparsity:.2%} in {s.prune_seconds:.1f} s")
     if run.ppl_before:

@@ -70,6 +70,11 @@ class PruneConfig(StrictConfig):
         1, gt=0, description="calibration windows per forward batch (all batches are in flight at once)"
     )
     device: str = Field("auto", description="compute device: auto, cpu, cuda, cuda:N")
+    distributed: bool = Field(
+        False,
+        description="run as one rank of a torchrun job: calibration windows shared, statistics summed, layer "
+        "solves spread over the ranks (each rank on cuda:LOCAL_RANK or the CPU); rank 0 evaluates and writes",
+    )
     sample_tokens: int = Field(
         256, ge=0, description="calibration tokens per layer used to report reconstruction error (0: off)"
     )

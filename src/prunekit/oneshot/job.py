@@ -22,7 +22,8 @@ from prunekit.calibration.data import (
     sample_windows,
 )
 from prunekit.core.devices import resolve_device, resolve_dtype
-from prunekit.core.errors import CalibrationError, ConfigError, ModelLoadError
+from prunekit.core.distributed import agree, init_from_torchrun, rank_and_world
+from prunekit.core.errors import CalibrationError, ConfigError, ModelLoadError, PrunekitError
 from prunekit.core.measure import current_peak_rss_bytes
 from prunekit.eval.perplexity import PerplexityResult, check_eval_seqlen, perplexity_of_tokens
 from prunekit.io.atomic import check_output_dir
@@ -62,16 +63,17 @@ class RunResult:
     report: OneShotReport
 
 
-def run_recipe(recipe: Recipe, command: str | None = None, progress: bool = True) -> RunResult:
-    """Run a whole pruning job described by ``recipe``; see the module docstring."""
-    started = time.perf_counter()
+def _check_run(recipe: Recipe) -> tuple[Path | None, Path | None, bool]:
+    """Everything that can be checked before the model is loaded: ``(out_dir, report_dir, has_calibration)``."""
+    if recipe.model.lazy and rank_and_world()[1] > 1:
+        raise ConfigError("--lazy cannot run on several ranks yet: run it in one process (without torchrun)")
     out_dir = check_output_dir(recipe.output.dir, recipe.output.overwrite) if recipe.output.dir else None
     if out_dir is None:
         log.warning("no output directory given: the pruned model will not be saved (pass --out DIR)")
     else:
         check_save_format(recipe.output.save_format, recipe.prune.parsed_pattern())  # before the slow work
     check_push_request(recipe.output.push_to_hub, out_dir)
-    report_dir = None
+    report_dir: Path | None = None
     if recipe.output.report_dir:
         report_dir = check_output_dir(recipe.output.report_dir, recipe.output.overwrite)
     has_calibration = bool(recipe.calibration.path or recipe.calibration.dataset)
@@ -87,10 +89,27 @@ def run_recipe(recipe: Recipe, command: str | None = None, progress: bool = True
         read_text(recipe.calibration.path)  # fail on a missing/empty file before loading the model
     if recipe.eval.ppl:
         read_text(recipe.eval.ppl, what="evaluation")
+    return out_dir, report_dir, has_calibration
 
+
+def run_recipe(recipe: Recipe, command: str | None = None, progress: bool = True) -> RunResult:
+    """Run a whole pruning job described by ``recipe``; see the module docstring. With
+    ``recipe.prune.distributed`` this process is one rank of a ``torchrun`` job: every rank calibrates its
+    share of the windows and solves its share of the layers, and rank 0 alone evaluates and writes."""
+    started = time.perf_counter()
+    if recipe.prune.distributed:
+        init_from_torchrun()
+    rank, _ = rank_and_world()
+    error: PrunekitError | None = None
+    try:
+        out_dir, report_dir, has_calibration = _check_run(recipe)
+    except PrunekitError as exc:
+        error = exc
+    agree(error)  # a check failed on any rank: every rank stops here, nothing written
+    if rank != 0:
+        progress = False
     if recipe.model.lazy:
         return _run_lazily(recipe, out_dir, report_dir, has_calibration, command, started, progress)
-
     load_started = time.perf_counter()
     loaded = load_model(recipe.model.source, dtype=recipe.model.dtype, trust_remote_code=recipe.model.trust_remote_code)
     load_seconds = time.perf_counter() - load_started
@@ -109,7 +128,7 @@ def run_recipe(recipe: Recipe, command: str | None = None, progress: bool = True
         )
 
     ppl_before = None
-    if recipe.eval.ppl and recipe.eval.before:
+    if recipe.eval.ppl and recipe.eval.before and rank == 0:
         ppl_before = evaluate(loaded.model)
         log.info(
             "dense perplexity %.3f (%d windows x %d)",
@@ -119,7 +138,7 @@ def run_recipe(recipe: Recipe, command: str | None = None, progress: bool = True
         )
     result = prune(loaded.model, recipe.prune, calibration, inplace=True, progress=progress)
     ppl_after = None
-    if recipe.eval.ppl:
+    if recipe.eval.ppl and rank == 0:
         ppl_after = evaluate(result.model)
         log.info("pruned perplexity %.3f", ppl_after.perplexity)
 
@@ -134,6 +153,8 @@ def run_recipe(recipe: Recipe, command: str | None = None, progress: bool = True
         total_seconds=time.perf_counter() - started,
         process_peak_rss_bytes=current_peak_rss_bytes(),
     )
+    if rank != 0:  # rank 0 holds the same model and writes it
+        return RunResult(result, None, None, None, None, report)
     if out_dir is not None:
         inside = report_dir is None  # the report travels inside the checkpoint directory
 

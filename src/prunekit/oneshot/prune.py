@@ -16,8 +16,16 @@ import torch
 from torch import nn
 
 from prunekit.calibration.engine import AfterBlock, BlockStream, BlockTiming, run_sequential
-from prunekit.calibration.statistics import LayerStatistics
+from prunekit.calibration.statistics import LayerStatistics, all_reduce_statistics
 from prunekit.core.devices import resolve_device
+from prunekit.core.distributed import (
+    all_gather_objects,
+    broadcast_,
+    check_same_everywhere,
+    fingerprint,
+    rank_and_world,
+    shard_rows,
+)
 from prunekit.core.errors import ConfigError, NonFiniteError
 from prunekit.core.masks import Mask
 from prunekit.core.measure import MemoryMeter
@@ -69,6 +77,8 @@ class PruneResult:
     block_outliers: dict[int, float] = field(default_factory=dict)
     #: ``reconstruct`` block: per decoder block, its output error against the dense block before and after
     block_reconstruction: dict[int, BlockReconstruction] = field(default_factory=dict)
+    #: under ``torch.distributed``: per rank, its calibration windows, layers solved, seconds and peak memory
+    ranks: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def overall_sparsity(self) -> float:
@@ -120,6 +130,35 @@ def _block_reconstruction(
         log.info("block %d reconstructed: error %.4g -> %.4g", index, done.error_before, done.error_after)
 
     return after_block
+
+
+def _share_the_work(
+    model: nn.Module, config: PruneConfig, targets: list[Target], calibration: torch.Tensor | None, stream: object
+) -> torch.Tensor | None:
+    """Under ``torch.distributed`` (several ranks): refuse what cannot be split yet, check that every rank
+    holds the same settings, model and calibration windows, and return this rank's share of the windows."""
+    rank, world = rank_and_world()
+    unsupported = [
+        (config.layer_budget == "owl", "layer_budget owl"),
+        (config.reconstruct == "block", "reconstruct block"),
+        (stream is not None, "--lazy"),
+        (any(t.expert is not None for t in targets), "MoE expert matrices"),
+    ]
+    refused = [name for is_set, name in unsupported if is_set]
+    if refused:
+        raise ConfigError(
+            f"{', '.join(refused)} cannot run on several ranks yet: run it in one process (without torchrun)"
+        )
+    shapes = ";".join(
+        f"{n}:{tuple(p.shape)}:{float(p.detach().double().sum()):.12e}" for n, p in model.named_parameters()
+    )
+    check_same_everywhere(fingerprint(config.model_dump_json(), shapes), "settings or model weights")
+    if calibration is None:
+        return None  # weight-only: every rank decides the same from the same weights
+    check_same_everywhere(
+        fingerprint(str(tuple(calibration.shape)), calibration.cpu().numpy().tobytes()), "calibration windows"
+    )
+    return shard_rows(calibration, rank, world)
 
 
 def prune(
@@ -177,6 +216,11 @@ def prune(
         model = copy.deepcopy(model)
         blocks_name, blocks = find_decoder_blocks(model)
         targets = find_targets(model, blocks_name, config.include, config.exclude)
+    rank, world = rank_and_world()
+    if world > 1:
+        calibration = _share_the_work(model, config, targets, calibration, stream)
+    #: under torch.distributed, the rank that solves each layer (the others receive its result)
+    owners = {t.name: i % world for i, t in enumerate(targets)} if calibration is not None else {}
     device = resolve_device(config.device)
     fallback = method_class("magnitude")(MethodConfig())  # for layers no calibration batch reached
     result = PruneResult(model=model)
@@ -210,6 +254,20 @@ def prune(
         log.info("OWL block sparsities: %s", {b: round(s, 4) for b, s in result.block_sparsity.items()})
 
     def prune_layer(target: Target, inputs: LayerStatistics) -> None:
+        owner = owners.get(target.name, rank)
+        if owner != rank:  # another rank solves this layer: take its weights and mask
+            weight = weight_matrix(target.module)
+            keep = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
+            with torch.no_grad():
+                broadcast_([weight, keep], src=owner)
+            masks[id(target.module)] = keep
+            return
+        solve_layer(target, inputs)
+        if world > 1 and calibration is not None:
+            with torch.no_grad():
+                broadcast_([weight_matrix(target.module), masks[id(target.module)]], src=rank)
+
+    def solve_layer(target: Target, inputs: LayerStatistics) -> None:
         t0 = time.perf_counter()
         weight = weight_matrix(target.module)
         if stream is not None:
@@ -288,10 +346,24 @@ def prune(
                 progress=progress,
                 routing_weighted=config.routing_weighted,
                 after_block=after_block,
+                reduce_statistics=all_reduce_statistics if world > 1 else None,
             )
     result.seconds = time.perf_counter() - started
     result.peak_rss_bytes = meter.peak_rss_bytes
     result.peak_device_bytes = meter.peak_device_bytes
+    if world > 1 and calibration is not None:  # each rank holds the records of the layers it solved
+        mine = {
+            "rank": rank,
+            "windows": int(calibration.shape[0]),
+            "layers_solved": len(result.layers),
+            "seconds": result.seconds,
+            "peak_rss_bytes": meter.peak_rss_bytes,
+            "peak_device_bytes": meter.peak_device_bytes or 0,
+        }
+        gathered = all_gather_objects((mine, result.layers))
+        result.ranks = [record for record, _ in gathered]
+        result.layers = [layer for _, layers in gathered for layer in layers]
+        result.calibration_shape = (sum(r["windows"] for r in result.ranks), int(calibration.shape[1]))
     order = {t.name: i for i, t in enumerate(targets)}
     result.layers.sort(key=lambda r: order[r.name])
     log.info(

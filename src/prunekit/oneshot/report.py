@@ -81,6 +81,8 @@ class OneShotReport:
     block_outliers: dict[int, float] = field(default_factory=dict)
     #: ``reconstruct`` block: each block's output error against the dense block, before and after
     block_reconstruction: dict[int, Any] = field(default_factory=dict)
+    #: several ranks (torchrun): per rank, its calibration windows, layers solved, seconds and peak memory
+    ranks: list[dict[str, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -106,6 +108,7 @@ class OneShotReport:
                 for b, s in sorted(self.block_sparsity.items())
             ],
             "block_reconstruction": [{"block": b, **asdict(r)} for b, r in sorted(self.block_reconstruction.items())],
+            "ranks": list(self.ranks),
         }
 
     def to_markdown(self) -> str:
@@ -160,6 +163,7 @@ def build_report(
         block_sparsity=dict(result.block_sparsity),
         block_outliers=dict(result.block_outliers),
         block_reconstruction=dict(result.block_reconstruction),
+        ranks=list(result.ranks),
     )
 
 
@@ -196,6 +200,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- prune time: {s['prune_seconds']:.1f} s; peak RSS while pruning: {s['prune_peak_rss_gib']:.2f} GiB"
         + (f"; peak device memory: {s['peak_device_gib']:.2f} GiB" if s["peak_device_gib"] is not None else ""),
     ]
+    for r in report.get("ranks") or []:
+        lines.append(
+            f"- rank {r['rank']}: {r['windows']} calibration windows, {r['layers_solved']} layers solved, "
+            f"{r['seconds']:.1f} s, peak RSS {r['peak_rss_bytes'] / GIB:.2f} GiB"
+        )
     rebuilt = report.get("block_reconstruction") or []
     if rebuilt:
         lines.append(

@@ -20,10 +20,7 @@ from collections.abc import MutableMapping, Sequence
 
 import torch
 
-
-def is_distributed() -> bool:
-    """True when ``torch.distributed`` is available and a default process group is initialised."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
+from prunekit.core.distributed import is_distributed
 
 
 def all_reduce_mean_(tensors: Sequence[torch.Tensor]) -> None:
