@@ -120,3 +120,62 @@ def test_torchrun_two_ranks_write_what_one_process_writes(tmp_path: Path) -> Non
     report = json.loads((tmp_path / "two" / "prunekit-report" / "report.json").read_text())
     assert [r["windows"] for r in report["ranks"]] == [2, 2] and report["calibration"]["windows"] == 4
     assert sum(r["layers_solved"] for r in report["ranks"]) == report["summary"]["layers"]
+
+
+def _dying_worker(rank: int, folder: str) -> None:
+    import datetime
+    import os
+
+    from prunekit.methods import ScoreMethod, register_method, unregister_method
+    from prunekit.oneshot.config import Recipe
+
+    torch.set_num_threads(1)
+    init = f"file://{folder}/rendezvous"
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
+    )
+
+    @register_method
+    class DiesOnRankOne(ScoreMethod):  # magnitude, except that rank 1 dies at the first layer it solves
+        name = "dies-on-rank-one"
+        summary = "test only"
+        needs_activations = True
+
+        def scores(self, weight: torch.Tensor, stats: object) -> torch.Tensor:
+            if rank == 1:
+                os._exit(1)
+            return weight.abs().float()
+
+    try:
+        (Path(folder) / "calib.txt").write_text("hello world, " * 400)
+        recipe = Recipe.from_dict(
+            {
+                "model": {"source": f"{folder}/tiny"},
+                "prune": {"method": "dies-on-rank-one", "sparsity": 0.5},
+                "calibration": {"path": f"{folder}/calib.txt", "nsamples": 4, "seqlen": 16},
+                "output": {"dir": f"{folder}/out"},
+            }
+        )
+        from prunekit.oneshot.job import run_recipe
+
+        run_recipe(recipe, progress=False)
+    except prunekit.core.errors.PrunekitError as exc:
+        Path(f"{folder}/error{rank}.txt").write_text(f"{type(exc).__name__}: {exc}")
+    finally:
+        unregister_method("dies-on-rank-one")
+
+
+def test_a_rank_that_dies_stops_the_others_and_nothing_is_written(tmp_path: Path) -> None:
+    from models import save_tiny_checkpoint
+
+    save_tiny_checkpoint(tmp_path / "tiny")
+    context = mp.get_context("spawn")
+    ranks = [context.Process(target=_dying_worker, args=(r, str(tmp_path))) for r in range(WORLD)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(timeout=240)
+    assert [p.exitcode for p in ranks][1] == 1
+    message = (tmp_path / "error0.txt").read_text()
+    assert message.startswith("DistributedError: rank 0 of 2: another rank stopped"), message
+    assert not (tmp_path / "out").exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
