@@ -21,6 +21,8 @@ CONFIGS = {
     "wanda-50": {"method": "wanda", "sparsity": 0.5},
     "sparsegpt-50-refit": {"method": "sparsegpt", "sparsity": 0.5, "refit_steps": 4, "hessian_dtype": "float64"},
     "sparsegpt-2of4": {"method": "sparsegpt", "pattern": "2:4", "hessian_dtype": "float64"},
+    # dense statistics within a block: the ranks solve their layers of a block at once, weights in flight
+    "sparsegpt-50-block": {"method": "sparsegpt", "sparsity": 0.5, "hessian_dtype": "float64", "propagation": "block"},
 }
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")

@@ -61,8 +61,12 @@ Propagation = Literal["sequential", "block", "dense"]
 
 @dataclass
 class BlockTiming:
+    """One block: its index, the seconds it took, and the bytes of calibration activations (the block's
+    inputs, all batches) held while it ran."""
+
     index: int
     seconds: float
+    activation_bytes: int = 0
 
 
 def to_device(value: Any, device: torch.device) -> Any:
@@ -147,6 +151,7 @@ def run_sequential(
     routing_weighted: bool = True,
     after_block: AfterBlock | None = None,
     reduce_statistics: Callable[[LayerStatistics], None] | None = None,
+    settle: Callable[[], None] | None = None,
 ) -> list[BlockTiming]:
     """Prune ``targets`` block by block.
 
@@ -174,7 +179,9 @@ def run_sequential(
 
     With ``reduce_statistics`` (several ranks, each with its own calibration windows:
     :func:`~prunekit.calibration.statistics.all_reduce_statistics`), each layer's statistics are combined
-    across ranks before it is pruned, once per shared input, in the same order on every rank.
+    across ranks before it is pruned, once per shared input, in the same order on every rank. ``settle()``
+    is called once a block's layers are all pruned, before its outputs are computed again or go on: where
+    ``prune_layer`` left work in flight (another rank's weights on their way), it completes it.
 
     Returns the time spent per block.
     """
@@ -206,6 +213,7 @@ def run_sequential(
     bar = tqdm(range(len(blocks)), desc="pruning blocks", unit="block", disable=not progress)
     for index in bar:
         started = time.perf_counter()
+        held = sum(h.numel() * h.element_size() for h in hidden if h is not None)
         block = blocks[index]
         if stream is not None:
             stream.load_block(index, block)
@@ -283,6 +291,8 @@ def run_sequential(
         ]
         with torch.no_grad(), routed_through(owners, expert_targets, weigh_rows=routing_weighted):
             outputs = runner.run([make_job(b, release=not two_passes) for b in range(n_batches)])
+            if settle is not None:
+                settle()
             if after_block is not None:
                 if two_passes:
                     outputs = []  # computed again once the block is reconstructed
@@ -298,7 +308,7 @@ def run_sequential(
         block.to(block_home)
         if stream is not None:
             stream.finish_block(index, block)
-        timings.append(BlockTiming(index, time.perf_counter() - started))
+        timings.append(BlockTiming(index, time.perf_counter() - started, held))
         if progress:
             bar.set_postfix(last=f"{timings[-1].seconds:.1f}s")
     return timings

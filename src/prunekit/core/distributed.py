@@ -3,7 +3,7 @@ on CPUs, NCCL on GPUs, one node or many). Every function is a no-op, or the one-
 process group is initialised, so the pipelines call them unconditionally.
 
 What the ranks exchange is small and always in the same order on every rank: sums of statistics
-(:func:`all_reduce_sum_`), one rank's result for everyone (:func:`broadcast_`), rows gathered in rank order
+(:func:`all_reduce_sum_`), one rank's result for everyone (:func:`broadcast_async`), rows gathered in rank order
 (:func:`all_gather_rows`), and Python records (:func:`all_gather_objects`). :func:`check_same_everywhere`
 refuses ranks that were started with different settings, :func:`agree` makes a check done on one rank fail
 on all of them, and :func:`collective_errors` turns a rank that died into a clear error on the others.
@@ -15,7 +15,7 @@ import contextlib
 import datetime
 import hashlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -98,16 +98,25 @@ def all_reduce_sum_(tensors: Sequence[torch.Tensor]) -> None:
                 tensor.copy_(moved)
 
 
-def broadcast_(tensors: Sequence[torch.Tensor], src: int) -> None:
-    """Replace every rank's tensors by rank ``src``'s, in place (booleans travel as ``uint8``)."""
+def broadcast_async(tensors: Sequence[torch.Tensor], src: int) -> Callable[[], None]:
+    """Start replacing every rank's tensors by rank ``src``'s, and return the function that waits for it and
+    writes them in place. Ranks may start several before finishing any (rank ``src`` keeps computing while the
+    others receive); every rank must start them in the same order."""
     if not is_distributed():
-        return
+        return lambda: None
     device = _comm_device()
+    moved = [t.to(device, torch.uint8 if t.dtype == torch.bool else t.dtype) for t in tensors]
     with collective_errors():
-        for tensor in tensors:
-            moved = tensor.to(device, torch.uint8 if tensor.dtype == torch.bool else tensor.dtype)
-            torch.distributed.broadcast(moved, src=src)
-            tensor.copy_(moved.to(tensor.dtype))
+        works = [torch.distributed.broadcast(m, src=src, async_op=True) for m in moved]
+
+    def finish() -> None:
+        with collective_errors():
+            for work in works:
+                work.wait()
+        for tensor, received in zip(tensors, moved, strict=True):
+            tensor.copy_(received.to(tensor.dtype))
+
+    return finish
 
 
 def all_gather_objects(value: Any) -> list[Any]:

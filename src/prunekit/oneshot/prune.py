@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +21,7 @@ from prunekit.calibration.statistics import LayerStatistics, all_reduce_statisti
 from prunekit.core.devices import resolve_device
 from prunekit.core.distributed import (
     all_gather_objects,
-    broadcast_,
+    broadcast_async,
     check_same_everywhere,
     fingerprint,
     rank_and_world,
@@ -253,19 +254,29 @@ def prune(
         patterns = {b: Unstructured(s, scope) for b, s in result.block_sparsity.items()}
         log.info("OWL block sparsities: %s", {b: round(s, 4) for b, s in result.block_sparsity.items()})
 
+    in_flight: list[Callable[[], None]] = []  # broadcasts of solved layers, finished by settle()
+    propagation = config.resolved_propagation()
+
+    def settle() -> None:
+        with torch.no_grad():
+            while in_flight:
+                in_flight.pop(0)()
+
     def prune_layer(target: Target, inputs: LayerStatistics) -> None:
         owner = owners.get(target.name, rank)
-        if owner != rank:  # another rank solves this layer: take its weights and mask
-            weight = weight_matrix(target.module)
-            keep = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
-            with torch.no_grad():
-                broadcast_([weight, keep], src=owner)
-            masks[id(target.module)] = keep
+        if owner == rank:
+            solve_layer(target, inputs)
+        if world == 1 or calibration is None:
             return
-        solve_layer(target, inputs)
-        if world > 1 and calibration is not None:
-            with torch.no_grad():
-                broadcast_([weight_matrix(target.module), masks[id(target.module)]], src=rank)
+        # the owner sends its solved weights and mask, the others receive them; under sequential
+        # propagation the layer's forward resumes right away, so wait here; otherwise every rank goes on to
+        # solve its next layers of the block while these travel (settle() finishes them before the second pass)
+        weight = weight_matrix(target.module)
+        if owner != rank:
+            masks[id(target.module)] = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
+        in_flight.append(broadcast_async([weight, masks[id(target.module)]], src=owner))
+        if propagation == "sequential":
+            settle()
 
     def solve_layer(target: Target, inputs: LayerStatistics) -> None:
         t0 = time.perf_counter()
@@ -340,14 +351,16 @@ def prune(
                 batch_size=config.batch_size,
                 sample_tokens=config.sample_tokens,
                 offload_activations=config.offload_activations,
-                propagation=config.resolved_propagation(),
+                propagation=propagation,
                 gram_dtype=method.gram_dtype() if config.needs_hessian() else None,
                 stream=stream,
                 progress=progress,
                 routing_weighted=config.routing_weighted,
                 after_block=after_block,
                 reduce_statistics=all_reduce_statistics if world > 1 else None,
+                settle=settle,
             )
+            settle()  # layers no batch reached, pruned after their block's settle
     result.seconds = time.perf_counter() - started
     result.peak_rss_bytes = meter.peak_rss_bytes
     result.peak_device_bytes = meter.peak_device_bytes
@@ -359,6 +372,7 @@ def prune(
             "seconds": result.seconds,
             "peak_rss_bytes": meter.peak_rss_bytes,
             "peak_device_bytes": meter.peak_device_bytes or 0,
+            "activation_bytes": max((b.activation_bytes for b in result.blocks), default=0),
         }
         gathered = all_gather_objects((mine, result.layers))
         result.ranks = [record for record, _ in gathered]

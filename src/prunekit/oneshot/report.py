@@ -203,7 +203,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     for r in report.get("ranks") or []:
         lines.append(
             f"- rank {r['rank']}: {r['windows']} calibration windows, {r['layers_solved']} layers solved, "
-            f"{r['seconds']:.1f} s, peak RSS {r['peak_rss_bytes'] / GIB:.2f} GiB"
+            f"{r['seconds']:.1f} s, peak RSS {r['peak_rss_bytes'] / GIB:.2f} GiB, calibration activations "
+            f"{r['activation_bytes'] / 2**20:.1f} MiB"
         )
     rebuilt = report.get("block_reconstruction") or []
     if rebuilt:
