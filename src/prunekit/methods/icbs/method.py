@@ -23,7 +23,10 @@ class IcbsConfig(MethodConfig):
 
     start_mask: Literal["wanda", "magnitude"] = Field("wanda", description="icbs: the mask the refinement starts from")
     exchanges: int = Field(
-        100, ge=0, description="icbs: exchanges per row at most (the quality/time knob; 0 = the start mask)"
+        100,
+        ge=0,
+        description="icbs: exchange steps at most (the quality/time knob; 0 = the start mask; a step exchanges "
+        "one pair per row, or under N:M one per group)",
     )
     candidates: int = Field(16, ge=1, description="icbs: kept and pruned candidates per row in each block")
 

@@ -18,7 +18,8 @@ both from the exact single-flip changes (with ``g = H r``)::
     restoring pruned j: b_j = 2 w_j g_j - w_j^2 H_jj       (the decrease of f)
 
 and a step of the block problem is the best exchange inside it, prune ``i`` and restore ``j`` (which keeps the
-count, and under N:M is taken only within one group of ``M``)::
+count; under N:M exchanges stay within a group of ``M``, every group's best is taken in the same step where
+together, cross terms counted, they lower ``f``, and the row's single best otherwise)::
 
     f(m') - f(m) = c_i - b_j - 2 w_i w_j H_ij
 
@@ -89,6 +90,40 @@ def _candidates_nm(keep: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, to
     return order[..., :n] + base, order[..., n:] + base
 
 
+def _nm_step(
+    w: torch.Tensor,
+    g: torch.Tensor,
+    diag: torch.Tensor,
+    hessian: torch.Tensor,
+    keep: torch.Tensor,
+    nm: NM,
+    tolerance: torch.Tensor,
+) -> int:
+    """One step under ``N:M``: each group's best exchange; a row takes all of its groups' improving exchanges
+    at once where together (their cross terms counted) they lower its error, else only its single best one.
+    Updates ``keep`` in place; returns the number of exchanges made."""
+    kept_at, pruned_at = _candidates_nm(keep, nm.n, nm.m)
+    change = _pair_changes(w, g, diag, hessian, kept_at[..., :, None], pruned_at[..., None, :])
+    best, flat = change.flatten(2).min(dim=2)  # (rows, groups)
+    i = kept_at.gather(2, (flat // (nm.m - nm.n))[..., None]).squeeze(2)
+    j = pruned_at.gather(2, (flat % (nm.m - nm.n))[..., None]).squeeze(2)
+    chosen = best < -tolerance[:, None]
+    if not bool(chosen.any()):
+        return 0
+    # the residual's change if every chosen exchange is made: r' = r + w_i e_i - w_j e_j for each
+    delta = torch.zeros_like(w)
+    delta.scatter_(1, i, torch.where(chosen, w.gather(1, i), 0.0))
+    delta.scatter_(1, j, torch.where(chosen, -w.gather(1, j), 0.0))
+    together = 2 * (g * delta).sum(dim=1) + ((delta @ hessian) * delta).sum(dim=1)
+    single = torch.zeros_like(chosen)
+    single[torch.arange(w.shape[0], device=w.device), best.argmin(dim=1)] = True
+    apply = torch.where((together < -tolerance)[:, None], chosen, single & chosen)
+    r, group = apply.nonzero(as_tuple=True)
+    keep[r, i[r, group]] = False
+    keep[r, j[r, group]] = True
+    return int(apply.sum())
+
+
 def icbs_refine(
     weight: torch.Tensor,
     keep: torch.Tensor,
@@ -114,31 +149,27 @@ def icbs_refine(
     diag = hessian.diagonal()
     rows = torch.arange(w.shape[0], device=w.device)
     nm = pattern if isinstance(pattern, NM) else None
-    if nm is not None:
-        kept_at, pruned_at = _candidates_nm(keep, nm.n, nm.m)
+    # an exchange must lower f by more than rounding could fake (relative to the row's error and scale)
+    tolerance = 1e-6 * (before + (w * w * diag).sum(dim=1))
     swaps = 0
     g = (w * ~keep) @ hessian
     for step in range(steps):
+        if nm is not None:
+            moved = _nm_step(w, g, diag, hessian, keep, nm, tolerance)
+            if not moved:
+                break
+            g = (w * ~keep) @ hessian
+            swaps += moved
+            continue
         if step and step % REFRESH_EVERY == 0:
             g = (w * ~keep) @ hessian
-        if nm is None:
-            kept_at, pruned_at = _candidates_unstructured(w, g, diag, keep, block)
-            change = _pair_changes(w, g, diag, hessian, kept_at[:, :, None], pruned_at[:, None, :])
-            # an entry on the wrong side of its list (a row short of kept or of pruned entries) never moves
-            wrong = ~keep.gather(1, kept_at)[:, :, None] | keep.gather(1, pruned_at)[:, None, :]
-            change = change.masked_fill(wrong, torch.inf)
-            best, flat = change.flatten(1).min(dim=1)
-            i = kept_at.gather(1, (flat // pruned_at.shape[1])[:, None]).squeeze(1)
-            j = pruned_at.gather(1, (flat % pruned_at.shape[1])[:, None]).squeeze(1)
-        else:
-            change = _pair_changes(w, g, diag, hessian, kept_at[..., :, None], pruned_at[..., None, :])
-            best, flat = change.flatten(1).min(dim=1)
-            per_group = nm.n * (nm.m - nm.n)
-            group, pair = flat // per_group, flat % per_group
-            a, b = pair // (nm.m - nm.n), pair % (nm.m - nm.n)
-            i, j = kept_at[rows, group, a], pruned_at[rows, group, b]
-        # an exchange must lower f by more than rounding could fake (relative to the row's error and scale)
-        tolerance = 1e-6 * (before + (w * w * diag).sum(dim=1))
+        kept_at, pruned_at = _candidates_unstructured(w, g, diag, keep, block)
+        change = _pair_changes(w, g, diag, hessian, kept_at[:, :, None], pruned_at[:, None, :])
+        # an entry on the wrong side of its list (a row short of kept or of pruned entries) never moves
+        wrong = ~keep.gather(1, kept_at)[:, :, None] | keep.gather(1, pruned_at)[:, None, :]
+        best, flat = change.masked_fill(wrong, torch.inf).flatten(1).min(dim=1)
+        i = kept_at.gather(1, (flat // pruned_at.shape[1])[:, None]).squeeze(1)
+        j = pruned_at.gather(1, (flat % pruned_at.shape[1])[:, None]).squeeze(1)
         take = best < -tolerance
         if not bool(take.any()):
             break
@@ -146,8 +177,5 @@ def icbs_refine(
         keep[r, ti] = False
         keep[r, tj] = True
         g[take] += w[r, ti, None] * hessian[ti] - w[r, tj, None] * hessian[tj]
-        if nm is not None:  # the exchanged positions trade places between the group's kept and pruned lists
-            kept_at[r, group[take], a[take]] = tj
-            pruned_at[r, group[take], b[take]] = ti
         swaps += int(take.sum())
     return IcbsResult(keep, before, row_errors(w, keep, hessian), swaps)
