@@ -182,6 +182,12 @@ def prune(
         progress: show a progress bar per block.
         stream: for models larger than memory (see :func:`prune_checkpoint`): ``model`` is a skeleton on
             the meta device, pruned in place, whose blocks ``stream`` loads and writes one at a time.
+
+    Called on every rank of an initialised ``torch.distributed`` process group (``torchrun``), with the same
+    model, config and calibration on each, the ranks share the work: each takes a contiguous share of the
+    calibration windows, every layer's statistics are summed across ranks before it is solved, layer ``i`` is
+    solved on rank ``i mod N`` and its weights and mask sent to the others, and every rank returns the same
+    model, with all layers' records and one record per rank in ``PruneResult.ranks``.
     """
     config = config or PruneConfig()
     pattern = config.parsed_pattern()
