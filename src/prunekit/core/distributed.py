@@ -81,7 +81,7 @@ def collective_errors() -> Iterator[None]:
         rank, world = rank_and_world()
         raise DistributedError(
             f"rank {rank} of {world}: another rank stopped or stopped answering ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); the run is abandoned and nothing is written"
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); the run stops here, before anything is written"
         ) from exc
 
 
