@@ -42,7 +42,10 @@ def main() -> None:
     for i, pattern in enumerate(patterns):
         ax = fig.add_subplot(1, len(patterns), i + 1)
         for r in (r for r in runs if pattern_of(r["run"]) == pattern and r.get("prune_seconds")):
-            name = r["run"] if r["run"].startswith("recipe") else r["run"].replace(f":{pattern}", "").replace(":", " ")
+            if r["run"].startswith("recipe"):
+                name = "recipe " + Path(r["run"].split(" ", 1)[1]).stem
+            else:
+                name = r["run"].replace(f":{pattern}", "").replace(":", " ")
             label = name if r["tool"] == "prunekit" else f"{r['tool']} {name}"
             marker = "x" if r["tool"] != "prunekit" else ("*" if r["run"].startswith("recipe") else "o")
             ax.scatter(r["prune_seconds"], r["perplexity"], marker=marker)
