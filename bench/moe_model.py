@@ -15,16 +15,14 @@ first windows of ``wikitext2_test.txt`` in ``training.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
 import torch
 
 from prunekit.calibration.data import load_text_tokens
-from prunekit.eval.perplexity import perplexity
 from prunekit.io.loading import load_model
-from tiny_lm import train_causal_lm
+from tiny_lm import record_training, train_causal_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -98,13 +96,7 @@ def main() -> int:
         print(record.read_text())
         return 0
     info = train(out, args.steps, args.batch, args.seqlen, args.lr, args.layers, args.expert_width)
-    loaded = load_model(str(out))
-    test = str(DATA / "wikitext2_test.txt")
-    result = perplexity(loaded.model, loaded.tokenizer, test, args.ppl_seqlen, args.ppl_windows, progress=False)
-    info["dense_perplexity"] = result.perplexity
-    info["ppl_windows"], info["ppl_seqlen"] = result.windows, result.seqlen
-    record.write_text(json.dumps(info, indent=2))
-    print(json.dumps(info, indent=2))
+    record_training(out, info, DATA / "wikitext2_test.txt", args.ppl_seqlen, args.ppl_windows)
     return 0
 
 

@@ -13,16 +13,14 @@ present) with its dense perplexity on the first 40 x 512 tokens of ``wikitext2_t
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
 import torch
 
 from prunekit.calibration.data import load_text_tokens
-from prunekit.eval.perplexity import perplexity
 from prunekit.io.loading import load_model
-from tiny_lm import train_causal_lm
+from tiny_lm import record_training, train_causal_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -65,20 +63,13 @@ def main() -> int:
     losses, seconds = train_causal_lm(model, tokens, args.steps, args.batch, args.seqlen, args.lr)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    loaded = load_model(str(out))
-    test = str(DATA / "wikitext2_test.txt")
-    ppl = perplexity(loaded.model, loaded.tokenizer, test, 512, 40, progress=False)
     info = {
         **{k: v for k, v in vars(args).items() if k != "name"},
         "train_seconds": seconds,
         "final_loss_mean_last_25": sum(losses[-25:]) / len(losses[-25:]),
         "params": sum(p.numel() for p in model.parameters()),
-        "dense_perplexity": ppl.perplexity,
-        "ppl_windows": ppl.windows,
-        "ppl_seqlen": ppl.seqlen,
     }
-    record.write_text(json.dumps(info, indent=2))
-    print(json.dumps(info, indent=2))
+    record_training(out, info, DATA / "wikitext2_test.txt", 512, 40)
     return 0
 
 

@@ -4,9 +4,12 @@ random windows of a token stream, seeded."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -40,3 +43,16 @@ def train_causal_lm(
             log.info("step %d/%d loss %.3f (%.0f s)", step, steps, losses[-1], time.perf_counter() - started)
     model.eval()
     return losses, time.perf_counter() - started
+
+
+def record_training(out: Path, info: dict[str, Any], test_text: Path, ppl_seqlen: int, ppl_windows: int) -> None:
+    """Load the model saved in ``out``, add its dense perplexity on ``test_text`` to ``info``, and write
+    ``out/training.json`` (the mark that the model is trained and may be reused); prints it."""
+    from prunekit.eval.perplexity import perplexity
+    from prunekit.io.loading import load_model
+
+    loaded = load_model(str(out))
+    result = perplexity(loaded.model, loaded.tokenizer, str(test_text), ppl_seqlen, ppl_windows, progress=False)
+    info = {**info, "dense_perplexity": result.perplexity, "ppl_windows": result.windows, "ppl_seqlen": result.seqlen}
+    (out / "training.json").write_text(json.dumps(info, indent=2))
+    print(json.dumps(info, indent=2))
